@@ -1,0 +1,81 @@
+"""Aliases are movable pointers (MLflow-style ``@production``); every move is kept in history.
+
+Rollback is moving the pointer back: nothing is deleted or unmerged. The history is read as a
+stack, so repeated rollbacks keep walking back (C -> B -> A) instead of toggling between two nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+
+from adapters_mgr.catalog.db import fetch_dicts, utcnow
+from adapters_mgr.errors import Conflict, NotFound
+
+
+def current_target(con: duckdb.DuckDBPyConnection, alias: str) -> int | None:
+    row = con.execute("SELECT adapter_id FROM aliases WHERE name = ?", [alias]).fetchone()
+    return None if row is None else int(row[0])
+
+
+def move(
+    con: duckdb.DuckDBPyConnection, alias: str, to_id: int, *, action: str, reason: str | None = None
+) -> int | None:
+    """Point ``alias`` at ``to_id`` and record the move; returns the previous target."""
+    previous = current_target(con, alias)
+    now = utcnow()
+    if previous is None:
+        con.execute("INSERT INTO aliases VALUES (?, ?, ?)", [alias, to_id, now])
+    else:
+        con.execute("UPDATE aliases SET adapter_id = ?, updated_at = ? WHERE name = ?", [to_id, now, alias])
+    con.execute(
+        "INSERT INTO alias_history (alias, from_id, to_id, action, reason, moved_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [alias, previous, to_id, action, reason, now],
+    )
+    return previous
+
+
+def remove(con: duckdb.DuckDBPyConnection, alias: str, reason: str | None = None) -> int:
+    previous = current_target(con, alias)
+    if previous is None:
+        raise NotFound(f"no alias {alias!r}; list them with `adapters-mgr alias`")
+    con.execute("DELETE FROM aliases WHERE name = ?", [alias])
+    con.execute(
+        "INSERT INTO alias_history (alias, from_id, to_id, action, reason, moved_at) VALUES (?, ?, NULL, ?, ?, ?)",
+        [alias, previous, "remove", reason, utcnow()],
+    )
+    return previous
+
+
+def target_stack(con: duckdb.DuckDBPyConnection, alias: str) -> list[int]:
+    """The alias's targets as a stack: forward moves push, rollbacks pop back to their target."""
+    stack: list[int] = []
+    for to_id, action in con.execute(
+        "SELECT to_id, action FROM alias_history WHERE alias = ? ORDER BY id", [alias]
+    ).fetchall():
+        if action == "remove" or to_id is None:
+            stack = []
+        elif action == "rollback" and to_id in stack:
+            del stack[stack.index(to_id) + 1 :]
+        else:
+            stack.append(int(to_id))
+    return stack
+
+
+def rollback_target(con: duckdb.DuckDBPyConnection, alias: str) -> int:
+    stack = target_stack(con, alias)
+    if len(stack) < 2:
+        raise Conflict(
+            f"alias {alias!r} has no earlier target to roll back to; use `rollback {alias} --to ID`"
+        )
+    return stack[-2]
+
+
+def history(con: duckdb.DuckDBPyConnection, alias: str | None = None) -> list[dict[str, Any]]:
+    sql = "SELECT id, alias, from_id, to_id, action, reason, moved_at FROM alias_history"
+    params: list[Any] = []
+    if alias is not None:
+        sql += " WHERE alias = ?"
+        params.append(alias)
+    return fetch_dicts(con, sql + " ORDER BY id", params)
