@@ -549,9 +549,6 @@ class AdapterManager:
         if alias is not None:
             where.append("a.id IN (SELECT adapter_id FROM aliases WHERE name = ?)")
             params.append(alias)
-        sql = ADAPTER_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY a.id DESC"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
         with self.catalog.connect() as con:
             if base is not None:
                 row = con.execute(
@@ -560,8 +557,11 @@ class AdapterManager:
                 ).fetchone()
                 if row is None:
                     raise NotFound(f"no base model {base!r}; list them with `adapters-mgr bases`")
-                sql = sql.replace(" ORDER BY", (" AND" if where else " WHERE") + " a.base_id = ? ORDER BY")
+                where.append("a.base_id = ?")
                 params.append(row[0])
+            sql = ADAPTER_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY a.id DESC"
+            if limit is not None:
+                sql += f" LIMIT {int(limit)}"
             return [Adapter.from_row(r) for r in fetch_dicts(con, sql, params)]
 
     def lineage(self, ref: Ref, *, depth: int | None = None) -> Lineage:

@@ -1,0 +1,481 @@
+"""The ``adapters-mgr`` command: a thin shell over :class:`AdapterManager`.
+
+Typer (on Click) gives typed options, help and completion for free; rich draws the tables and
+trees. Every listing takes ``--json``. Errors print one line and exit non-zero (the exit code says
+which kind, see :mod:`adapters_mgr.errors`); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.tree import Tree
+
+from adapters_mgr.cli_support import CliState, console, err_console, fmt, print_json, print_table
+from adapters_mgr.errors import AdaptersMgrError, InvalidInput
+
+app = typer.Typer(
+    name="adapters-mgr",
+    help="Incremental LoRA adapters for BERT recommenders: catalog, lineage, aliases, rollback.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+alias_app = typer.Typer(help="List, set or remove aliases (movable pointers such as production).")
+app.add_typer(alias_app, name="alias")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+def _mgr(ctx: typer.Context):
+    state: CliState = ctx.obj
+    return state.manager()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", envvar="ADAPTERS_MGR_ROOT", help="Manager root folder (default ./.adapters)."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    ctx.obj = CliState(root=root, debug=debug)
+
+
+def _adapter_rows(adapters: list[Any]) -> list[dict[str, Any]]:
+    return [a.to_dict() for a in adapters]
+
+
+def _primary_metric(metrics: dict[str, Any] | None) -> str:
+    if not metrics:
+        return "-"
+    keys = [k for k in ("auc", "ndcg@10", "gauc", "recall@10") if k in metrics] or list(metrics)[:2]
+    return ", ".join(f"{k}={fmt(metrics[k])}" for k in keys[:2])
+
+
+LS_COLUMNS = ["id", "name", "version", "kind", "task", "status", "aliases", "rank", "bytes", "metrics", "created"]
+
+
+@app.command()
+def init(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """Create the root folder, the catalog and the store (safe to repeat)."""
+    info = _mgr(ctx).init()
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"initialised {info['root']} (catalog {info['catalog']})")
+
+
+@app.command("register-base")
+def register_base(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or 'default' (embedded MiniLM).")] = (
+        "default"
+    ),
+    name: Annotated[str | None, typer.Option(help="Human name for the base.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register a base model by the sha256 of its weights."""
+    mgr = _mgr(ctx)
+    base_id = mgr.register_base(source, name=name)
+    row = mgr.base(base_id)
+    if json_out:
+        print_json(row)
+    else:
+        console.print(f"base {base_id} ({row['name']}, {row['num_parameters']:,} parameters)")
+
+
+@app.command()
+def bases(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """List registered base models."""
+    rows = _mgr(ctx).bases()
+    if json_out:
+        print_json(rows)
+    else:
+        print_table(rows, ["id", "name", "architecture", "num_parameters", "source", "created_at"], title="bases")
+
+
+@app.command()
+def register(
+    ctx: typer.Context,
+    folder: Annotated[Path, typer.Argument(help="A PEFT adapter folder (safetensors).")],
+    name: Annotated[str, typer.Option(help="Adapter name; versions count up per name.")],
+    base: Annotated[str | None, typer.Option(help="Base id or name (default: from adapter_config.json).")] = None,
+    parent: Annotated[list[str] | None, typer.Option(help="Parent ref, or REF:RELATION[:WEIGHT].")] = None,
+    batch: Annotated[list[str] | None, typer.Option(help="Training data batch id (repeatable).")] = None,
+    eval_batch: Annotated[list[str] | None, typer.Option(help="Evaluation data batch id (repeatable).")] = None,
+    metrics: Annotated[str | None, typer.Option(help='Metrics as JSON, e.g. \'{"auc": 0.71}\'.')] = None,
+    task: Annotated[str | None, typer.Option(help="ranker, retriever, or your own task name.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register an adapter trained elsewhere (a standard PEFT folder)."""
+    mgr = _mgr(ctx)
+    parents = [_parse_parent(p) for p in parent or []]
+    aid = mgr.register(folder, name=name, base=base, parents=parents, batches=batch or [],
+                       eval_batches=eval_batch or [], metrics=_parse_json(metrics, "--metrics"), task=task)
+    _print_node(mgr.get(aid), json_out, verb="registered")
+
+
+def _parse_parent(text: str) -> tuple[Any, ...]:
+    parts = text.split(":")
+    if len(parts) == 1:
+        return (parts[0],)
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    try:
+        return (parts[0], parts[1], float(parts[2]))
+    except ValueError as exc:
+        raise InvalidInput(f"invalid parent {text!r}: use REF, REF:RELATION or REF:RELATION:WEIGHT") from exc
+
+
+def _parse_json(text: str | None, option: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{option} is not valid JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{option} must be a JSON object")
+    return value
+
+
+def _print_node(node: Any, json_out: bool, verb: str | None = None) -> None:
+    if json_out:
+        print_json(node.to_dict())
+    elif verb:
+        console.print(f"{verb} adapter {node.id} ({node.ref}, {node.kind}, {node.bytes or 0:,} bytes)")
+
+
+@app.command("ls")
+def ls(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Option(help="Only this adapter name.")] = None,
+    kind: Annotated[str | None, typer.Option(help="trained, merged, stack or imported.")] = None,
+    alias: Annotated[str | None, typer.Option(help="Only the node this alias points at.")] = None,
+    status: Annotated[str, typer.Option(help="active, deleted, missing, corrupt or all.")] = "active",
+    base: Annotated[str | None, typer.Option(help="Base id or name.")] = None,
+    task: Annotated[str | None, typer.Option(help="ranker, retriever ...")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List adapters, newest first."""
+    adapters = _mgr(ctx).list(name=name, kind=kind, alias=alias, status=status, base=base, task=task, limit=limit)
+    if json_out:
+        print_json(_adapter_rows(adapters))
+        return
+    rows = [
+        {"id": a.id, "name": a.name, "version": a.version, "kind": a.kind, "task": a.task, "status": a.status,
+         "aliases": a.aliases, "rank": a.lora_rank, "bytes": a.bytes, "metrics": _primary_metric(a.metrics),
+         "created": a.created_at}
+        for a in adapters
+    ]
+    print_table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)")
+
+
+@app.command()
+def show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Id, NAME@VERSION or alias.")],
+         json_out: JsonOpt = False) -> None:
+    """Everything the catalog knows about one node."""
+    mgr = _mgr(ctx)
+    lin = mgr.lineage(ref, depth=1)
+    node = lin.root
+    data = node.to_dict()
+    data["parents"] = [e.to_dict() for e in lin.parents_of(node.id)]
+    data["children"] = [e.to_dict() for e in lin.children_of(node.id)]
+    data["batches"] = lin.batches.get(node.id, [])
+    if json_out:
+        print_json(data)
+        return
+    order = ["id", "name", "version", "kind", "task", "status", "aliases", "base_id", "lora_rank", "lora_alpha",
+             "target_modules", "trainable_params", "bytes", "weights_sha256", "stack_mode", "metrics",
+             "hyperparams", "description", "created_at"]
+    rows = [{"field": k, "value": fmt(data.get(k))} for k in order if data.get(k) not in (None, [], {})]
+    rows += [{"field": "parent", "value": f"#{e['parent_id']} {e['relation']}"
+              + (f" w={e['weight']:g}" if e["weight"] is not None else "")} for e in data["parents"]]
+    rows += [{"field": "child", "value": f"#{e['child_id']} {e['relation']}"} for e in data["children"]]
+    rows += [{"field": f"batch ({b['role']})", "value": f"{b['batch_id']} rows={fmt(b['num_rows'])}"}
+             for b in data["batches"]]
+    print_table(rows, ["field", "value"], title=f"adapter {node.id} ({node.ref})")
+
+
+def _node_label(node: Any, batches: list[dict[str, Any]] | None = None) -> str:
+    label = f"[bold]{node.name}@{node.version}[/] #{node.id} {node.kind}"
+    if node.task:
+        label += f" {node.task}"
+    if node.aliases:
+        label += " [green][" + ", ".join(node.aliases) + "][/]"
+    if node.status != "active":
+        label += f" [red]({node.status})[/]"
+    metric = _primary_metric(node.metrics)
+    if metric != "-":
+        label += f" [cyan]{metric}[/]"
+    if batches:
+        label += " [dim]batches: " + ", ".join(f"{b['batch_id']}({b['role']})" for b in batches) + "[/]"
+    return label
+
+
+def lineage_tree(lin: Any) -> Tree:
+    """Rich tree: the node, its ancestors (what it came from) and descendants (what came from it)."""
+    tree = Tree(_node_label(lin.root, lin.batches.get(lin.root.id)))
+
+    def grow(branch: Tree, node_id: int, up: bool, seen: set[int]) -> None:
+        edges = lin.parents_of(node_id) if up else lin.children_of(node_id)
+        for edge in edges:
+            other = edge.parent_id if up else edge.child_id
+            node = lin.nodes.get(other)
+            if node is None:
+                continue
+            arrow = "←" if up else "→"
+            weight = f" w={edge.weight:g}" if edge.weight is not None else ""
+            text = f"[magenta]{edge.relation}{weight}[/] {arrow} " + _node_label(node, lin.batches.get(other))
+            if other in seen:
+                branch.add(text + " [dim](shown above)[/]")
+                continue
+            grow(branch.add(text), other, up, seen | {other})
+
+    if lin.ancestors:
+        grow(tree.add("[bold]ancestors[/]"), lin.root.id, True, {lin.root.id})
+    if lin.descendants:
+        grow(tree.add("[bold]descendants[/]"), lin.root.id, False, {lin.root.id})
+    return tree
+
+
+@app.command()
+def lineage(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="Id, NAME@VERSION or alias.")],
+    depth: Annotated[int | None, typer.Option(help="Stop after this many generations each way.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="tree, json or mermaid.")] = "tree",
+    json_out: JsonOpt = False,
+) -> None:
+    """Ancestors and descendants of a node with relations, data batches and metrics."""
+    if output_format not in ("tree", "json", "mermaid"):
+        raise InvalidInput(f"invalid --format {output_format!r}: use tree, json or mermaid")
+    lin = _mgr(ctx).lineage(ref, depth=depth)
+    if json_out or output_format == "json":
+        print_json(lin.to_dict())
+    elif output_format == "mermaid":
+        sys.stdout.write(lin.to_mermaid() + "\n")
+    else:
+        console.print(lineage_tree(lin))
+
+
+@alias_app.callback(invoke_without_command=True)
+def alias_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """List aliases (when no sub-command is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _mgr(ctx).aliases()
+    if json_out:
+        print_json(rows)
+    else:
+        print_table(rows, ["alias", "adapter_id", "ref", "status", "updated_at"], title="aliases")
+
+
+@alias_app.command("set")
+def alias_set(ctx: typer.Context, alias: str, ref: str,
+              reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
+              json_out: JsonOpt = False) -> None:
+    """Point ALIAS at REF."""
+    target = _mgr(ctx).set_alias(alias, ref, reason=reason)
+    _moved(alias, target, json_out)
+
+
+@alias_app.command("rm")
+def alias_rm(ctx: typer.Context, alias: str, json_out: JsonOpt = False) -> None:
+    """Remove ALIAS (its history stays)."""
+    previous = _mgr(ctx).remove_alias(alias)
+    if json_out:
+        print_json({"alias": alias, "removed": True, "was": previous})
+    else:
+        console.print(f"removed alias {alias} (was #{previous})")
+
+
+def _moved(alias: str, target: int, json_out: bool, verb: str = "now points at") -> None:
+    if json_out:
+        print_json({"alias": alias, "adapter_id": target})
+    else:
+        console.print(f"{alias} {verb} adapter {target}")
+
+
+@app.command()
+def promote(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Id, NAME@VERSION or alias.")],
+            alias: Annotated[str, typer.Option(help="Alias to move.")] = "production",
+            reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
+            json_out: JsonOpt = False) -> None:
+    """Point an alias (default production) at REF."""
+    _moved(alias, _mgr(ctx).promote(ref, alias, reason=reason), json_out)
+
+
+@app.command()
+def rollback(ctx: typer.Context, alias: Annotated[str, typer.Argument(help="Alias to move back.")] = "production",
+             to: Annotated[str | None, typer.Option(help="Target (default: the previous one).")] = None,
+             reason: Annotated[str | None, typer.Option(help="Why, for the history.")] = None,
+             json_out: JsonOpt = False) -> None:
+    """Move an alias back to its previous target (or --to a given one). Nothing is deleted."""
+    _moved(alias, _mgr(ctx).rollback(alias, to, reason=reason), json_out, verb="rolled back to")
+
+
+@app.command()
+def history(ctx: typer.Context, alias: Annotated[str | None, typer.Argument(help="One alias (default all).")] = None,
+            json_out: JsonOpt = False) -> None:
+    """Every move of an alias: set, promote, rollback, remove."""
+    rows = _mgr(ctx).alias_history(alias)
+    if json_out:
+        print_json(rows)
+    else:
+        print_table(rows, ["id", "alias", "action", "from_id", "to_id", "reason", "moved_at"], title="alias history")
+
+
+@app.command()
+def events(ctx: typer.Context, limit: Annotated[int, typer.Option(help="Newest N events.")] = 30,
+           operation: Annotated[str | None, typer.Option(help="Only this operation.")] = None,
+           json_out: JsonOpt = False) -> None:
+    """The append-only event log of mutating operations."""
+    rows = _mgr(ctx).events(limit=limit, operation=operation)
+    if json_out:
+        print_json(rows)
+    else:
+        print_table(rows, ["id", "ts", "operation", "outcome", "args", "detail"], title="events")
+
+
+@app.command()
+def delete(ctx: typer.Context, ref: str,
+           force: Annotated[bool, typer.Option(help="Delete even if an alias or descendant needs it.")] = False,
+           reason: Annotated[str | None, typer.Option(help="Why, for the event log.")] = None,
+           json_out: JsonOpt = False) -> None:
+    """Soft-delete a node (rows and files stay; `restore` undoes it)."""
+    node_id = _mgr(ctx).delete(ref, force=force, reason=reason)
+    if json_out:
+        print_json({"id": node_id, "status": "deleted"})
+    else:
+        console.print(f"deleted adapter {node_id} (soft; `adapters-mgr restore {node_id}` undoes it)")
+
+
+@app.command()
+def restore(ctx: typer.Context, ref: str, json_out: JsonOpt = False) -> None:
+    """Undo a soft delete."""
+    node_id = _mgr(ctx).restore(ref)
+    if json_out:
+        print_json({"id": node_id, "status": "active"})
+    else:
+        console.print(f"restored adapter {node_id}")
+
+
+@app.command()
+def verify(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """Check every stored file against the catalog; exit 1 when something is wrong."""
+    report = _mgr(ctx).verify()
+    if json_out:
+        print_json(report)
+    elif report["ok"]:
+        console.print(f"ok: {report['adapters_checked']} adapter(s), {report['folders']} folder(s) verified")
+    else:
+        print_table(report["problems"], ["kind", "adapter_id", "store_key", "detail"], title="problems")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(ctx: typer.Context, dry_run: Annotated[bool, typer.Option(help="Only say what would be done.")] = False,
+       json_out: JsonOpt = False) -> None:
+    """Remove orphans and staging leftovers; mark missing/corrupt rows (rows are never deleted)."""
+    report = _mgr(ctx).gc(dry_run=dry_run)
+    if json_out:
+        print_json(report)
+    elif not report["actions"]:
+        console.print("nothing to clean")
+    else:
+        print_table(report["actions"], ["action", "adapter_id", "store_key", "path"],
+                    title="would do" if dry_run else "done")
+
+
+@app.command()
+def export(ctx: typer.Context, ref: str, folder: Path, json_out: JsonOpt = False) -> None:
+    """Copy an adapter out as a standard PEFT folder (plus adapters_mgr.json provenance)."""
+    dest = _mgr(ctx).export(ref, folder)
+    if json_out:
+        print_json({"ref": ref, "folder": str(dest)})
+    else:
+        console.print(f"exported {ref} to {dest}")
+
+
+@app.command("import")
+def import_(ctx: typer.Context, folder: Path,
+            name: Annotated[str | None, typer.Option(help="Adapter name (default: from provenance or folder).")] = None,
+            base: Annotated[str | None, typer.Option(help="Base id or name.")] = None,
+            task: Annotated[str | None, typer.Option(help="Task name.")] = None,
+            json_out: JsonOpt = False) -> None:
+    """Register an outside PEFT folder as an imported node."""
+    mgr = _mgr(ctx)
+    aid = mgr.import_peft(folder, name=name, base=base, task=task)
+    _print_node(mgr.get(aid), json_out, verb="imported")
+
+
+@app.command()
+def stack(ctx: typer.Context, refs: Annotated[list[str], typer.Argument(help="Adapters to stack, in order.")],
+          weights: Annotated[str | None, typer.Option(help="Comma-separated weights, one per adapter.")] = None,
+          mode: Annotated[str, typer.Option(help="weights (summed deltas) or ensemble (averaged outputs).")] = (
+              "weights"
+          ),
+          name: Annotated[str | None, typer.Option(help="Name of the stack node.")] = None,
+          json_out: JsonOpt = False) -> None:
+    """Register a stack node: several adapters active at once."""
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError as exc:
+        raise InvalidInput(f"invalid --weights {weights!r}: give numbers separated by commas") from exc
+    mgr = _mgr(ctx)
+    node_id = mgr.stack(refs, parsed, mode, name=name)
+    _print_node(mgr.get(node_id), json_out, verb="stacked")
+
+
+def _mount_optional_apps() -> None:
+    """Sub-apps that live with their subsystem (the data side); absent ones are simply not mounted."""
+    try:
+        from adapters_mgr.data.cli import data_app
+    except ImportError:
+        return
+    app.add_typer(data_app, name="data")
+
+
+_mount_optional_apps()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning our errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("ADAPTERS_MGR_DEBUG") == "1"
+    try:
+        app(args=args, prog_name="adapters-mgr", standalone_mode=False)
+    except AdaptersMgrError as exc:
+        if debug:
+            raise
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and anything unexpected
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):  # a Click usage error
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        err_console.print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
