@@ -122,7 +122,7 @@ class HeadSpec:
         return f"{self.kind}:{self.num_labels}" if self.kind == "seq_cls" else self.kind
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -131,7 +131,7 @@ def _quiet_transformers() -> None:
 
 def load_base_model(source: str, head: HeadSpec = HeadSpec()) -> nn.Module:
     """Load the frozen base from a folder or hub id, with the head an adapter needs, in eval mode."""
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     try:
@@ -148,7 +148,7 @@ def load_base_model(source: str, head: HeadSpec = HeadSpec()) -> nn.Module:
 
 
 def load_tokenizer(source: str) -> Any:
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source)

@@ -60,7 +60,7 @@ def _primary_metric(metrics: dict[str, Any] | None) -> str:
     return ", ".join(f"{k}={fmt(metrics[k])}" for k in keys[:2])
 
 
-LS_COLUMNS = ["id", "name", "version", "kind", "task", "status", "aliases", "rank", "bytes", "metrics", "created"]
+LS_COLUMNS = ["id", "adapter", "kind", "task", "aliases", "status", "metrics", "created"]
 
 
 @app.command()
@@ -172,9 +172,8 @@ def ls(
         print_json(_adapter_rows(adapters))
         return
     rows = [
-        {"id": a.id, "name": a.name, "version": a.version, "kind": a.kind, "task": a.task, "status": a.status,
-         "aliases": a.aliases, "rank": a.lora_rank, "bytes": a.bytes, "metrics": _primary_metric(a.metrics),
-         "created": a.created_at}
+        {"id": a.id, "adapter": a.ref, "kind": a.kind, "task": a.task, "status": a.status,
+         "aliases": a.aliases, "metrics": _primary_metric(a.metrics), "created": a.created_at.strftime("%m-%d %H:%M")}
         for a in adapters
     ]
     print_table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)")
@@ -455,7 +454,9 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("ADAPTERS_MGR_DEBUG") == "1"
     try:
-        app(args=args, prog_name="adapters-mgr", standalone_mode=False)
+        code = app(args=args, prog_name="adapters-mgr", standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns typer.Exit codes when not standalone
+            sys.exit(code)
     except AdaptersMgrError as exc:
         if debug:
             raise

@@ -64,7 +64,7 @@ def print_table(
     cols = list(columns)
     table = Table(title=title, show_lines=False)
     for col in cols:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrap, never elide: ids and names must stay readable
     formatters = formatters or {}
     for row in rows:
         table.add_row(*[formatters.get(c, fmt)(row.get(c)) for c in cols])

@@ -125,6 +125,17 @@ def _safetensors_summary(path: Path) -> tuple[int, dict[str, list[int]]]:
     return total, shapes
 
 
+def _provenance(folder: Path) -> dict[str, Any]:
+    """The ``adapters_mgr.json`` an export writes beside the PEFT files, if any."""
+    prov_file = folder / "adapters_mgr.json"
+    if not prov_file.exists():
+        return {}
+    try:
+        return json.loads(prov_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{prov_file} is not valid JSON: {exc}") from exc
+
+
 def head_for(peft_config: dict[str, Any], shapes: dict[str, list[int]]) -> base_mod.HeadSpec:
     """The task head the base needs for this adapter (a sequence classifier keeps its head in the file)."""
     if peft_config.get("task_type") == "SEQ_CLS":
@@ -201,6 +212,7 @@ class AdapterManager:
         if not folder.exists():
             tmp = self.root / "bases" / f".{base_id}.tmp-{uuid.uuid4().hex[:8]}"
             tmp.parent.mkdir(parents=True, exist_ok=True)
+            base_mod.quiet_transformers()
             base_mod.backbone(model).save_pretrained(str(tmp), safe_serialization=True)
             os.rename(tmp, folder)
         name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or base_id
@@ -274,6 +286,11 @@ class AdapterManager:
                     "call register_base(...) with it first"
                 )
             return row
+        if isinstance(source, str | os.PathLike):
+            prov_sha = _provenance(Path(source)).get("base", {}).get("weights_sha256")
+            row = self._find_base(sha=prov_sha) if prov_sha else None
+            if row is not None:
+                return row
         named = staged.peft_config.get("base_model_name_or_path")
         if named:
             row = self._find_base(ref=str(named))
@@ -715,13 +732,7 @@ class AdapterManager:
         """Register an outside PEFT folder as an ``imported`` node. If it was exported from a catalog
         (``adapters_mgr.json``) and those bytes are known here, an ``imported`` edge links the two."""
         folder = Path(folder)
-        provenance: dict[str, Any] = {}
-        prov_file = folder / "adapters_mgr.json"
-        if prov_file.exists():
-            try:
-                provenance = json.loads(prov_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"{prov_file} is not valid JSON: {exc}") from exc
+        provenance = _provenance(folder)
         prov_adapter = provenance.get("adapter", {})
         name = name or prov_adapter.get("name") or folder.name
         parents: list[Any] = []
