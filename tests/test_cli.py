@@ -149,7 +149,8 @@ def test_console_script_runs_and_debug_shows_traceback(root, mgr):
     ok = subprocess.run([*exe, "ls", "--json"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and json.loads(ok.stdout) == []
     bad = subprocess.run([*exe, "show", "42"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 3 and bad.stderr.strip() == "error: no adapter with id 42; list them with `adapters-mgr ls`"
+    assert bad.returncode == 3
+    assert bad.stderr.strip() == "error: no adapter with id 42; list them with `adapters-mgr ls`"
     dbg = subprocess.run([*exe, "--debug", "show", "42"], capture_output=True, text=True, timeout=120)
     assert dbg.returncode != 0 and "Traceback" in dbg.stderr
 

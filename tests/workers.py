@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -20,10 +21,8 @@ def contend(root: str, worker: int, rounds: int) -> None:
         aid = mgr.register(model, name="shared", metrics={"worker": worker, "round": i})
         mgr.promote(aid, "production")
         if i % 2 == 1:
-            try:
+            with contextlib.suppress(Conflict):  # a fresh alias may have nothing to roll back to
                 mgr.rollback("production")
-            except Conflict:
-                pass
         base = model.unload()  # drop LoRA layers; the base tensors are untouched
     print("done", worker)
 
