@@ -1,0 +1,250 @@
+"""Train one LoRA adapter on a frozen shared base under an update policy.
+
+Why ``accelerate.Accelerator`` and a short loop instead of ``transformers.Trainer``: the retriever
+needs a custom in-batch-negatives loss and stacked parents need their dropout kept in eval mode,
+both awkward to bolt onto ``Trainer``; ``Trainer`` also writes checkpoints and logs to an output
+directory, and this module must write nothing (the manager owns all storage). ``Accelerator`` still
+gives device placement, mixed precision and DDP: the same code runs on CPU, one GPU, or under
+``accelerate launch`` / ``torchrun`` (each process then sees its shard of every epoch; the
+retriever's in-batch negatives are per process).
+
+Reproducibility: ``seed`` seeds Python/numpy/torch (``accelerate.utils.set_seed``) before the new
+LoRA is initialised, the shuffling uses its own seeded generator, so the same seed and data on the
+same CPU give bit-identical adapter tensors (tested).
+
+Nothing is written to disk here. Exceptions (Ctrl-C included) propagate after the base has been
+restored to bare, so a failed run leaves neither files nor injected layers behind.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from adapters_mgr.errors import InvalidInput
+from adapters_mgr.training import adapters as peft_wiring
+from adapters_mgr.training.adapters import InMemoryAdapter
+from adapters_mgr.training.lora import LoraSettings
+from adapters_mgr.training.policies import Plan, build, plan
+from adapters_mgr.training.scoring import ScoringModel
+from adapters_mgr.training.tasks import Task, get_task
+
+
+@dataclass
+class TrainResult:
+    """The trained adapter, still attached to the base, and what the run measured.
+
+    ``model`` is a PeftModel holding the new adapter under ``adapter_name`` (and, for ``stack`` /
+    ``long_short``, the frozen parents as ``parent_0``, ``parent_1``...). ``node_names`` /
+    ``node_weights`` / ``mode`` describe the node to register and serve. Call ``save(folder)`` to
+    write the new adapter, then ``release()`` before training again on the same base.
+    """
+
+    model: Any
+    tokenizer: Any
+    task: Task
+    adapter_name: str
+    policy: str
+    settings: LoraSettings
+    node_names: list[str]
+    node_weights: list[float]
+    mode: str
+    metrics: dict[str, float]
+    samples_per_s: float
+    wall_s: float
+    trainable_params: int
+    steps: int
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    max_length: int = 64
+    eval_batch_size: int = 128
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ONLY the new adapter as a standard PEFT folder (parents are already stored)."""
+        return peft_wiring.save_adapter(self.model, self.adapter_name, folder)
+
+    def adapter(self) -> InMemoryAdapter:
+        """A detached copy of the new adapter (config + tensors) to score or stack without disk."""
+        return peft_wiring.adapter_state(self.model, self.adapter_name)
+
+    def scorer(self) -> ScoringModel:
+        """Score with the trained node as it will be served (stack/long_short: with the parents)."""
+        return ScoringModel.from_peft(
+            self.model, self.tokenizer, self.task, self.node_names, self.node_weights, self.mode,
+            max_length=self.max_length, batch_size=self.eval_batch_size,
+        )
+
+    def release(self) -> nn.Module:
+        """Detach all adapters; returns the bare task model (the base's own weights, untouched)."""
+        return peft_wiring.release(self.model)
+
+
+def _check_positive(name: str, value: float, integer: bool = False) -> None:
+    bad = isinstance(value, bool) or (integer and not isinstance(value, int | np.integer))
+    if bad or not (value > 0 and math.isfinite(value)):
+        raise InvalidInput(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def _train_mode(model: nn.Module, frozen: Sequence[str]) -> None:
+    """Train mode, except the frozen parents' LoRA dropout: they must act as they do when served."""
+    model.train()
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for name in frozen:
+                if name in dropouts:
+                    dropouts[name].eval()
+
+
+def train_adapter(
+    base_model: nn.Module,
+    tokenizer: Any,
+    task: str | Task,
+    train_examples: Any,
+    *,
+    settings: LoraSettings | None = None,
+    epochs: int = 1,
+    lr: float = 5e-4,
+    batch_size: int = 32,
+    max_length: int = 64,
+    seed: int = 0,
+    policy: str = "fresh",
+    parents: Sequence[Any] = (),
+    new_weight: float = 1.0,
+    mode: str = "weights",
+    adapter_name: str = "default",
+    eval_examples: Any = None,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    eval_batch_size: int = 128,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a new LoRA adapter for ``task`` on ``base_model`` (frozen, shared, modified only by
+    attaching peft layers, which ``TrainResult.release()`` removes).
+
+    Args:
+        base_model: the shared base; for the ranker a ``*ForSequenceClassification`` with 2 labels,
+            for the retriever a bare encoder or any ``BertFor...`` (its backbone is used).
+        tokenizer: the base's tokenizer.
+        task: 'ranker' | 'retriever' | a Task.
+        train_examples: rows (dicts) or columns with user_id, item_id, user_text, item_text
+            (+ label 0/1; the retriever keeps label-1 rows, or all rows if there is no label).
+        settings: LoRA shape; ``None`` = defaults, or the parent's shape for ``warm_start``.
+        policy: 'fresh' | 'warm_start' | 'stack' | 'long_short' (see ``policies``).
+        parents: PEFT folders / ``InMemoryAdapter`` s, or ``(source, weight)`` pairs, oldest first.
+        new_weight: weight of the new adapter in the stack / long_short node.
+        mode: combination of the node, 'weights' | 'ensemble' ('stack' needs 'weights').
+        eval_examples: ranker rows, or for the retriever a dict with rows, catalog, seen; when
+            given, ``metrics`` holds the node's eval metrics.
+        progress: tqdm bar per epoch (main process only).
+
+    Raises:
+        InvalidInput: before any model work, for any bad argument or empty training set.
+    """
+    started = time.perf_counter()
+    task_obj = get_task(task)
+    _check_positive("epochs", epochs, integer=True)
+    _check_positive("lr", lr)
+    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("eval_batch_size", eval_batch_size, integer=True)
+    _check_positive("max_length", max_length, integer=True)
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise InvalidInput(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
+    if weight_decay < 0:
+        raise InvalidInput(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if settings is not None and not isinstance(settings, LoraSettings):
+        raise InvalidInput(f"settings must be a LoraSettings, got {type(settings).__name__}")
+    data = task_obj.parse_train(train_examples)
+    eval_set = task_obj.parse_eval(eval_examples) if eval_examples is not None else None
+    the_plan = plan(task_obj, policy, parents, settings, new_weight, mode, adapter_name)
+    task_model = task_obj.task_model(base_model)
+    if peft_wiring.has_injected_adapters(task_model):
+        raise InvalidInput("the base already has adapters attached; call release() on the previous result first")
+
+    model = build(task_model, task_obj, the_plan, seed)
+    try:
+        return _fit(model, tokenizer, task_obj, data, eval_set, the_plan, started, epochs=epochs, lr=lr,
+                    batch_size=batch_size, max_length=max_length, seed=seed, weight_decay=weight_decay,
+                    warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, eval_batch_size=eval_batch_size,
+                    progress=progress)
+    except BaseException:
+        peft_wiring.release(model)
+        raise
+
+
+def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Plan, started: float, *,
+         epochs: int, lr: float, batch_size: int, max_length: int, seed: int, weight_decay: float,
+         warmup_ratio: float, max_grad_norm: float | None, eval_batch_size: int, progress: bool) -> TrainResult:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    accelerator = Accelerator()
+    trainable = peft_wiring.freeze(model, p.adapter_name)
+    peft_wiring.activate(model, p.training_names, p.training_weights)
+    params = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    loader = torch.utils.data.DataLoader(
+        list(range(len(data))), batch_size=batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(seed), collate_fn=task.collate(data, tokenizer, max_length),
+    )
+    total_steps = epochs * len(loader)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    frozen = [n for n in p.training_names if n != p.adapter_name]
+    losses: list[float] = []
+    steps = 0
+    loop_started = time.perf_counter()
+    for epoch in range(epochs):
+        _train_mode(model, frozen)
+        epoch_losses = []
+        bar = tqdm(loader, desc=f"train {task.name} {p.policy} epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not progress or not accelerator.is_local_main_process)
+        for batch in bar:
+            loss = task.loss(model, batch)
+            accelerator.backward(loss)
+            if max_grad_norm:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            epoch_losses.append(float(loss.detach()))
+            steps += 1
+            bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
+        losses = epoch_losses
+    loop_s = time.perf_counter() - loop_started
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    peft_wiring.freeze(model, None)
+    peft_wiring.activate(model, p.node_names, p.node_weights if p.mode == "weights" else None)
+    result = TrainResult(
+        model=model, tokenizer=tokenizer, task=task, adapter_name=p.adapter_name, policy=p.policy,
+        settings=p.settings, node_names=p.node_names, node_weights=p.node_weights, mode=p.mode,
+        metrics={"train_loss": float(np.mean(losses)) if losses else float("nan"), "n_train": len(data)},
+        samples_per_s=len(data) * epochs / loop_s if loop_s > 0 else float("nan"), wall_s=0.0,
+        trainable_params=trainable, steps=steps, max_length=max_length, eval_batch_size=eval_batch_size,
+        hyperparameters={
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
+            "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "max_grad_norm": max_grad_norm,
+            "policy": p.policy, "mode": p.mode, "new_weight": p.new_weight,
+            "parent_weights": [parent.weight for parent in p.parents], "lora": p.settings.to_dict(),
+            **({"temperature": task.temperature} if hasattr(task, "temperature") else {}),
+        },
+    )
+    if eval_set is not None:
+        result.metrics.update(task.evaluate(result.scorer(), eval_set))
+    result.wall_s = time.perf_counter() - started
+    accelerator.free_memory()
+    return result
+
+
+__all__ = ["TrainResult", "train_adapter"]
