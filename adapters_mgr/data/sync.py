@@ -1,0 +1,272 @@
+"""One sync: read what is new per source, clean, dedup, cut into immutable batches, all or nothing.
+
+Why one transaction for the whole sync: a crash anywhere (the ``ADAPTERS_MGR_FAULT=sync:<point>``
+hook kills the process at named points to prove it) must leave either every batch of the sync
+with its rows, quarantine, watermarks and event, or none of them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from adapters_mgr.catalog.db import Catalog, log_event, to_json, utcnow
+from adapters_mgr.data import classify, digest
+from adapters_mgr.data.entities import sync_entities
+from adapters_mgr.data.registry import load_sources
+from adapters_mgr.data.sources import Source
+from adapters_mgr.data.stage import detect_source_ts, interaction_sql, raw_row_json
+from adapters_mgr.data.timeparse import parse_duration
+from adapters_mgr.errors import InvalidInput, NotFound
+from adapters_mgr.faults import maybe_crash
+
+FAULT_POINTS = ("staged", "classified", "inserted", "before_commit")
+
+
+@dataclass
+class FilePlan:
+    """Which files of a source to read this time, and the watermark for re-read ones."""
+
+    source: Source
+    new: list[Path]
+    changed: list[Path]
+    watermark: datetime | None
+    stats: dict[Path, tuple[int, int]]
+
+    @property
+    def files(self) -> list[Path]:
+        return self.new + self.changed
+
+
+def _fault(point: str) -> None:
+    maybe_crash(f"sync:{point}")
+
+
+def plan_files(con: duckdb.DuckDBPyConnection, src: Source) -> FilePlan:
+    seen = {r[0]: (r[1], r[2]) for r in con.execute(
+        "SELECT path, size, mtime_ns FROM data_source_files WHERE source = ?", [src.name]).fetchall()}
+    wm = con.execute("SELECT ts_max FROM data_watermarks WHERE source = ?", [src.name]).fetchone()
+    new, changed, stats = [], [], {}
+    for path in src.files():
+        st = os.stat(path)
+        stats[path] = (st.st_size, st.st_mtime_ns)
+        if str(path) not in seen:
+            new.append(path)
+        elif seen[str(path)] != stats[path]:
+            changed.append(path)
+    return FilePlan(src, new, changed, wm[0] if wm else None, stats)
+
+
+def _next_ids(con: duckdb.DuckDBPyConnection, count: int) -> tuple[list[str], int]:
+    start = con.execute("SELECT coalesce(max(seq), 0) FROM batches").fetchone()[0] + 1
+    return [f"b{start + i:06d}" for i in range(count)], start
+
+
+def _window_origin(con: duckdb.DuckDBPyConnection, window_spec: str | None) -> datetime | None:
+    """Reuse the first windowed sync's origin so later windows stay aligned with earlier ones."""
+    if window_spec is None:
+        return None
+    row = con.execute(
+        "SELECT detail->>'window_origin' FROM data_syncs WHERE detail->>'window_seconds' = ? "
+        "AND detail->>'window_origin' IS NOT NULL ORDER BY started_at LIMIT 1",
+        [str(int(parse_duration(window_spec).total_seconds()))],
+    ).fetchone()
+    return datetime.fromisoformat(row[0]) if row else None
+
+
+def run_sync(
+    catalog: Catalog,
+    *,
+    sources: list[str] | None = None,
+    window: str | None = None,
+    dedup_tolerance: str | float = "1s",
+    progress: Any = None,
+) -> list[str]:
+    """Sync the named sources (all by default); return the ids of the new batches, oldest first."""
+    win = parse_duration(window, what="window") if window is not None else None
+    tol = timedelta(0) if dedup_tolerance in (0, "0", "0s") else parse_duration(dedup_tolerance, what="dedup_tolerance")
+    started = utcnow()
+    sync_id = f"s-{started:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    say = progress or (lambda _msg: None)
+    with catalog.transaction() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        registered = load_sources(con)
+        if sources:
+            unknown = [s for s in sources if s not in registered]
+            if unknown:
+                raise NotFound(f"source {unknown[0]!r} is not registered; see `adapters-mgr data sources`")
+            chosen = [registered[s] for s in sources]
+        else:
+            chosen = list(registered.values())
+        if not chosen:
+            raise InvalidInput("no sources are registered; add one with add_source(name, uri, ...) first")
+        plans = [plan_files(con, s) for s in chosen]
+        entity_stats: dict[str, Any] = {}
+        for plan in plans:
+            if plan.source.kind != "interactions" and plan.files:
+                say(f"reading {plan.source.kind} from {plan.source.name} ({len(plan.files)} files)")
+                entity_stats[plan.source.name] = sync_entities(con, plan.source, plan.files, sync_id, started)
+        inter = [p for p in plans if p.source.kind == "interactions" and p.files]
+        for plan in inter:
+            if plan.source.effective_ts_format is None:
+                plan.source.ts_detected = detect_source_ts(con, plan.source, plan.files)
+                con.execute("UPDATE data_sources SET ts_detected = ?, updated_at = ? WHERE name = ?",
+                            [plan.source.ts_detected, started, plan.source.name])
+        batch_rows: list[dict[str, Any]] = []
+        detail: dict[str, Any] = {"entities": entity_stats}
+        rows_read = sum(s["rows_in"] for s in entity_stats.values())
+        if inter:
+            say(f"reading interactions from {', '.join(p.source.name for p in inter)}")
+            selects = [interaction_sql(con, p.source, p.new, p.changed, p.watermark, started) for p in inter]
+            con.execute("CREATE OR REPLACE TEMP TABLE _stage AS " + " UNION ALL ".join(selects))
+            _fault("staged")
+            classify.apply_entity_rules(con)
+            classify.apply_noise_rules(con, [p.source for p in inter])
+            multi = len({p.source.priority for p in inter}) > 1
+            classify.classify(con, tolerance=tol, multi_source=multi)
+            origin, _last = classify.assign_windows(con, win, _window_origin(con, window))
+            _fault("classified")
+            if win is not None and origin is not None:
+                detail.update(window_origin=origin.isoformat(), window_seconds=str(int(win.total_seconds())))
+            batch_rows, read = _write_batches(con, sync_id, started, inter, win, origin)
+            rows_read += read
+            _advance_watermarks(con, inter, sync_id, started)
+        for plan in plans:
+            if plan.source.kind != "interactions":
+                _record_files(con, plan, sync_id)
+        _fault("before_commit")
+        ids = [b["id"] for b in batch_rows]
+        con.execute(
+            "INSERT INTO data_syncs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [sync_id, started, utcnow(), to_json([p.source.name for p in plans if p.files]), window, rows_read,
+             to_json(ids), to_json(detail)],
+        )
+        log_event(
+            con, "data.sync", {"sources": sources, "window": window, "dedup_tolerance": str(dedup_tolerance)},
+            "ok", {"sync_id": sync_id, "batches": ids, "rows_read": rows_read, **detail,
+                   "nothing_new": not any(p.files for p in plans)},
+        )
+    return ids
+
+
+def _write_batches(
+    con: duckdb.DuckDBPyConnection,
+    sync_id: str,
+    now: datetime,
+    plans: list[FilePlan],
+    win: timedelta | None,
+    origin: datetime | None,
+) -> tuple[list[dict[str, Any]], int]:
+    kept = "rule IS NULL AND dup_kind IS NULL"
+    per = con.execute(
+        f"""
+        SELECT bno, count(*) AS rows_in, count(*) FILTER ({kept}) AS kept,
+               count(*) FILTER (rule IS NOT NULL) AS quarantined, count(*) FILTER (dup_kind IS NOT NULL) AS dups,
+               min(ts) FILTER ({kept}) AS ts_min, max(ts) FILTER ({kept}) AS ts_max,
+               count(DISTINCT user_id) FILTER ({kept}) AS users, count(DISTINCT item_id) FILTER ({kept}) AS items,
+               list(DISTINCT source ORDER BY source) AS sources
+        FROM _d1 GROUP BY bno ORDER BY bno
+        """
+    ).fetchall()
+    read = int(sum(r[1] for r in per))
+    if not per:
+        return [], 0
+    total_new = sum(r[2] + r[3] for r in per)
+    if total_new == 0:  # everything was already in earlier batches (a copied or touched file): no batch
+        return [], read
+    by_rule = _counts(con, "rule")
+    by_kind = _counts(con, "dup_kind")
+    ids, start = _next_ids(con, len(per))
+    con.execute("CREATE OR REPLACE TEMP TABLE _bmap (bno INTEGER, batch_id VARCHAR)")
+    con.executemany("INSERT INTO _bmap VALUES (?, ?)", [[r[0], bid] for r, bid in zip(per, ids, strict=True)])
+    con.execute(
+        f"""
+        INSERT INTO interactions
+        SELECT m.batch_id, user_id, item_id, ts, rating, label, source, source_event_id
+        FROM _d1 JOIN _bmap m USING (bno) WHERE {kept}
+        """
+    )
+    _fault("inserted")
+    con.execute(
+        f"""
+        INSERT INTO quarantine
+        SELECT ?, m.batch_id, source, rule, detail, file, {raw_row_json([p.source for p in plans])}
+        FROM _d1 JOIN _bmap m USING (bno) WHERE rule IS NOT NULL
+        """,
+        [sync_id],
+    )
+    con.execute(
+        """
+        INSERT INTO duplicates
+        SELECT ?, m.batch_id, source, dup_kind, user_id, item_id, ts, source_event_id, file
+        FROM _d1 JOIN _bmap m USING (bno) WHERE dup_kind IS NOT NULL
+        """,
+        [sync_id],
+    )
+    digests = digest.batch_digests(con, f"SELECT bno, user_id, item_id, ts, rating, label FROM _d1 WHERE {kept}")
+    out = []
+    for i, (r, bid) in enumerate(zip(per, ids, strict=True)):
+        bno = r[0]
+        w_start = origin + bno * win if (win is not None and origin is not None) else None
+        row = {
+            "id": bid, "sha256": digests.get(bno, digest.EMPTY), "num_rows": int(r[2]), "created_at": now,
+            "seq": start + i, "kind": "interactions", "sync_id": sync_id, "sources": to_json(list(r[9])),
+            "ts_min": r[5], "ts_max": r[6], "window_start": w_start,
+            "window_end": w_start + win if w_start is not None else None,
+            "rows_in": int(r[1]), "rows_kept": int(r[2]), "rows_quarantined": int(r[3]), "rows_duplicate": int(r[4]),
+            "quarantined_by_rule": to_json(by_rule.get(bno, {})), "duplicates_by_kind": to_json(by_kind.get(bno, {})),
+            "num_users": int(r[7]), "num_items": int(r[8]), "digest_method": digest.METHOD,
+        }
+        out.append(row)
+    cols = list(out[0])
+    con.executemany(
+        f"INSERT INTO batches ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+        [[row[c] for c in cols] for row in out],
+    )
+    return out, read
+
+
+def _counts(con: duckdb.DuckDBPyConnection, column: str) -> dict[int, dict[str, int]]:
+    result: dict[int, dict[str, int]] = {}
+    for bno, key, n in con.execute(
+        f"SELECT bno, {column}, count(*) FROM _d1 WHERE {column} IS NOT NULL GROUP BY ALL ORDER BY ALL"
+    ).fetchall():
+        result.setdefault(bno, {})[key] = int(n)
+    return result
+
+
+def _advance_watermarks(con: duckdb.DuckDBPyConnection, plans: list[FilePlan], sync_id: str, now: datetime) -> None:
+    """Watermark = newest usable event time read from the source (kept, quarantined or duplicate alike),
+    so re-read files only contribute rows newer than anything already accounted for."""
+    maxima = dict(con.execute(
+        "SELECT source, max(ts) FROM _d1 WHERE ts IS NOT NULL AND coalesce(rule, '') <> 'future_timestamp' GROUP BY 1"
+    ).fetchall())
+    for plan in plans:
+        new_max = maxima.get(plan.source.name)
+        if new_max is not None and (plan.watermark is None or new_max > plan.watermark):
+            con.execute(
+                "INSERT OR REPLACE INTO data_watermarks VALUES (?, ?, ?, ?)", [plan.source.name, new_max, sync_id, now]
+            )
+        _record_files(con, plan, sync_id)
+
+
+def _record_files(con: duckdb.DuckDBPyConnection, plan: FilePlan, sync_id: str) -> None:
+    for path in plan.files:
+        size, mtime = plan.stats[path]
+        con.execute(
+            """
+            INSERT INTO data_source_files VALUES (?, ?, ?, ?, ?, ?)
+            ON CONFLICT (source, path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,
+                last_sync = excluded.last_sync
+            """,
+            [plan.source.name, str(path), size, mtime, sync_id, sync_id],
+        )
+
+
+__all__ = ["FAULT_POINTS", "run_sync"]
