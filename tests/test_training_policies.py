@@ -321,3 +321,18 @@ def test_crash_mid_training_leaves_base_bare(tok, rows, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_adapter(base, tok, "ranker", rows, **FAST)
     assert not has_injected_adapters(base) and state_hash(base) == before
+
+
+def test_scorer_with_a_bad_adapter_leaves_base_bare(tmp_path, tok, rows):
+    from adapters_mgr.errors import NotFound
+
+    good = trained_folder(tmp_path, tok, rows, "good", seed=1)
+    base = tiny_base()
+    with pytest.raises(NotFound):
+        ScoringModel(base, tok, "ranker", [(good, 1.0), (tmp_path / "missing", 1.0)])
+    assert not has_injected_adapters(base)
+    with pytest.raises(InvalidInput, match="unknown combination mode"):
+        ScoringModel(base, tok, "ranker", [(good, 1.0)], mode="average")
+    retriever_folder = trained_folder(tmp_path, tok, rows, "rv", seed=1, kind="encoder", task="retriever")
+    with pytest.raises(InvalidInput, match="FEATURE_EXTRACTION adapter"):
+        train_adapter(base, tok, "ranker", rows, policy="stack", parents=[retriever_folder], **FAST)

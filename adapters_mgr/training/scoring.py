@@ -77,11 +77,18 @@ class ScoringModel:
             raise InvalidInput("the base already has adapters attached; release() the previous model first")
         model: Any = task_model
         names = []
-        for i, (source, _) in enumerate(adapters):
-            name = f"a{i}"
-            model = peft_wiring.attach(model, source, name, trainable=False)
-            names.append(name)
+        try:
+            for i, (source, _) in enumerate(adapters):
+                name = f"a{i}"
+                model = peft_wiring.attach(model, source, name, trainable=False)
+                names.append(name)
+        except BaseException:
+            if model is not task_model:
+                peft_wiring.release(model)  # a half-built scorer must not leave layers on the shared base
+            raise
         self._init(model, tokenizer, names, weights, mode, max_length, batch_size, owned=True)
+        peft_wiring.activate(model, names, weights if mode == "weights" else None)
+        model.eval()
 
     @classmethod
     def from_peft(
