@@ -336,3 +336,25 @@ def test_scorer_with_a_bad_adapter_leaves_base_bare(tmp_path, tok, rows):
     retriever_folder = trained_folder(tmp_path, tok, rows, "rv", seed=1, kind="encoder", task="retriever")
     with pytest.raises(InvalidInput, match="FEATURE_EXTRACTION adapter"):
         train_adapter(base, tok, "ranker", rows, policy="stack", parents=[retriever_folder], **FAST)
+
+
+def test_retriever_reproducible_and_only_new_adapter_trains(tmp_path, tok, rows):
+    base = tiny_base("encoder")
+    folders = []
+    for name in ("x", "y"):
+        result = train_adapter(base, tok, "retriever", rows, seed=3, **FAST)
+        folders.append(result.save(tmp_path / name))
+        result.release()
+    assert folder_bytes(folders[0]) == folder_bytes(folders[1])
+    # an adapter named like a module ('query') must not unfreeze the parents' query LoRA
+    result = train_adapter(base, tok, "retriever", rows, policy="stack", parents=[folders[0]],
+                           adapter_name="query", seed=3, **FAST)
+    stacked = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert stacked == set()  # frozen again after training
+    from adapters_mgr.training.adapters import freeze
+
+    freeze(result.model, "query")
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".query.weight" in n or n.split(".")[-2] == "query" for n in trainable)
+    assert not any("parent_0" in n for n in trainable)
+    result.release()

@@ -140,9 +140,10 @@ def freeze(model: nn.Module, trainable: str | None) -> int:
     count = 0
     for pname, param in model.named_parameters():
         parts = pname.split(".")
-        train = trainable is not None and (
-            (trainable in parts and any(p in ("lora_A", "lora_B") for p in parts))
-            or ("modules_to_save" in parts and parts[parts.index("modules_to_save") + 1] == trainable)
+        # the adapter name is the key right after lora_A / lora_B / modules_to_save in peft's layout
+        train = trainable is not None and any(
+            part in ("lora_A", "lora_B", "modules_to_save") and i + 1 < len(parts) and parts[i + 1] == trainable
+            for i, part in enumerate(parts)
         )
         param.requires_grad_(train)
         count += param.numel() if train else 0
