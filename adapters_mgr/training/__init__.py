@@ -21,6 +21,7 @@ Typical use::
 from adapters_mgr.training.adapters import AdapterSource, InMemoryAdapter, release
 from adapters_mgr.training.lora import LoraSettings
 from adapters_mgr.training.policies import POLICIES, ParentAdapter
+from adapters_mgr.training.replay import replay_mix
 from adapters_mgr.training.scoring import MODES, ScoringModel, evaluate_adapters
 from adapters_mgr.training.tasks import RankerTask, RetrieverTask, Task, get_task, task_names
 from adapters_mgr.training.trainer import TrainResult, train_adapter
@@ -40,6 +41,7 @@ __all__ = [
     "evaluate_adapters",
     "get_task",
     "release",
+    "replay_mix",
     "task_names",
     "train_adapter",
 ]
