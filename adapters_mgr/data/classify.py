@@ -73,18 +73,19 @@ def classify(
     con.execute(
         """
         CREATE OR REPLACE TEMP TABLE _d1 AS
-        SELECT *,
+        WITH e AS (
+            SELECT *, row_number() OVER (PARTITION BY rule, source, user_id, item_id, ts, rating, label,
+                                         source_event_id ORDER BY file) AS rn_exact
+            FROM _stage)
+        SELECT * EXCLUDE (rn_exact),
             CASE WHEN rule IS NOT NULL THEN NULL
-                 WHEN row_number() OVER (PARTITION BY rule IS NULL, source, user_id, item_id, ts, rating, label,
-                                         source_event_id ORDER BY file) > 1 THEN 'exact'
-                 WHEN source_event_id IS NOT NULL
-                      AND row_number() OVER (PARTITION BY rule IS NULL, source_event_id
-                                             ORDER BY prio, ts, file, user_id, item_id) > 1
-                 THEN CASE WHEN first_value(source) OVER (PARTITION BY rule IS NULL, source_event_id
-                                                          ORDER BY prio, ts, file, user_id, item_id) <> source
-                           THEN 'cross_source' ELSE 'same_event_id' END
+                 WHEN rn_exact > 1 THEN 'exact'
+                 WHEN source_event_id IS NOT NULL AND row_number() OVER ev > 1
+                 THEN CASE WHEN first_value(source) OVER ev <> source THEN 'cross_source' ELSE 'same_event_id' END
             END AS dup_kind
-        FROM _stage
+        FROM e
+        WINDOW ev AS (PARTITION BY rule IS NULL AND rn_exact = 1, source_event_id
+                      ORDER BY prio, ts, file, user_id, item_id)
         """
     )
     if multi_source:
