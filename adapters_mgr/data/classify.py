@@ -1,9 +1,9 @@
 """Set-based cleaning and dedup over the staged rows of one sync, in DuckDB temp tables.
 
 Order matters and is fixed: row rules (from the stage) -> unknown users/items -> noise rules ->
-exact duplicates -> same source_event_id -> the same event from another source within a tolerance ->
-events already in earlier batches. A row gets at most one outcome, so rows in = kept + quarantined
-+ duplicates holds by construction. Lower ``prio`` (earlier registered source) wins ties.
+exact duplicates and the same event from another source within a tolerance (one window pass) ->
+the same source_event_id -> events already in earlier batches. A row gets at most one outcome,
+so rows in = kept + quarantined + duplicates holds by construction.
 """
 
 from __future__ import annotations
@@ -68,34 +68,59 @@ def classify(
     tolerance: timedelta,
     multi_source: bool,
 ) -> None:
-    """Create ``_cls`` = ``_stage`` plus ``dup_kind`` for every clean row that duplicates another."""
+    """Create ``_d1`` = ``_stage`` plus ``dup_kind`` for every clean row that duplicates another.
+
+    One window pass over (user_id, item_id) ordered by time finds both exact copies (the previous
+    row is identical, same source) and the same event from another source (the previous row is from
+    a different source within ``tolerance``); the earliest copy is kept, then the higher-priority
+    source. Chains count: each copy is compared with its predecessor. Rows sharing a
+    ``source_event_id`` are rare, so they are found by aggregation and ranked on that small set.
+    """
     tol_us = int(tolerance.total_seconds() * 1_000_000)
+    cross = f"prev_source <> source AND epoch_us(ts) - prev_t <= {tol_us}" if multi_source else "false"
     con.execute(
-        """
+        f"""
         CREATE OR REPLACE TEMP TABLE _d1 AS
-        WITH e AS (
-            SELECT *, row_number() OVER (PARTITION BY rule, source, user_id, item_id, ts, rating, label,
-                                         source_event_id ORDER BY file) AS rn_exact
-            FROM _stage)
-        SELECT * EXCLUDE (rn_exact),
-            CASE WHEN rule IS NOT NULL THEN NULL
-                 WHEN rn_exact > 1 THEN 'exact'
-                 WHEN source_event_id IS NOT NULL AND row_number() OVER ev > 1
-                 THEN CASE WHEN first_value(source) OVER ev <> source THEN 'cross_source' ELSE 'same_event_id' END
+        WITH clean AS (
+            SELECT *,
+                lag(source) OVER w AS prev_source, lag(epoch_us(ts)) OVER w AS prev_t,
+                lag(rating) OVER w AS prev_rating, lag(label) OVER w AS prev_label,
+                lag(source_event_id) OVER w AS prev_event
+            FROM _stage WHERE rule IS NULL
+            WINDOW w AS (PARTITION BY user_id, item_id ORDER BY ts, prio, rating, label, source_event_id, file))
+        SELECT * EXCLUDE (prev_source, prev_t, prev_rating, prev_label, prev_event),
+            CASE WHEN prev_source = source AND prev_t = epoch_us(ts) AND prev_rating IS NOT DISTINCT FROM rating
+                      AND prev_label IS NOT DISTINCT FROM label AND prev_event IS NOT DISTINCT FROM source_event_id
+                 THEN 'exact'
+                 WHEN {cross} THEN 'cross_source'
             END AS dup_kind
-        FROM e
-        WINDOW ev AS (PARTITION BY rule IS NULL AND rn_exact = 1, source_event_id
-                      ORDER BY prio, ts, file, user_id, item_id)
+        FROM clean
+        UNION ALL
+        SELECT *, CAST(NULL AS VARCHAR) AS dup_kind FROM _stage WHERE rule IS NOT NULL
         """
     )
-    if multi_source:
+    # the same source_event_id on surviving rows: keep the best-priority, earliest one
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE _ev AS
+        SELECT source_event_id FROM _d1
+        WHERE rule IS NULL AND dup_kind IS NULL AND source_event_id IS NOT NULL
+        GROUP BY 1 HAVING count(*) > 1
+        """
+    )
+    if con.execute("SELECT count(*) FROM _ev").fetchone()[0]:
         con.execute(
-            f"""
-            UPDATE _d1 SET dup_kind = 'cross_source'
-            WHERE rule IS NULL AND dup_kind IS NULL AND EXISTS (
-                SELECT 1 FROM _d1 b
-                WHERE b.rule IS NULL AND b.dup_kind IS NULL AND b.user_id = _d1.user_id AND b.item_id = _d1.item_id
-                  AND b.prio < _d1.prio AND abs(epoch_us(b.ts) - epoch_us(_d1.ts)) <= {tol_us})
+            """
+            UPDATE _d1 SET dup_kind = r.kind FROM (
+                SELECT source, user_id, item_id, ts, source_event_id,
+                       CASE WHEN first_value(source) OVER ev <> source THEN 'cross_source' ELSE 'same_event_id' END
+                           AS kind,
+                       row_number() OVER ev AS rn
+                FROM _d1 WHERE rule IS NULL AND dup_kind IS NULL AND source_event_id IN (SELECT * FROM _ev)
+                WINDOW ev AS (PARTITION BY source_event_id ORDER BY prio, ts, user_id, item_id, rating, label)) r
+            WHERE r.rn > 1 AND _d1.rule IS NULL AND _d1.dup_kind IS NULL
+              AND _d1.source_event_id = r.source_event_id AND _d1.source = r.source AND _d1.user_id = r.user_id
+              AND _d1.item_id = r.item_id AND _d1.ts = r.ts
             """
         )
     has_earlier = con.execute("SELECT EXISTS (SELECT 1 FROM interactions)").fetchone()[0]

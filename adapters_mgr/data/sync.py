@@ -126,12 +126,15 @@ def run_sync(
             selects = [interaction_sql(con, p.source, p.new, p.changed, p.watermark, started) for p in inter]
             con.execute("CREATE OR REPLACE TEMP TABLE _stage AS " + " UNION ALL ".join(selects))
             _fault("staged")
+            say("cleaning")
             classify.apply_entity_rules(con)
             classify.apply_noise_rules(con, [p.source for p in inter])
             multi = len({p.source.priority for p in inter}) > 1
+            say("deduplicating")
             classify.classify(con, tolerance=tol, multi_source=multi)
             origin, _last = classify.assign_windows(con, win, _window_origin(con, window))
             _fault("classified")
+            say("writing batches")
             if win is not None and origin is not None:
                 detail.update(window_origin=origin.isoformat(), window_seconds=str(int(win.total_seconds())))
             batch_rows, read = _write_batches(con, sync_id, started, inter, win, origin)
@@ -209,6 +212,7 @@ def _write_batches(
         """,
         [sync_id],
     )
+    _fault("side_tables")
     digests = digest.batch_digests(con, f"SELECT bno, user_id, item_id, ts, rating, label FROM _d1 WHERE {kept}")
     out = []
     for i, (r, bid) in enumerate(zip(per, ids, strict=True)):
