@@ -1,0 +1,161 @@
+"""`adapters-mgr data ...`: a thin shell over DataAPI; tables for people, --json for scripts.
+
+Errors are raised as adapters_mgr.errors exceptions; the main CLI prints them as one line with
+an exit code. The API comes from ``ctx.obj.manager().data`` (a CliState).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from adapters_mgr.cli_support import console, print_json, print_table
+from adapters_mgr.errors import InvalidInput
+
+data_app = typer.Typer(help="Data sources, sync into immutable batches, quarantine, MovieLens.", no_args_is_help=True)
+fetch_app = typer.Typer(help="Fetch real data sets into the cache folder.", no_args_is_help=True)
+data_app.add_typer(fetch_app, name="fetch")
+
+
+def _api(ctx: typer.Context) -> Any:
+    return ctx.obj.manager().data
+
+
+def _json_arg(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} {text!r} is not JSON; e.g. '{{\"user_id\": \"uid\"}}'") from exc
+
+
+@data_app.command("sources")
+def sources_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """List registered sources with their watermark."""
+    rows = _api(ctx).sources()
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(rows, ["name", "kind", "format", "uri", "ts_format", "ts_detected", "priority", "watermark",
+                           "files_read"], title="sources")
+
+
+@data_app.command("add-source")
+def add_source_cmd(
+    ctx: typer.Context,
+    name: str,
+    uri: str,
+    kind: str = typer.Option("interactions", help="interactions | users | items"),
+    format: str = typer.Option(None, "--format", help="csv | json | parquet (default: from the extension)"),
+    mapping: str = typer.Option(None, help='JSON canonical->column, e.g. \'{"user_id": "uid", "ts": "time"}\''),
+    ts_format: str = typer.Option(None, help="epoch_s | epoch_ms | epoch_us | iso | strptime (default: detect)"),
+    read: str = typer.Option(None, help="JSON DuckDB reader options, e.g. '{\"delim\": \"\\t\"}'"),
+    label_threshold: float = typer.Option(None, help="label = rating >= this (default 4)"),
+    rating_min: float = typer.Option(None, help="lowest valid rating (default 1)"),
+    rating_max: float = typer.Option(None, help="highest valid rating (default 5)"),
+    max_events_per_minute: int = typer.Option(None, help="noise rule: quarantine bursts above this (default off)"),
+    list_attrs: str = typer.Option(None, help='JSON attribute->separator, e.g. \'{"genres": "|"}\''),
+    replace: bool = typer.Option(False, help="replace an existing source of that name"),
+    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+) -> None:
+    """Register a file or glob (CSV, JSON lines, Parquet) as a source."""
+    rr = None
+    if rating_min is not None or rating_max is not None:
+        rr = (1.0 if rating_min is None else rating_min, 5.0 if rating_max is None else rating_max)
+    src = _api(ctx).add_source(
+        name, uri, kind=kind, format=format, mapping=_json_arg(mapping, "mapping"), ts_format=ts_format,
+        read=_json_arg(read, "read"), label_threshold=label_threshold, rating_range=rr,
+        max_events_per_minute=max_events_per_minute, list_attrs=_json_arg(list_attrs, "list_attrs"), replace=replace,
+    )
+    if as_json:
+        print_json(src)
+    else:
+        console.print(f"source [bold]{src['name']}[/bold] ({src['kind']}, {src['format']}) -> {src['mapping']}")
+
+
+@data_app.command("sync")
+def sync_cmd(
+    ctx: typer.Context,
+    window: str = typer.Option(None, help="cut the new rows into consecutive time windows, e.g. 7d"),
+    source: list[str] = typer.Option(None, "--source", help="only these sources (repeatable)"),
+    dedup_tolerance: str = typer.Option("1s", help="same event from two sources when times differ by at most this"),
+    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+) -> None:
+    """Take in what is new in each source as immutable batches (nothing new: no batch)."""
+    api = _api(ctx)
+    with console.status("syncing") as status:
+        ids = api.sync(sources=source or None, window=window, dedup_tolerance=dedup_tolerance,
+                       progress=lambda m: status.update(m))
+    rows = [api.batch(i) for i in ids]
+    if as_json:
+        print_json({"batches": ids, "details": rows})
+    elif not ids:
+        console.print("nothing new: no batch created")
+    else:
+        _batch_table(rows, f"{len(ids)} new batches")
+
+
+def _batch_table(rows: list[dict[str, Any]], title: str) -> None:
+    print_table(rows, ["id", "window_start", "ts_min", "ts_max", "rows_in", "rows_kept", "rows_quarantined",
+                       "rows_duplicate", "sources"], title=title,
+                formatters={"sources": lambda v: ", ".join(v or [])})
+
+
+@data_app.command("batches")
+def batches_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """List batches, oldest first."""
+    rows = _api(ctx).batches()
+    if as_json:
+        print_json(rows)
+    else:
+        _batch_table(rows, "batches")
+
+
+@data_app.command("show")
+def show_cmd(ctx: typer.Context, batch: str, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """One batch in full: counts per rule and duplicate kind, time range, sha256."""
+    info = _api(ctx).batch(batch)
+    if as_json:
+        print_json(info)
+        return
+    for key, value in info.items():
+        console.print(f"[bold]{key:20}[/bold] {value}")
+
+
+@data_app.command("quarantine")
+def quarantine_cmd(
+    ctx: typer.Context,
+    batch: str = typer.Option(None, "--batch", help="only this batch"),
+    rule: str = typer.Option(None, "--rule", help="only this rule, e.g. bad_timestamp"),
+    limit: int = typer.Option(None, help="at most this many rows"),
+    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+) -> None:
+    """Rows a cleaning rule rejected, with the rule and the source row."""
+    rows = _api(ctx).quarantine(batch=batch, rule=rule, limit=limit)
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(rows, ["batch_id", "source", "rule", "detail", "row"], title=f"quarantine ({len(rows)} rows)",
+                    formatters={"row": lambda v: json.dumps(v)})
+
+
+@fetch_app.command("movielens")
+def fetch_movielens_cmd(
+    ctx: typer.Context,
+    cache: Path = typer.Option(None, help="cache folder (default $ADAPTERS_MGR_CACHE or ~/.cache/adapters-mgr)"),
+    register: bool = typer.Option(False, help="also register the three ML-100K sources"),
+    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+) -> None:
+    """Put MovieLens-100K in the cache (GroupLens, else the copy in RecBole's wheel); never committed."""
+    from adapters_mgr.data import movielens
+
+    folder = movielens.fetch(cache, progress=lambda m: console.print(m) if not as_json else None)
+    names = movielens.register_movielens(_api(ctx), folder) if register else []
+    if as_json:
+        print_json({"folder": str(folder), "sources": names})
+    else:
+        console.print(f"ML-100K ready in {folder}" + (f"; registered {', '.join(names)}" if names else ""))
