@@ -1,0 +1,267 @@
+"""Sync: every cleaning rule, every dedup path, idempotence, watermarks, windows, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.data import synthetic
+from adapters_mgr.data.api import DataAPI
+from adapters_mgr.errors import Conflict, InvalidInput, NotFound
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> DataAPI:
+    return DataAPI(Catalog(tmp_path / "root" / "catalog.duckdb"), tmp_path / "root")
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def accounted(b: dict) -> bool:
+    return b["rows_in"] == b["rows_kept"] + b["rows_quarantined"] + b["rows_duplicate"]
+
+
+def test_every_rule_and_dedup_kind_matches_injected_truth(api, tmp_path):
+    syn = synthetic.generate(tmp_path / "syn", rows=4000, users=50, items=40, seed=3)
+    syn.register(api)
+    [bid] = api.sync()
+    b = api.batch(bid)
+    assert accounted(b) and b["rows_in"] == syn.truth["rows"]
+    assert b["quarantined_by_rule"] == syn.truth["bad_by_rule"]
+    assert set(b["quarantined_by_rule"]) == {"missing_key", "bad_timestamp", "future_timestamp",
+                                             "rating_out_of_range", "label_out_of_range", "unknown_user",
+                                             "unknown_item"}
+    assert b["duplicates_by_kind"] == syn.truth["duplicates_by_kind"]
+    assert b["sources"] == ["events_a", "events_b"]  # two sources merged into one batch
+    assert len(api.quarantine(batch=bid)) == b["rows_quarantined"]
+    bad_ts = api.quarantine(rule="bad_timestamp")
+    assert bad_ts and all(q["row"]["time"] == "not-a-time" and q["source"] == "events_b" for q in bad_ts)
+    assert api.verify(bid)["ok"]
+
+
+def test_each_timestamp_form_becomes_utc(api, tmp_path):
+    want = datetime(2021, 3, 4, 5, 6, 7, tzinfo=UTC)
+    s = int(want.timestamp())
+    forms = {
+        "epoch_s": str(s), "epoch_ms": str(s * 1000), "epoch_us": str(s * 1_000_000),
+        "iso_z": "2021-03-04T05:06:07Z", "iso_offset": "2021-03-04T07:06:07+02:00", "iso_naive": "2021-03-04 05:06:07",
+        "strptime": "04/03/2021 05:06:07",
+    }
+    for i, (name, value) in enumerate(forms.items()):
+        write(tmp_path / f"{name}.csv", f"user_id,item_id,rating,ts\nu{i},i{i},4,{value}\n")
+        fmt = "%d/%m/%Y %H:%M:%S" if name == "strptime" else None
+        api.add_source(name.replace("_", "-"), tmp_path / f"{name}.csv", ts_format=fmt)
+    api.sync()
+    rows = api.interactions()
+    assert len(rows) == len(forms) and all(r["ts"] == want for r in rows)
+    detected = {s["name"]: s["ts_detected"] for s in api.sources()}
+    assert detected["epoch-s"] == "epoch_s" and detected["epoch-ms"] == "epoch_ms"
+    assert detected["epoch-us"] == "epoch_us" and detected["iso-z"] == "iso"
+
+
+def test_rules_on_hand_written_rows(api, tmp_path):
+    write(tmp_path / "a.csv", """
+        uid,movie,stars,liked,time
+        u1,i1,5,1,1000000000
+        ,i1,5,1,1000000001
+        u1,,5,1,1000000002
+        u1,i2,5,1,
+        u1,i3,5,1,yesterday
+        u1,i4,5,1,99999999999
+        u1,i5,0,1,1000000006
+        u1,i6,abc,1,1000000007
+        u1,i7,,,1000000008
+        u1,i8,4,maybe,1000000009
+        u1,i9,2,,1000000010
+    """)
+    api.add_source("a", tmp_path / "a.csv", ts_format="epoch_s",
+                   mapping={"user_id": "uid", "item_id": "movie", "rating": "stars", "label": "liked", "ts": "time"})
+    [bid] = api.sync()
+    b = api.batch(bid)
+    assert b["quarantined_by_rule"] == {"missing_key": 4, "bad_timestamp": 1, "future_timestamp": 1,
+                                        "rating_out_of_range": 2, "label_out_of_range": 1}
+    kept = {r["item_id"]: r for r in api.interactions(bid)}
+    assert set(kept) == {"i1", "i9"} and kept["i9"]["label"] == 0  # no label -> rating 2 < 4
+    details = {q["detail"] for q in api.quarantine(bid, rule="missing_key")}
+    assert details == {"user_id is empty", "item_id is empty", "ts is empty", "no rating or label"}
+
+
+def test_label_threshold_and_rating_range_are_configurable(api, tmp_path):
+    write(tmp_path / "r.csv", "user_id,item_id,rating,ts\nu,a,7,1000\nu,b,8,2000\nu,c,11,3000\n")
+    api.add_source("r", tmp_path / "r.csv", ts_format="epoch_s", label_threshold=8, rating_range=(0, 10))
+    [bid] = api.sync()
+    assert {r["item_id"]: r["label"] for r in api.interactions(bid)} == {"a": 0, "b": 1}
+    assert api.batch(bid)["quarantined_by_rule"] == {"rating_out_of_range": 1}
+
+
+def test_unknown_users_and_items_and_noise_rule(api, tmp_path):
+    write(tmp_path / "users.csv", "user_id,age\nu1,30\nbot,1\n")
+    write(tmp_path / "items.csv", "item_id,title\ni1,One\ni2,Two\n")
+    lines = ["user_id,item_id,rating,ts", "u1,i1,5,1000", "u9,i1,5,1001", "u1,i9,5,1002"]
+    lines += [f"bot,i{1 + k % 2},5,{2000 + k}" for k in range(5)]
+    write(tmp_path / "ev.csv", "\n".join(lines) + "\n")
+    api.add_source("users", tmp_path / "users.csv", kind="users")
+    api.add_source("items", tmp_path / "items.csv", kind="items")
+    api.add_source("ev", tmp_path / "ev.csv", ts_format="epoch_s", max_events_per_minute=3)
+    [bid] = api.sync()
+    b = api.batch(bid)
+    assert b["quarantined_by_rule"] == {"unknown_user": 1, "unknown_item": 1, "noise_burst": 5}
+    assert [r["user_id"] for r in api.interactions(bid)] == ["u1"]
+
+
+def test_noise_rule_is_off_by_default(api, tmp_path):
+    write(tmp_path / "ev.csv", "user_id,item_id,rating,ts\n" + "".join(f"bot,i{k},5,{2000 + k}\n" for k in range(50)))
+    api.add_source("ev", tmp_path / "ev.csv", ts_format="epoch_s")
+    [bid] = api.sync()
+    assert api.batch(bid)["rows_kept"] == 50
+
+
+def test_dedup_paths_exact_event_id_cross_source_and_earlier_batch(api, tmp_path):
+    write(tmp_path / "a.csv", """
+        user_id,item_id,rating,ts,event_id
+        u1,i1,5,1000,e1
+        u1,i1,5,1000,e1
+        u2,i2,4,1000,e2
+        u3,i3,3,1000,e3
+        u4,i4,3,5000,e4
+    """)
+    write(tmp_path / "b.jsonl", "\n".join(json.dumps(r) for r in [
+        {"u": "u2", "i": "i2", "s": 4, "t": 1000400, "ev": "x1"},   # same event, 0.4 s later: cross_source
+        {"u": "u9", "i": "i9", "s": 4, "t": 9000000, "ev": "e3"},   # same event id as a's e3: cross_source
+        {"u": "u5", "i": "i5", "s": 4, "t": 7000000, "ev": "x5"},   # new
+        {"u": "u5", "i": "i6", "s": 4, "t": 7000000, "ev": "x5"},   # same id inside b: same_event_id
+    ]) + "\n")
+    api.add_source("a", tmp_path / "a.csv", ts_format="epoch_s")
+    api.add_source("b", tmp_path / "b.jsonl", ts_format="epoch_ms",
+                   mapping={"user_id": "u", "item_id": "i", "rating": "s", "ts": "t", "source_event_id": "ev"})
+    [bid] = api.sync()
+    b = api.batch(bid)
+    assert b["duplicates_by_kind"] == {"exact": 1, "cross_source": 2, "same_event_id": 1}
+    assert b["rows_kept"] == 5 and accounted(b)
+    # the same events arriving again in a new file: already in earlier batches
+    write(tmp_path / "c.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\nu4,i4,3,5000\nu7,i7,4,6000\n")
+    api.add_source("c", tmp_path / "c.csv", ts_format="epoch_s")
+    [bid2] = api.sync()
+    b2 = api.batch(bid2)
+    assert b2["duplicates_by_kind"] == {"earlier_batch": 2} and b2["rows_kept"] == 1
+    kinds = {d["kind"] for d in api.duplicates()}
+    assert kinds == {"exact", "cross_source", "same_event_id", "earlier_batch"}
+
+
+def test_resync_is_idempotent_and_watermark_advances(api, tmp_path):
+    f = write(tmp_path / "logs" / "day1.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\nu2,i1,3,2000\n")
+    api.add_source("logs", str(tmp_path / "logs" / "*.csv"), ts_format="epoch_s")
+    first = api.sync()
+    assert len(first) == 1
+    assert api.sync() == [] and len(api.batches()) == 1
+    os.utime(f, ns=(0, 0))  # touched, not changed: still nothing new
+    assert api.sync() == []
+    assert api.sources()[0]["watermark"] == datetime.fromtimestamp(2000, UTC)
+    # rows appended to a seen file: only those newer than the watermark are taken
+    with f.open("a") as fh:
+        fh.write("u3,i2,4,3000\n")
+    [second] = api.sync()
+    assert api.batch(second)["rows_in"] == 1
+    assert api.sources()[0]["watermark"] == datetime.fromtimestamp(3000, UTC)
+    # a new file matching the glob is read in full
+    write(tmp_path / "logs" / "day2.csv", "user_id,item_id,rating,ts\nu4,i3,4,500\n")
+    [third] = api.sync()
+    assert api.batch(third)["rows_kept"] == 1
+    events = api.catalog.query("SELECT count(*) AS n FROM events WHERE operation = 'data.sync'")
+    assert events[0]["n"] == 5  # one event per sync, no-op syncs included
+
+
+def test_window_cuts_history_into_consecutive_batches(api, tmp_path):
+    day = 86400
+    lines = ["user_id,item_id,rating,ts"] + [f"u{k},i{k},4,{k * day + 3600}" for k in range(20)]
+    lines.append("u99,i99,4,garbage")
+    write(tmp_path / "h.csv", "\n".join(lines) + "\n")
+    api.add_source("h", tmp_path / "h.csv", ts_format="epoch_s")
+    ids = api.sync(window="7d")
+    bs = [api.batch(i) for i in ids]
+    assert [b["rows_kept"] for b in bs] == [7, 7, 6]
+    assert all(bs[k]["window_end"] == bs[k + 1]["window_start"] for k in range(2))
+    assert bs[-1]["quarantined_by_rule"] == {"bad_timestamp": 1}  # rows without a time go to the last window
+    assert sum(b["rows_in"] for b in bs) == 21
+    assert len({b["sha256"] for b in bs}) == 3
+
+
+def test_digest_is_content_only(tmp_path):
+    rows = "user_id,item_id,rating,ts\nu1,i1,5,1000\nu2,i2,3,2000\n"
+    swapped = "user_id,item_id,rating,ts\nu2,i2,3,2000\nu1,i1,5,1000\n"
+    digests = []
+    for k, text in enumerate((rows, swapped)):
+        api = DataAPI(Catalog(tmp_path / f"r{k}" / "c.duckdb"), tmp_path / f"r{k}")
+        write(tmp_path / f"f{k}.csv", text)
+        api.add_source("s", tmp_path / f"f{k}.csv", ts_format="epoch_s")
+        digests.append(api.batch(api.sync()[0])["sha256"])
+    assert digests[0] == digests[1]
+
+
+def test_entity_versions_keep_history(api, tmp_path):
+    f = write(tmp_path / "items.csv", "item_id,title\ni1,Old title\n")
+    api.add_source("items", f, kind="items")
+    api.sync()
+    write(f, "item_id,title\ni1,New title\n")
+    os.utime(f, ns=(10**18, 10**18))
+    api.sync()
+    versions = api.catalog.query("SELECT attrs->>'title' AS t, valid_from FROM items ORDER BY valid_from")
+    assert [v["t"] for v in versions] == ["Old title", "New title"]
+    assert versions[0]["valid_from"].year == 1
+
+
+def test_add_source_errors(api, tmp_path):
+    f = write(tmp_path / "a.csv", "uid,movie,stars,time\nu1,i1,5,1000\n")
+    with pytest.raises(InvalidInput, match="no such column"):
+        api.add_source("a", f, mapping={"user_id": "nope"})
+    g = write(tmp_path / "g.csv", "who,movie,stars,time\nu1,i1,5,1000\n")
+    with pytest.raises(InvalidInput, match="no user_id"):
+        api.add_source("g", g, mapping={"item_id": "movie", "ts": "time"})
+    with pytest.raises(InvalidInput, match="ts_format"):
+        api.add_source("a", f, ts_format="weird")
+    mapping = {"user_id": "uid", "item_id": "movie", "rating": "stars", "ts": "time"}
+    api.add_source("a", f, mapping=mapping)
+    api.add_source("a", f, mapping=mapping)  # same definition: no-op
+    with pytest.raises(Conflict):
+        api.add_source("a", tmp_path / "other.csv", mapping=mapping)
+    with pytest.raises(NotFound):
+        api.batch("b999999")
+    with pytest.raises(NotFound):
+        api.sync(sources=["missing"])
+
+
+@pytest.mark.parametrize("point", ["staged", "inserted", "side_tables", "before_commit"])
+def test_crash_mid_sync_leaves_no_partial_batch(tmp_path, point):
+    syn = synthetic.generate(tmp_path / "syn", rows=3000, users=30, items=20, seed=1)
+    root = tmp_path / "root"
+    api = DataAPI(Catalog(root / "catalog.duckdb"), root)
+    syn.register(api)
+    code = (f"from pathlib import Path; from adapters_mgr.catalog.db import Catalog; "
+            f"from adapters_mgr.data.api import DataAPI; "
+            f"DataAPI(Catalog({str(root / 'catalog.duckdb')!r}), Path({str(root)!r})).sync()")
+    env = {**os.environ, "ADAPTERS_MGR_FAULT": f"sync:{point}"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, timeout=120)
+    assert proc.returncode == 137, proc.stderr.decode()
+    counts = api.catalog.query(
+        "SELECT (SELECT count(*) FROM batches) AS b, (SELECT count(*) FROM interactions) AS i, "
+        "(SELECT count(*) FROM quarantine) AS q, (SELECT count(*) FROM data_watermarks) AS w, "
+        "(SELECT count(*) FROM events WHERE operation = 'data.sync') AS e")[0]
+    assert counts == {"b": 0, "i": 0, "q": 0, "w": 0, "e": 0}
+    [bid] = api.sync()
+    b = api.batch(bid)
+    assert b["rows_in"] == syn.truth["rows"] and accounted(b)
+    assert api.verify(bid)["ok"]
