@@ -14,17 +14,17 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from adapters_mgr.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:  # torch is imported lazily so that catalog-only commands (ls, lineage) start fast
+    from torch import nn
 
 DEFAULT_BASE_ALIASES = ("default", "minilm", "all-minilm-l6-v2")
 DEFAULT_BASE_NAME = "all-MiniLM-L6-v2"
 
-_hash_cache: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+_hash_cache: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()  # noqa: F821
 
 
 def embedded_model_path() -> Path:
@@ -73,6 +73,8 @@ def weights_sha256(model: nn.Module) -> str:
     Works on a pristine model and on one with unmerged LoRA layers injected (the adapter tensors are
     skipped). Cached per model object because a 22M-parameter hash costs ~0.2 s.
     """
+    import torch
+
     bb = backbone(model)
     cached = _hash_cache.get(bb)
     if cached is not None:

@@ -49,10 +49,6 @@ def _root(
     ctx.obj = CliState(root=root, debug=debug)
 
 
-def _adapter_rows(adapters: list[Any]) -> list[dict[str, Any]]:
-    return [a.to_dict() for a in adapters]
-
-
 def _primary_metric(metrics: dict[str, Any] | None) -> str:
     if not metrics:
         return "-"
@@ -167,10 +163,11 @@ def ls(
     json_out: JsonOpt = False,
 ) -> None:
     """List adapters, newest first."""
-    adapters = _mgr(ctx).list(name=name, kind=kind, alias=alias, status=status, base=base, task=task, limit=limit)
+    filters = dict(name=name, kind=kind, alias=alias, status=status, base=base, task=task, limit=limit)
     if json_out:
-        print_json(_adapter_rows(adapters))
+        sys.stdout.write(_mgr(ctx).list_json(**filters) + "\n")
         return
+    adapters = _mgr(ctx).list(**filters)
     rows = [
         {"id": a.id, "adapter": a.ref, "kind": a.kind, "task": a.task, "status": a.status,
          "aliases": a.aliases, "metrics": _primary_metric(a.metrics), "created": a.created_at.strftime("%m-%d %H:%M")}

@@ -24,6 +24,7 @@ from adapters_mgr.catalog import aliases as alias_ops
 from adapters_mgr.catalog.db import Catalog, fetch_dicts, log_event, to_json, utcnow
 from adapters_mgr.catalog.lineage import Lineage, load_lineage
 from adapters_mgr.catalog.records import (
+    ADAPTER_JSON_ROW,
     ADAPTER_SELECT,
     KINDS,
     RELATIONS,
@@ -546,7 +547,30 @@ class AdapterManager:
         limit: int | None = None,
     ) -> list[Adapter]:
         """Catalog nodes, newest first. ``status=None`` (or 'all') includes deleted ones."""
-        where, params = [], []
+        filters = dict(name=name, kind=kind, alias=alias, status=status, base=base, task=task, limit=limit)
+        with self.catalog.connect() as con:
+            where, params = self._list_filter(con, **filters)
+            return [Adapter.from_row(r) for r in fetch_dicts(con, ADAPTER_SELECT + where, params)]
+
+    def list_json(self, **filters: Any) -> str:
+        """The same rows as :meth:`list`, as a JSON array rendered by DuckDB (fast for scripts)."""
+        with self.catalog.connect() as con:
+            where, params = self._list_filter(con, **filters)
+            sql = (
+                "SELECT coalesce(to_json(list(j ORDER BY j.id DESC)), '[]')::VARCHAR "
+                f"FROM ({ADAPTER_JSON_ROW}{where}) j"
+            )
+            row = con.execute(sql, params).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    @staticmethod
+    def _list_filter(
+        con: Any, *, name: str | None = None, kind: str | None = None, alias: str | None = None,
+        status: str | None = "active", base: str | None = None, task: str | None = None, limit: int | None = None,
+    ) -> tuple[str, list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
         if name is not None:
             where.append("a.name = ?")
             params.append(name)
@@ -566,20 +590,21 @@ class AdapterManager:
         if alias is not None:
             where.append("a.id IN (SELECT adapter_id FROM aliases WHERE name = ?)")
             params.append(alias)
-        with self.catalog.connect() as con:
-            if base is not None:
-                row = con.execute(
-                    "SELECT id FROM base_models WHERE id = ? OR name = ? OR weights_sha256 LIKE ?",
-                    [base, base, f"{base}%"],
-                ).fetchone()
-                if row is None:
-                    raise NotFound(f"no base model {base!r}; list them with `adapters-mgr bases`")
-                where.append("a.base_id = ?")
-                params.append(row[0])
-            sql = ADAPTER_SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY a.id DESC"
-            if limit is not None:
-                sql += f" LIMIT {int(limit)}"
-            return [Adapter.from_row(r) for r in fetch_dicts(con, sql, params)]
+        if base is not None:
+            row = con.execute(
+                "SELECT id FROM base_models WHERE id = ? OR name = ? OR weights_sha256 LIKE ?",
+                [base, base, f"{base}%"],
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no base model {base!r}; list them with `adapters-mgr bases`")
+            where.append("a.base_id = ?")
+            params.append(row[0])
+        if limit is not None and limit < 0:
+            raise InvalidInput(f"limit must be >= 0, got {limit}")
+        sql = (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY a.id DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return sql, params
 
     def lineage(self, ref: Ref, *, depth: int | None = None) -> Lineage:
         """Ancestors and descendants of a node to any depth (recursive SQL), with their data batches."""

@@ -286,3 +286,12 @@ def test_base_hash_stable_across_resave(tmp_path):
     assert weights_sha256(model) == weights_sha256(reloaded)
     assert weights_sha256(model) != weights_sha256(tiny_bert(1))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unused.safetensors"))
+
+
+def test_list_json_matches_python_objects(mgr, base_id):
+    a, b = chain(mgr, 2, name="r")
+    mgr.promote(b, "production")
+    mgr.stack([a, b], [0.3, 0.7])
+    for filters in ({}, {"name": "r"}, {"alias": "production"}, {"kind": "stack"}, {"limit": 1}):
+        assert json.loads(mgr.list_json(**filters)) == [x.to_dict() for x in mgr.list(**filters)], filters
+    assert json.loads(mgr.list_json(name="nobody")) == []

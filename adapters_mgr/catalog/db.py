@@ -9,6 +9,7 @@ until ``lock_timeout`` and then becomes :class:`~adapters_mgr.errors.Locked`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -23,12 +24,56 @@ import duckdb
 
 from adapters_mgr.errors import Locked
 
+WAL_CHECKPOINT_BYTES = 1 << 20
 DEFAULT_LOCK_TIMEOUT = float(os.environ.get("ADAPTERS_MGR_LOCK_TIMEOUT", "60"))
 
 # Migrations are checked once per (process, file): re-running the check on every short-lived
 # connection would cost a query each time on a hot path (rollback must stay well under 20 ms).
 _migrated: set[str] = set()
 _migrate_lock = threading.Lock()
+
+# One in-memory DuckDB instance per process; each operation ATTACHes the catalog file, works, and
+# DETACHes it, which releases the file lock exactly as closing a connection would. Measured here:
+# an attach/detach cycle costs ~2 ms where duckdb.connect()+close() costs ~14 ms (instance start-up),
+# which is the difference between a 20 ms and a 35 ms rollback.
+_instance: duckdb.DuckDBPyConnection | None = None
+_instance_pid: int | None = None
+_instance_lock = threading.Lock()
+
+
+def _memory_instance() -> duckdb.DuckDBPyConnection:
+    global _instance, _instance_pid
+    with _instance_lock:
+        if _instance is None or _instance_pid != os.getpid():  # never reuse an instance across fork
+            _instance = duckdb.connect(":memory:")
+            _instance.execute("SET TimeZone = 'UTC'")
+            # Detaching would otherwise checkpoint after every write (~25 ms on a 100k-adapter
+            # catalog); commits are already durable in the WAL, which we checkpoint by size below.
+            _instance.execute("PRAGMA disable_checkpoint_on_shutdown")
+            _instance_pid = os.getpid()
+        return _instance
+
+
+class _Attachment:
+    """Reference-counted attachment of one catalog file, shared by nested operations in a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = "cat_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        self.lock = threading.RLock()
+        self.depth = 0
+
+
+_attachments: dict[str, _Attachment] = {}
+_attachments_lock = threading.Lock()
+
+
+def _attachment(path: Path) -> _Attachment:
+    with _attachments_lock:
+        att = _attachments.get(str(path))
+        if att is None:
+            att = _attachments[str(path)] = _Attachment(path)
+        return att
 
 
 def _is_lock_error(exc: Exception) -> bool:
@@ -68,14 +113,15 @@ class Catalog:
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
 
     # -- connections -------------------------------------------------------------------------
-    def _open(self) -> duckdb.DuckDBPyConnection:
-        # Always read-write: a read-only open is refused while any writer holds the file anyway,
-        # and mixing modes inside one process is an error in DuckDB.
+    def _attach(self, att: _Attachment) -> None:
+        instance = _memory_instance()
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.005
+        quoted = str(self.path).replace("'", "''")
         while True:
             try:
-                return duckdb.connect(str(self.path))
+                instance.execute(f"ATTACH '{quoted}' AS {att.name}")
+                return
             except duckdb.Error as exc:  # IOException on lock conflicts
                 if not _is_lock_error(exc):
                     raise
@@ -89,14 +135,35 @@ class Catalog:
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection for one operation; closed on exit so other processes can get in."""
+        """A connection for one operation; the file is detached on exit so other processes can get in.
+
+        Nested calls in the same thread share the attachment; other threads wait for it.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._open()
+        att = _attachment(self.path)
+        with att.lock:
+            if att.depth == 0:
+                self._attach(att)
+            att.depth += 1
+            con = _memory_instance().cursor()
+            try:
+                con.execute(f"USE {att.name}")
+                self._ensure_migrated(con)
+                yield con
+            finally:
+                con.close()
+                att.depth -= 1
+                if att.depth == 0:
+                    self._detach(att)
+
+    def _detach(self, att: _Attachment) -> None:
+        instance = _memory_instance()
+        wal = self.path.with_name(self.path.name + ".wal")
         try:
-            self._ensure_migrated(con)
-            yield con
+            if wal.exists() and wal.stat().st_size > WAL_CHECKPOINT_BYTES:
+                instance.execute(f"CHECKPOINT {att.name}")  # keeps WAL replay on the next attach cheap
         finally:
-            con.close()
+            instance.execute(f"DETACH {att.name}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -102,9 +102,7 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root: Adapter, *, max_depth: in
     lin.ancestors = walk(con, root.id, up=True, max_depth=max_depth)
     lin.descendants = walk(con, root.id, up=False, max_depth=max_depth)
     ids = sorted({root.id, *lin.ancestors, *lin.descendants})
-    con.execute("CREATE OR REPLACE TEMP TABLE _lin_ids (id INTEGER)")
-    con.execute("INSERT INTO _lin_ids SELECT unnest(?::INTEGER[])", [ids])
-    for row in fetch_dicts(con, ADAPTER_SELECT + " WHERE a.id IN (SELECT id FROM _lin_ids)"):
+    for row in fetch_dicts(con, ADAPTER_SELECT + " WHERE a.id IN (SELECT unnest(?::INTEGER[]))", [ids]):
         node = Adapter.from_row(row)
         lin.nodes[node.id] = node
     # Edges inside the sub-graph: ancestor edges (child side in {root}∪ancestors) and descendant
@@ -131,8 +129,9 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root: Adapter, *, max_depth: in
     for r in fetch_dicts(
         con,
         "SELECT ab.adapter_id, ab.batch_id, ab.role, b.sha256, b.num_rows FROM adapter_batches ab "
-        "LEFT JOIN batches b ON b.id = ab.batch_id WHERE ab.adapter_id IN (SELECT id FROM _lin_ids) "
+        "LEFT JOIN batches b ON b.id = ab.batch_id WHERE ab.adapter_id IN (SELECT unnest(?::INTEGER[])) "
         "ORDER BY ab.adapter_id, ab.role DESC, ab.batch_id",
+        [ids],
     ):
         lin.batches.setdefault(int(r.pop("adapter_id")), []).append(r)
     return lin
