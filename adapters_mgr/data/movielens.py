@@ -52,7 +52,8 @@ def read_grouplens(raw: Path, out: Path) -> Path:
     )
     names = ["item_id", "title", "release_date", "video_release_date", "url"] + [f"g{i}" for i in range(19)]
     cols = "{" + ", ".join(f"'{n}': 'VARCHAR'" for n in names) + "}"
-    flags = ", ".join(f"CASE WHEN g{i} = '1' THEN '{g}' END" for i, g in enumerate(ML_GENRES))
+    quoted = [g.replace("'", "''") for g in ML_GENRES]
+    flags = ", ".join(f"CASE WHEN g{i} = '1' THEN '{g}' END" for i, g in enumerate(quoted))
     con.execute(
         f"""COPY (SELECT item_id,
                          trim(regexp_replace(title, '\\s*\\(\\d{{4}}\\)\\s*$', '')) AS title,

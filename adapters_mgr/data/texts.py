@@ -95,8 +95,7 @@ def set_template(catalog: Catalog, kind: str, template: str) -> None:
 
 def load_templates(catalog: Catalog, override: dict[str, str] | None = None) -> dict[str, str]:
     out = dict(DEFAULT_TEMPLATES)
-    out.update({k: v for k, v in catalog.query("SELECT kind, template FROM data_templates")
-                for k, v in [(k["kind"], k["template"])]})
+    out.update({r["kind"]: r["template"] for r in catalog.query("SELECT kind, template FROM data_templates")})
     for kind, template in (override or {}).items():
         out[kind] = check_template(kind, template)
     return out

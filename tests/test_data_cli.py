@@ -1,0 +1,45 @@
+"""The `data` CLI app, driven through a stand-in CliState whose manager exposes `.data`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from typer.testing import CliRunner
+
+from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.data.api import DataAPI
+from adapters_mgr.data.cli import data_app
+
+
+def _obj(root: Path) -> SimpleNamespace:
+    data = DataAPI(Catalog(root / "catalog.duckdb"), root)
+    manager = SimpleNamespace(data=data)
+    return SimpleNamespace(manager=lambda: manager)
+
+
+def test_cli_add_sync_batches_show_quarantine(tmp_path):
+    f = tmp_path / "ev.csv"
+    f.write_text("uid,movie,stars,time\nu1,i1,5,1000\nu2,i2,9,2000\nu3,i3,4,900000\n")
+    runner = CliRunner()
+    obj = _obj(tmp_path / "root")
+
+    def run(*args: str) -> str:
+        result = runner.invoke(data_app, list(args), obj=obj, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("add-source", "ev", str(f), "--mapping", '{"user_id": "uid", "item_id": "movie", "rating": "stars", '
+        '"ts": "time"}', "--ts-format", "epoch_s")
+    assert json.loads(run("sources", "--json"))[0]["name"] == "ev"
+    out = json.loads(run("sync", "--window", "7d", "--json"))
+    assert len(out["batches"]) == 2
+    batches = json.loads(run("batches", "--json"))
+    assert [b["rows_kept"] for b in batches] == [1, 1]
+    shown = json.loads(run("show", batches[0]["id"], "--json"))
+    assert shown["quarantined_by_rule"] == {"rating_out_of_range": 1}
+    q = json.loads(run("quarantine", "--rule", "rating_out_of_range", "--json"))
+    assert q[0]["row"]["stars"] == "9"
+    assert "nothing new" in run("sync")
+    assert "ev" in run("sources")
