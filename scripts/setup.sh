@@ -23,8 +23,8 @@ if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "torch already installed: $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 elif [ -n "${TORCH_INDEX_URL:-}" ]; then
   "${PIP[@]}" install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
-elif "${PIP[@]}" install -q --no-index "$TORCH_SPEC" 2>/dev/null; then
-  echo "torch installed from a local wheel"
+elif wheel_dir=$(mktemp -d) && "${PIP[@]}" download -q --no-deps --no-index "$TORCH_SPEC" -d "$wheel_dir" 2>/dev/null; then
+  "${PIP[@]}" install -q "$wheel_dir"/torch-*.whl   # a wheel pip's find-links already holds (no network)
 elif ! command -v nvidia-smi >/dev/null 2>&1; then
   "${PIP[@]}" install -q "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
 else
