@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_RELATION = {"trained": "warm_start", "merged": "merged_from", "stack": "stacked_on", "imported": "imported"}
+BATCH_ROLES = ("train", "eval", "replay")
 TASK_BY_PEFT_TYPE = {"SEQ_CLS": "ranker", "FEATURE_EXTRACTION": "retriever"}
 
 
@@ -71,6 +72,15 @@ def _logs_failures(operation: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter whose bytes are in the store, with the catalog columns that describe them."""
+
+    base_id: str
+    task: str | None
+    columns: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -104,8 +114,8 @@ def _batch_links(batches: Any, eval_batches: Iterable[str]) -> list[tuple[str, s
             links.append((str(item[0]), str(item[1])) if isinstance(item, tuple | list) else (str(item), "train"))
     links += [(str(b), "eval") for b in eval_batches]
     for _, role in links:
-        if role not in ("train", "eval"):
-            raise InvalidInput(f"invalid batch role {role!r}: use 'train' or 'eval'")
+        if role not in BATCH_ROLES:
+            raise InvalidInput(f"invalid batch role {role!r}: use one of {', '.join(BATCH_ROLES)}")
     return list(dict.fromkeys(links))
 
 
@@ -124,6 +134,19 @@ def _safetensors_summary(path: Path) -> tuple[int, dict[str, list[int]]]:
             n *= dim
         total += n
     return total, shapes
+
+
+def stack_columns(
+    trainable: int, weights: Sequence[float], mode: str, *, metrics: dict[str, Any] | None = None,
+    hyperparams: dict[str, Any] | None = None, description: str | None = None,
+) -> dict[str, Any]:
+    """Catalog columns of a stack node: it has no weights file, only its members and how they combine."""
+    return {
+        "trainable_params": trainable,
+        "hyperparams": to_json({"mode": mode, "weights": list(weights), **(hyperparams or {})}),
+        "metrics": to_json(metrics or {}),
+        "description": description,
+    }
 
 
 def _provenance(folder: Path) -> dict[str, Any]:
@@ -338,6 +361,27 @@ class AdapterManager:
         parent_specs = [ParentSpec.coerce(p) for p in parents]
         links = _batch_links(batches, eval_batches)
         self._validate_refs(parent_specs, links, kind)
+        prepared = self._store_adapter(source, base=base, adapter_name=adapter_name)
+        return self._insert_node(
+            name=name,
+            kind=kind,
+            task=task or prepared.task,
+            base_id=prepared.base_id,
+            parents=parent_specs,
+            links=links,
+            columns={
+                **prepared.columns,
+                "hyperparams": to_json(hyperparams or {}),
+                "metrics": to_json(metrics or {}),
+                "description": description,
+            },
+        )
+
+    def _store_adapter(self, source: Any, *, base: Any = None, adapter_name: str | None = None) -> PreparedAdapter:
+        """Stage, identify the base, and commit the adapter's bytes to the store (not yet cataloged).
+
+        A crash after this leaves an orphan folder that ``verify`` reports and ``gc`` removes.
+        """
         if isinstance(source, str | os.PathLike):
             staged = self.store.stage_folder(Path(source))
         elif hasattr(source, "peft_config") and hasattr(source, "save_pretrained"):
@@ -352,17 +396,13 @@ class AdapterManager:
             self.store.discard(staged)
             raise
         maybe_crash("register:renamed")
-        folder = self.store.path(key)
-        trainable, _ = _safetensors_summary(folder / WEIGHTS_FILE)
+        trainable, _ = _safetensors_summary(self.store.path(key) / WEIGHTS_FILE)
         pc = staged.peft_config
         targets = pc.get("target_modules")
-        return self._insert_node(
-            name=name,
-            kind=kind,
-            task=task or TASK_BY_PEFT_TYPE.get(str(pc.get("task_type")), (pc.get("task_type") or "").lower() or None),
+        task_type = pc.get("task_type")
+        return PreparedAdapter(
             base_id=base_row["id"],
-            parents=parent_specs,
-            links=links,
+            task=TASK_BY_PEFT_TYPE.get(str(task_type), str(task_type).lower() if task_type else None),
             columns={
                 "peft_config": to_json(pc),
                 "lora_rank": pc.get("r"),
@@ -373,9 +413,6 @@ class AdapterManager:
                 "weights_sha256": staged.weights_sha256,
                 "config_sha256": staged.config_sha256,
                 "trainable_params": trainable,
-                "hyperparams": to_json(hyperparams or {}),
-                "metrics": to_json(metrics or {}),
-                "description": description,
             },
         )
 
@@ -404,58 +441,76 @@ class AdapterManager:
     ) -> int:
         """One transaction: the node row with the next version of its name, its edges, batch links, event."""
         with self.catalog.transaction() as con:
-            parent_ids = [resolve(con, p.ref) for p in parents]
-            existing = self._find_identical(con, name, columns.get("weights_sha256"), columns.get("config_sha256"),
-                                            parent_ids, kind, stack_mode)
-            if existing is not None:
-                log_event(con, "register", {"name": name}, outcome="exists", detail={"id": existing})
-                return existing
-            for pid in parent_ids:
-                parent = fetch_adapter(con, pid)
-                if parent.status != "active":
-                    raise Conflict(f"parent adapter {pid} is {parent.status}; restore it or choose another parent")
-                if parent.base_id != base_id:
-                    raise Conflict(
-                        f"parent adapter {pid} was trained on base {parent.base_id}, not {base_id}; "
-                        "lineage cannot cross bases"
-                    )
-            version_row = con.execute(
-                "SELECT coalesce(max(version), 0) + 1 FROM adapters WHERE name = ?", [name]
-            ).fetchone()
-            assert version_row is not None
-            now = utcnow()
-            cols = {
-                "name": name,
-                "version": int(version_row[0]),
-                "kind": kind,
-                "task": task,
-                "base_id": base_id,
-                "stack_mode": stack_mode,
-                "status": "active",
-                "created_at": now,
-                "updated_at": now,
-                **columns,
-            }
-            row = con.execute(
-                f"INSERT INTO adapters ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) RETURNING id",
-                list(cols.values()),
-            ).fetchone()
-            assert row is not None
-            node_id = int(row[0])
-            for order, (spec, pid) in enumerate(zip(parents, parent_ids, strict=True)):
-                con.execute(
-                    "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?)",
-                    [node_id, pid, spec.relation or DEFAULT_RELATION[kind], spec.weight, order, to_json(spec.params)],
-                )
-            for batch_id, role in links:
-                con.execute("INSERT INTO adapter_batches VALUES (?, ?, ?)", [node_id, batch_id, role])
-            log_event(
-                con,
-                "register",
-                {"name": name, "kind": kind, "parents": parent_ids, "batches": links},
-                detail={"id": node_id, "version": cols["version"], "weights_sha256": columns.get("weights_sha256")},
-            )
+            node_id = self._insert_node_in(con, name=name, kind=kind, task=task, base_id=base_id, parents=parents,
+                                           links=links, columns=columns, stack_mode=stack_mode)
             maybe_crash("register:in_txn")
+        return node_id
+
+    def _insert_node_in(
+        self,
+        con: Any,
+        *,
+        name: str,
+        kind: str,
+        task: str | None,
+        base_id: str,
+        parents: list[ParentSpec],
+        links: list[tuple[str, str]],
+        columns: dict[str, Any],
+        stack_mode: str | None = None,
+    ) -> int:
+        """The body of :meth:`_insert_node`, for callers that put several nodes in one transaction."""
+        parent_ids = [resolve(con, p.ref) for p in parents]
+        existing = self._find_identical(con, name, columns.get("weights_sha256"), columns.get("config_sha256"),
+                                        parent_ids, kind, stack_mode)
+        if existing is not None:
+            log_event(con, "register", {"name": name}, outcome="exists", detail={"id": existing})
+            return existing
+        for pid in parent_ids:
+            parent = fetch_adapter(con, pid)
+            if parent.status != "active":
+                raise Conflict(f"parent adapter {pid} is {parent.status}; restore it or choose another parent")
+            if parent.base_id != base_id:
+                raise Conflict(
+                    f"parent adapter {pid} was trained on base {parent.base_id}, not {base_id}; "
+                    "lineage cannot cross bases"
+                )
+        version_row = con.execute(
+            "SELECT coalesce(max(version), 0) + 1 FROM adapters WHERE name = ?", [name]
+        ).fetchone()
+        assert version_row is not None
+        now = utcnow()
+        cols = {
+            "name": name,
+            "version": int(version_row[0]),
+            "kind": kind,
+            "task": task,
+            "base_id": base_id,
+            "stack_mode": stack_mode,
+            "status": "active",
+            "created_at": now,
+            "updated_at": now,
+            **columns,
+        }
+        row = con.execute(
+            f"INSERT INTO adapters ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) RETURNING id",
+            list(cols.values()),
+        ).fetchone()
+        assert row is not None
+        node_id = int(row[0])
+        for order, (spec, pid) in enumerate(zip(parents, parent_ids, strict=True)):
+            con.execute(
+                "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?)",
+                [node_id, pid, spec.relation or DEFAULT_RELATION[kind], spec.weight, order, to_json(spec.params)],
+            )
+        for batch_id, role in links:
+            con.execute("INSERT INTO adapter_batches VALUES (?, ?, ?)", [node_id, batch_id, role])
+        log_event(
+            con,
+            "register",
+            {"name": name, "kind": kind, "parents": parent_ids, "batches": links},
+            detail={"id": node_id, "version": cols["version"], "weights_sha256": columns.get("weights_sha256")},
+        )
         return node_id
 
     @staticmethod
@@ -486,6 +541,7 @@ class AdapterManager:
         *,
         name: str | None = None,
         description: str | None = None,
+        metrics: dict[str, Any] | None = None,
     ) -> int:
         """Register a stack node: several adapters active at once, combined by ``mode``.
 
@@ -517,12 +573,8 @@ class AdapterManager:
             parents=specs,
             links=[],
             stack_mode=mode,
-            columns={
-                "trainable_params": sum(m.trainable_params or 0 for m in members),
-                "hyperparams": to_json({"mode": mode, "weights": weights}),
-                "metrics": to_json({}),
-                "description": description,
-            },
+            columns=stack_columns(sum(m.trainable_params or 0 for m in members), weights, mode,
+                                  metrics=metrics, description=description),
         )
 
     # ------------------------------------------------------------------ reading
