@@ -17,12 +17,12 @@ from adapters_mgr.data.timeparse import detect_ts_format, parse_duration, ts_exp
 
 NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
                  "UBIGINT", "FLOAT", "DOUBLE", "REAL")
-_TRUE = "('1', '1.0', 'true', 't', 'yes', 'y')"
-_FALSE = "('0', '0.0', 'false', 'f', 'no', 'n')"
+_TRUE = "['1', '1.0', 'true', 't', 'yes', 'y']"
+_FALSE = "['0', '0.0', 'false', 'f', 'no', 'n']"
 
 STAGE_COLUMNS = (
-    "source", "prio", "file", "user_id", "item_id", "ts", "ts_raw", "rating", "rating_raw", "label",
-    "label_raw", "source_event_id", "rule", "detail", "chk_unknown",
+    "sidx", "fidx", "user_id", "item_id", "ts", "rating", "label", "source_event_id", "rule", "detail",
+    "ts_raw", "rating_raw", "label_raw",
 )
 
 
@@ -31,8 +31,25 @@ def q(col: str) -> str:
     return '"' + col.replace('"', '""') + '"'
 
 
-def _text(col: str | None) -> str:
-    return "CAST(NULL AS VARCHAR)" if col is None else f"NULLIF(trim(CAST({q(col)} AS VARCHAR)), '')"
+def _text(col: str | None, numeric: bool = False) -> str:
+    if col is None:
+        return "CAST(NULL AS VARCHAR)"
+    if numeric:  # a number has no blanks to trim; casting it is all it takes
+        return f"CAST({q(col)} AS VARCHAR)"
+    return f"NULLIF(trim(CAST({q(col)} AS VARCHAR)), '')"
+
+
+def _absent(col: str | None, numeric: bool, parsed: str) -> str:
+    """SQL testing that the source value is absent (NULL or blank).
+
+    Blank text never parses, so the trim is only evaluated on the rare rows whose ``parsed`` value
+    is NULL (conditions short-circuit row-wise); numbers are never blank.
+    """
+    if col is None:
+        return "true"
+    if numeric:
+        return f"({q(col)} IS NULL)"
+    return f"({q(col)} IS NULL OR ({parsed} IS NULL AND trim(CAST({q(col)} AS VARCHAR)) = ''))"
 
 
 def detect_source_ts(con: duckdb.DuckDBPyConnection, src: Source, files: list[Path]) -> str:
@@ -47,87 +64,137 @@ def detect_source_ts(con: duckdb.DuckDBPyConnection, src: Source, files: list[Pa
 def interaction_sql(
     con: duckdb.DuckDBPyConnection,
     src: Source,
+    sidx: int,
     new_files: list[Path],
     changed_files: list[Path],
     watermark: datetime | None,
     now: datetime,
+    *,
+    check_users: bool = False,
+    check_items: bool = False,
 ) -> str:
-    """SELECT producing STAGE_COLUMNS for the rows of ``src`` that are new since its watermark."""
+    """SELECT producing STAGE_COLUMNS for the rows of ``src`` that are new since its watermark.
+
+    One pass decides every row rule, including unknown users / items (``check_users`` /
+    ``check_items``: the entity table is non-empty and the source checks). The row keeps only what
+    later steps need: ``sidx`` (position of the source in this sync) and ``fidx`` (1-based position
+    of the file in ``new_files + changed_files``) stand for the names, and the raw text of the
+    ts / rating / label columns is kept only for quarantined rows (or for every row of a source with
+    a noise rule, which can still quarantine later). Why: each byte kept here is written and read
+    again by every later step, and at 10M rows that is most of a sync's time.
+    """
     files = new_files + changed_files
     types = describe(con, src.format, files, src.option("read"))
     m = src.mapping
+
+    def numeric(field: str) -> bool:
+        col = m.get(field)
+        return col is not None and any(types.get(col, "").startswith(t) for t in NUMERIC_TYPES)
+
     ts_col = m["ts"]
-    numeric_ts = any(types.get(ts_col, "").startswith(t) for t in NUMERIC_TYPES)
-    ts_sql = ts_expr(q(ts_col), src.effective_ts_format or "iso", numeric=numeric_ts)
+    num_ts = numeric("ts")
+    ts_sql = ts_expr(q(ts_col), src.effective_ts_format or "iso", numeric=num_ts)
     rating_col, label_col, event_col = m.get("rating"), m.get("label"), m.get("source_event_id")
+    num_rating = numeric("rating")
     lo, hi = (float(x) for x in src.option("rating_range"))
     threshold = float(src.option("label_threshold"))
     skew = parse_duration(src.option("future_skew"), what="future_skew")
-    future = now + skew
+    future = f"{sql_literal((now + skew).isoformat())}::TIMESTAMPTZ"
 
-    rating_raw = _text(rating_col)
-    rating = "CAST(NULL AS DOUBLE)" if rating_col is None else f"TRY_CAST({rating_raw} AS DOUBLE)"
-    label_raw = _text(label_col)
-    label_in = (
+    # the raw ts / rating / label columns travel under fixed names (a source column may be called "ts")
+    raw_ts = "_raw_ts"
+    raw_rating = "_raw_rating" if rating_col else None
+    raw_label = "_raw_label" if label_col else None
+    ts_raw = _text(raw_ts, num_ts)
+    rating_raw = _text(raw_rating, num_rating)
+    label_raw = _text(raw_label)
+    rating_in = (
+        "CAST(NULL AS DOUBLE)" if rating_col is None else
+        f"CAST({q(rating_col)} AS DOUBLE)" if num_rating else f"TRY_CAST(CAST({q(rating_col)} AS VARCHAR) AS DOUBLE)"
+    )
+    rating_absent = _absent(raw_rating, num_rating, "rating")
+    label_absent = _absent(raw_label, False, "label_in")
+    label_text = f"CAST({q(label_col)} AS VARCHAR)" if label_col else ""
+    label_in = (  # the usual '1' / '0' first, without building a lower-cased copy of every value
         "CAST(NULL AS TINYINT)" if label_col is None else
-        f"CASE WHEN lower({label_raw}) IN {_TRUE} THEN 1::TINYINT "
-        f"WHEN lower({label_raw}) IN {_FALSE} THEN 0::TINYINT END"
+        f"CASE {label_text} WHEN '1' THEN 1::TINYINT WHEN '0' THEN 0::TINYINT ELSE CASE "
+        f"WHEN list_contains({_TRUE}, lower(trim({label_text}))) THEN 1::TINYINT "
+        f"WHEN list_contains({_FALSE}, lower(trim({label_text}))) THEN 0::TINYINT END END"
     )
     # Feedback: a mapped label wins; else rating >= threshold; implicit sources (neither) are positives.
     label = f"COALESCE(label_in, CASE WHEN rating IS NOT NULL THEN (rating >= {threshold})::TINYINT END"
     label += ", 1::TINYINT)" if rating_col is None and label_col is None else ")"
-    parts = [f"{c}_raw IS NULL" for c, col in (("rating", rating_col), ("label", label_col)) if col is not None]
+    parts = [absent for absent, col in ((rating_absent, rating_col), (label_absent, label_col)) if col is not None]
     feedback_missing = " AND ".join(parts) if parts else "false"
+    bad_rating = f"(NOT {rating_absent} AND (rating IS NULL OR isnan(rating) OR rating < {lo} OR rating > {hi}))"
+    bad_label = f"(NOT {label_absent} AND label_in IS NULL)"
+    check_unknown = bool(src.option("check_unknown"))
+    unknown_user = ("user_id NOT IN (SELECT DISTINCT user_id FROM users)"
+                    if check_unknown and check_users else "false")
+    unknown_item = ("item_id NOT IN (SELECT DISTINCT item_id FROM items)"
+                    if check_unknown and check_items else "false")
 
     rule = f"""CASE
         WHEN user_id IS NULL THEN 'missing_key'
         WHEN item_id IS NULL THEN 'missing_key'
-        WHEN ts_raw IS NULL THEN 'missing_key'
+        WHEN {_absent(raw_ts, num_ts, 'ts')} THEN 'missing_key'
         WHEN ts IS NULL THEN 'bad_timestamp'
-        WHEN ts > {sql_literal(future.isoformat())}::TIMESTAMPTZ THEN 'future_timestamp'
+        WHEN ts > {future} THEN 'future_timestamp'
         WHEN {feedback_missing} THEN 'missing_key'
-        WHEN rating_raw IS NOT NULL AND (rating IS NULL OR isnan(rating) OR rating < {lo} OR rating > {hi})
-            THEN 'rating_out_of_range'
-        WHEN label_raw IS NOT NULL AND label_in IS NULL THEN 'label_out_of_range'
+        WHEN {bad_rating} THEN 'rating_out_of_range'
+        WHEN {bad_label} THEN 'label_out_of_range'
+        WHEN unknown_user THEN 'unknown_user'
+        WHEN unknown_item THEN 'unknown_item'
     END"""
     detail = f"""CASE
         WHEN user_id IS NULL THEN 'user_id is empty'
         WHEN item_id IS NULL THEN 'item_id is empty'
-        WHEN ts_raw IS NULL THEN 'ts is empty'
-        WHEN ts IS NULL THEN 'cannot parse ' || ts_raw || ' as {src.effective_ts_format}'
-        WHEN ts > {sql_literal(future.isoformat())}::TIMESTAMPTZ
-            THEN 'ts ' || CAST(ts AS VARCHAR) || ' is in the future'
+        WHEN {_absent(raw_ts, num_ts, 'ts')} THEN 'ts is empty'
+        WHEN ts IS NULL THEN 'cannot parse ' || {ts_raw} || ' as {src.effective_ts_format}'
+        WHEN ts > {future} THEN 'ts ' || CAST(ts AS VARCHAR) || ' is in the future'
         WHEN {feedback_missing} THEN 'no rating or label'
-        WHEN rating_raw IS NOT NULL AND (rating IS NULL OR isnan(rating) OR rating < {lo} OR rating > {hi})
-            THEN 'rating ' || rating_raw || ' outside [{lo:g}, {hi:g}]'
-        WHEN label_raw IS NOT NULL AND label_in IS NULL THEN 'label ' || label_raw || ' is not 0/1/true/false'
+        WHEN {bad_rating} THEN 'rating ' || {rating_raw} || ' outside [{lo:g}, {hi:g}]'
+        WHEN {bad_label} THEN 'label ' || {label_raw} || ' is not 0/1/true/false'
+        WHEN unknown_user THEN 'user ' || user_id || ' is not in users'
+        WHEN unknown_item THEN 'item ' || item_id || ' is not in items'
     END"""
-    inner = f"""
-        SELECT {sql_literal(src.name)} AS source, {int(src.priority)} AS prio, filename AS file,
-               {_text(m['user_id'])} AS user_id, {_text(m['item_id'])} AS item_id,
-               {ts_sql} AS ts, {_text(ts_col)} AS ts_raw,
-               {rating} AS rating, {rating_raw} AS rating_raw,
-               {label_in} AS label_in, {label_raw} AS label_raw,
-               {_text(event_col)} AS source_event_id
-        FROM {reader_sql(src.format, files, src.option('read'))}
-    """
+    fidx = "1" if len(files) == 1 else f"list_position({sql_literal([str(f) for f in files])}, filename)"
     where = ""
     if changed_files and watermark is not None:
-        new_list = sql_literal([str(f) for f in new_files]) if new_files else "[]"
-        where = f"WHERE list_contains({new_list}, file) OR ts > {sql_literal(watermark.isoformat())}::TIMESTAMPTZ"
-    check_unknown = "true" if src.option("check_unknown") else "false"
+        where = f"WHERE fidx <= {len(new_files)} OR ts > {sql_literal(watermark.isoformat())}::TIMESTAMPTZ"
+    passthrough = "".join(f", {q(col)} AS {alias}" for col, alias in ((ts_col, raw_ts), (rating_col, raw_rating),
+                                                                   (label_col, raw_label)) if col is not None)
+    inner = f"""
+        SELECT CAST({fidx} AS INTEGER) AS fidx,
+               {_text(m['user_id'], numeric('user_id'))} AS user_id,
+               {_text(m['item_id'], numeric('item_id'))} AS item_id,
+               {ts_sql} AS ts, {rating_in} AS rating, {label_in} AS label_in,
+               {_text(event_col, numeric('source_event_id'))} AS source_event_id{passthrough}
+        FROM {reader_sql(src.format, files, src.option('read'))}
+    """
+    checked = f"""
+        SELECT *, {unknown_user} AS unknown_user, {unknown_item} AS unknown_item FROM ({inner}) {where}
+    """
+    keep_raw = "true" if src.option("max_events_per_minute") else "rule IS NOT NULL"
+    ruled = f"""
+        SELECT fidx, user_id, item_id, ts, rating, CAST({label} AS TINYINT) AS label, source_event_id,
+               {rule} AS rule, {detail} AS detail{"".join(f", {a}" for a in (raw_ts, raw_rating, raw_label) if a)}
+        FROM ({checked})
+    """
     return f"""
-        SELECT source, prio, file, user_id, item_id, ts, ts_raw, rating, rating_raw,
-               CAST({label} AS TINYINT) AS label,
-               label_raw, source_event_id, {rule} AS rule, {detail} AS detail, {check_unknown} AS chk_unknown
-        FROM ({inner}) {where}
+        SELECT CAST({int(sidx)} AS UTINYINT) AS sidx, fidx, user_id, item_id, ts, rating, label, source_event_id,
+               rule, detail,
+               CASE WHEN {keep_raw} THEN {ts_raw} END AS ts_raw,
+               CASE WHEN {keep_raw} THEN {rating_raw} END AS rating_raw,
+               CASE WHEN {keep_raw} THEN {label_raw} END AS label_raw
+        FROM ({ruled})
     """
 
 
 def raw_row_json(sources: list[Source]) -> str:
-    """SQL for the quarantined row as read, keyed by the source's own column names."""
+    """SQL for the quarantined row as read (keyed by the source's own column names), per ``sidx``."""
     cases = []
-    for src in sources:
+    for sidx, src in enumerate(sources):
         m = src.mapping
         pairs = []
         for canonical, raw in (("user_id", "user_id"), ("item_id", "item_id"), ("ts", "ts_raw"),
@@ -135,6 +202,5 @@ def raw_row_json(sources: list[Source]) -> str:
                                ("source_event_id", "source_event_id")):
             if canonical in m:
                 pairs.append(f"{sql_literal(m[canonical])}, {raw}")
-        cases.append(f"WHEN {sql_literal(src.name)} THEN json_object({', '.join(pairs)})")
-    return "CASE source " + " ".join(cases) + " END"
-
+        cases.append(f"WHEN {sidx} THEN json_object({', '.join(pairs)})")
+    return "CASE sidx " + " ".join(cases) + " END"

@@ -20,7 +20,7 @@ from adapters_mgr.catalog.db import Catalog, log_event, to_json, utcnow
 from adapters_mgr.data import classify, digest
 from adapters_mgr.data.entities import sync_entities
 from adapters_mgr.data.registry import load_sources
-from adapters_mgr.data.sources import Source
+from adapters_mgr.data.sources import Source, sql_literal
 from adapters_mgr.data.stage import detect_source_ts, interaction_sql, raw_row_json
 from adapters_mgr.data.timeparse import parse_duration
 from adapters_mgr.errors import InvalidInput, NotFound
@@ -123,23 +123,32 @@ def run_sync(
         rows_read = sum(s["rows_in"] for s in entity_stats.values())
         if inter:
             say(f"reading interactions from {', '.join(p.source.name for p in inter)}")
-            selects = [interaction_sql(con, p.source, p.new, p.changed, p.watermark, started) for p in inter]
+            srcs = [p.source for p in inter]
+            check_users, check_items = classify.entity_checks(con)
+            selects = [
+                interaction_sql(con, p.source, i, p.new, p.changed, p.watermark, started,
+                                check_users=check_users, check_items=check_items)
+                for i, p in enumerate(inter)
+            ]
+            con.execute("CREATE OR REPLACE TEMP TABLE _files (sidx UTINYINT, fidx INTEGER, path VARCHAR)")
+            con.executemany("INSERT INTO _files VALUES (?, ?, ?)",
+                            [[i, k + 1, str(f)] for i, p in enumerate(inter) for k, f in enumerate(p.files)])
             con.execute("CREATE OR REPLACE TEMP TABLE _stage AS " + " UNION ALL ".join(selects))
             _fault("staged")
             say("cleaning")
-            classify.apply_entity_rules(con)
-            classify.apply_noise_rules(con, [p.source for p in inter])
+            classify.apply_noise_rules(con, srcs)
             multi = len({p.source.priority for p in inter}) > 1
             say("deduplicating")
-            classify.classify(con, tolerance=tol, multi_source=multi)
-            origin, _last = classify.assign_windows(con, win, _window_origin(con, window))
+            classify.classify(con, tolerance=tol, multi_source=multi, sources=srcs)
+            maxima, bno = _windows(con, win, _window_origin(con, window))
+            origin = bno.origin
             _fault("classified")
             say("writing batches")
             if win is not None and origin is not None:
                 detail.update(window_origin=origin.isoformat(), window_seconds=str(int(win.total_seconds())))
-            batch_rows, read = _write_batches(con, sync_id, started, inter, win, origin)
+            batch_rows, read = _write_batches(con, sync_id, started, srcs, win, bno)
             rows_read += read
-            _advance_watermarks(con, inter, sync_id, started)
+            _advance_watermarks(con, inter, maxima, sync_id, started)
         for plan in plans:
             if plan.source.kind != "interactions":
                 _record_files(con, plan, sync_id)
@@ -158,74 +167,134 @@ def run_sync(
     return ids
 
 
+@dataclass
+class BatchNumber:
+    """SQL for a staged row's batch number within this sync (the window it falls in), and its origin.
+
+    Rows without a usable time (unparseable or future timestamps) go to the last window: they
+    arrived now, and the batch that records them must exist.
+    """
+
+    sql: str
+    origin: datetime | None
+
+
+_VALID_TS = "ts IS NOT NULL AND coalesce(rule, '') NOT IN ('bad_timestamp', 'future_timestamp')"
+
+
+def _windows(
+    con: duckdb.DuckDBPyConnection, win: timedelta | None, origin: datetime | None
+) -> tuple[dict[int, datetime], BatchNumber]:
+    """Newest usable time per source (for the watermarks) and the batch-number expression."""
+    per = con.execute(f"SELECT sidx, min(ts), max(ts) FROM _stage WHERE {_VALID_TS} GROUP BY 1").fetchall()
+    maxima = {int(r[0]): r[2] for r in per}
+    if win is None:
+        return maxima, BatchNumber("0", None)
+    first = min((r[1] for r in per), default=None)
+    last_ts = max(maxima.values(), default=None)
+    if origin is None and first is not None:
+        origin = first.replace(hour=0, minute=0, second=0, microsecond=0)
+    if origin is None:
+        return maxima, BatchNumber("0", None)
+    w_us = int(win.total_seconds() * 1_000_000)
+    o_us = round((origin - datetime(1970, 1, 1, tzinfo=origin.tzinfo)).total_seconds() * 1_000_000)
+    number = f"CAST(floor((epoch_us(ts) - {o_us}) / {w_us}) AS INTEGER)"
+    last = con.execute(f"SELECT {number.replace('ts', '?::TIMESTAMPTZ')}", [last_ts]).fetchone()[0] if last_ts else 0
+    return maxima, BatchNumber(f"CASE WHEN {_VALID_TS} THEN {number} ELSE {int(last)} END", origin)
+
+
 def _write_batches(
     con: duckdb.DuckDBPyConnection,
     sync_id: str,
     now: datetime,
-    plans: list[FilePlan],
+    sources: list[Source],
     win: timedelta | None,
-    origin: datetime | None,
+    bno: BatchNumber,
 ) -> tuple[list[dict[str, Any]], int]:
-    kept = "rule IS NULL AND dup_kind IS NULL"
-    per = con.execute(
-        f"""
-        SELECT bno, count(*) AS rows_in, count(*) FILTER ({kept}) AS kept,
-               count(*) FILTER (rule IS NOT NULL) AS quarantined, count(*) FILTER (dup_kind IS NOT NULL) AS dups,
-               min(ts) FILTER ({kept}) AS ts_min, max(ts) FILTER ({kept}) AS ts_max,
-               count(DISTINCT user_id) FILTER ({kept}) AS users, count(DISTINCT item_id) FILTER ({kept}) AS items,
-               list(DISTINCT source ORDER BY source) AS sources
-        FROM _d1 GROUP BY bno ORDER BY bno
-        """
-    ).fetchall()
-    read = int(sum(r[1] for r in per))
-    if not per:
+    """Insert kept rows, quarantine and duplicates straight from ``_stage`` and record the batches.
+
+    Kept rows are the clean staged rows whose row id is not in the small ``_dup`` table (an
+    anti-join), so nothing of the size of the input is materialised a second time.
+    """
+    names = sql_literal([s.name for s in sources])
+    # one pass over all staged rows: rows in / clean / quarantined per batch number, and the sources
+    per_all = {
+        r[0]: r for r in con.execute(
+            f"""
+            SELECT {bno.sql} AS bno, count(*) AS rows_in, count(*) FILTER (rule IS NOT NULL) AS quarantined,
+                   list(DISTINCT sidx) AS sidx
+            FROM _stage GROUP BY 1
+            """
+        ).fetchall()
+    }
+    read = int(sum(r[1] for r in per_all.values()))
+    if not per_all:
         return [], 0
-    total_new = sum(r[2] + r[3] for r in per)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _dupb AS SELECT d.rid, d.kind, {bno.sql} AS bno "
+                "FROM _dup d JOIN (SELECT rowid AS rid, ts, rule FROM _stage) s USING (rid)")
+    by_kind = _counts(con, "SELECT bno, kind, count(*) FROM _dupb GROUP BY ALL ORDER BY ALL")
+    dups = {b: sum(k.values()) for b, k in by_kind.items()}
+    total_new = sum(r[1] - dups.get(b, 0) for b, r in per_all.items())
     if total_new == 0:  # everything was already in earlier batches (a copied or touched file): no batch
         return [], read
-    by_rule = _counts(con, "rule")
-    by_kind = _counts(con, "dup_kind")
-    ids, start = _next_ids(con, len(per))
+    by_rule = _counts(con, f"SELECT {bno.sql} AS bno, rule, count(*) FROM _stage WHERE rule IS NOT NULL "
+                           "GROUP BY ALL ORDER BY ALL")
+    kept_rows = f"SELECT {bno.sql} AS bno, * FROM _stage WHERE rule IS NULL AND rowid NOT IN (SELECT rid FROM _dupb)"
+    kept = {
+        r[0]: r for r in con.execute(
+            f"""
+            SELECT bno, count(*), min(ts), max(ts), count(DISTINCT user_id), count(DISTINCT item_id)
+            FROM ({kept_rows}) GROUP BY 1
+            """
+        ).fetchall()
+    }
+    bnos = sorted(per_all)
+    ids, start = _next_ids(con, len(bnos))
     con.execute("CREATE OR REPLACE TEMP TABLE _bmap (bno INTEGER, batch_id VARCHAR)")
-    con.executemany("INSERT INTO _bmap VALUES (?, ?)", [[r[0], bid] for r, bid in zip(per, ids, strict=True)])
+    con.executemany("INSERT INTO _bmap VALUES (?, ?)", [[b, bid] for b, bid in zip(bnos, ids, strict=True)])
     con.execute(
         f"""
         INSERT INTO interactions
-        SELECT m.batch_id, user_id, item_id, ts, rating, label, source, source_event_id
-        FROM _d1 JOIN _bmap m USING (bno) WHERE {kept}
+        SELECT m.batch_id, user_id, item_id, ts, rating, label, {names}[sidx + 1], source_event_id
+        FROM ({kept_rows}) k JOIN _bmap m USING (bno)
         """
     )
     _fault("inserted")
     con.execute(
         f"""
         INSERT INTO quarantine
-        SELECT ?, m.batch_id, source, rule, detail, file, {raw_row_json([p.source for p in plans])}
-        FROM _d1 JOIN _bmap m USING (bno) WHERE rule IS NOT NULL
+        SELECT ?, m.batch_id, {names}[sidx + 1], rule, detail, f.path, {raw_row_json(sources)}
+        FROM (SELECT {bno.sql} AS bno, * FROM _stage WHERE rule IS NOT NULL) q
+        JOIN _bmap m USING (bno) JOIN _files f USING (sidx, fidx)
         """,
         [sync_id],
     )
     con.execute(
-        """
+        f"""
         INSERT INTO duplicates
-        SELECT ?, m.batch_id, source, dup_kind, user_id, item_id, ts, source_event_id, file
-        FROM _d1 JOIN _bmap m USING (bno) WHERE dup_kind IS NOT NULL
+        SELECT ?, m.batch_id, {names}[sidx + 1], d.kind, s.user_id, s.item_id, s.ts, s.source_event_id, f.path
+        FROM _dupb d JOIN (SELECT rowid AS rid, * FROM _stage) s USING (rid) JOIN _bmap m ON m.bno = d.bno
+        JOIN _files f USING (sidx, fidx)
         """,
         [sync_id],
     )
     _fault("side_tables")
-    digests = digest.batch_digests(con, f"SELECT bno, user_id, item_id, ts, rating, label FROM _d1 WHERE {kept}")
+    digests = digest.batch_digests(con, f"SELECT bno, user_id, item_id, ts, rating, label FROM ({kept_rows})")
     out = []
-    for i, (r, bid) in enumerate(zip(per, ids, strict=True)):
-        bno = r[0]
-        w_start = origin + bno * win if (win is not None and origin is not None) else None
+    for i, (b, bid) in enumerate(zip(bnos, ids, strict=True)):
+        r = per_all[b]
+        k = kept.get(b, (b, 0, None, None, 0, 0))
+        w_start = bno.origin + b * win if (win is not None and bno.origin is not None) else None
         row = {
-            "id": bid, "sha256": digests.get(bno, digest.EMPTY), "num_rows": int(r[2]), "created_at": now,
-            "seq": start + i, "kind": "interactions", "sync_id": sync_id, "sources": to_json(list(r[9])),
-            "ts_min": r[5], "ts_max": r[6], "window_start": w_start,
+            "id": bid, "sha256": digests.get(b, digest.EMPTY), "num_rows": int(k[1]), "created_at": now,
+            "seq": start + i, "kind": "interactions", "sync_id": sync_id,
+            "sources": to_json(sorted(sources[x].name for x in r[3])),
+            "ts_min": k[2], "ts_max": k[3], "window_start": w_start,
             "window_end": w_start + win if w_start is not None else None,
-            "rows_in": int(r[1]), "rows_kept": int(r[2]), "rows_quarantined": int(r[3]), "rows_duplicate": int(r[4]),
-            "quarantined_by_rule": to_json(by_rule.get(bno, {})), "duplicates_by_kind": to_json(by_kind.get(bno, {})),
-            "num_users": int(r[7]), "num_items": int(r[8]), "digest_method": digest.METHOD,
+            "rows_in": int(r[1]), "rows_kept": int(k[1]), "rows_quarantined": int(r[2]),
+            "rows_duplicate": int(dups.get(b, 0)),
+            "quarantined_by_rule": to_json(by_rule.get(b, {})), "duplicates_by_kind": to_json(by_kind.get(b, {})),
+            "num_users": int(k[4]), "num_items": int(k[5]), "digest_method": digest.METHOD,
         }
         out.append(row)
     cols = list(out[0])
@@ -236,23 +305,20 @@ def _write_batches(
     return out, read
 
 
-def _counts(con: duckdb.DuckDBPyConnection, column: str) -> dict[int, dict[str, int]]:
+def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[int, dict[str, int]]:
     result: dict[int, dict[str, int]] = {}
-    for bno, key, n in con.execute(
-        f"SELECT bno, {column}, count(*) FROM _d1 WHERE {column} IS NOT NULL GROUP BY ALL ORDER BY ALL"
-    ).fetchall():
-        result.setdefault(bno, {})[key] = int(n)
+    for b, key, n in con.execute(sql).fetchall():
+        result.setdefault(b, {})[key] = int(n)
     return result
 
 
-def _advance_watermarks(con: duckdb.DuckDBPyConnection, plans: list[FilePlan], sync_id: str, now: datetime) -> None:
+def _advance_watermarks(
+    con: duckdb.DuckDBPyConnection, plans: list[FilePlan], maxima: dict[int, datetime], sync_id: str, now: datetime
+) -> None:
     """Watermark = newest usable event time read from the source (kept, quarantined or duplicate alike),
     so re-read files only contribute rows newer than anything already accounted for."""
-    maxima = dict(con.execute(
-        "SELECT source, max(ts) FROM _d1 WHERE ts IS NOT NULL AND coalesce(rule, '') <> 'future_timestamp' GROUP BY 1"
-    ).fetchall())
-    for plan in plans:
-        new_max = maxima.get(plan.source.name)
+    for sidx, plan in enumerate(plans):
+        new_max = maxima.get(sidx)
         if new_max is not None and (plan.watermark is None or new_max > plan.watermark):
             con.execute(
                 "INSERT OR REPLACE INTO data_watermarks VALUES (?, ?, ?, ?)", [plan.source.name, new_max, sync_id, now]

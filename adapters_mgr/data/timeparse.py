@@ -56,15 +56,15 @@ def ts_expr(col: str, ts_format: str, *, numeric: bool) -> str:
     """
     scale = {"epoch_s": 1_000_000, "epoch_ms": 1_000, "epoch_us": 1}.get(ts_format)
     if scale is not None:
-        num = col if numeric else f"TRY_CAST(trim({col}) AS DOUBLE)"
+        num = col if numeric else f"TRY_CAST(CAST({col} AS VARCHAR) AS DOUBLE)"  # casts skip blanks
         us = f"({num}) * {scale}"
         return (
             f"CASE WHEN ({us}) BETWEEN -6.2e16 AND 2.5e17 "
             f"THEN make_timestamp(CAST(round({us}) AS BIGINT))::TIMESTAMPTZ END"
         )
+    if ts_format == "iso":  # the cast skips surrounding blanks itself; a trim would copy every string
+        return f"TRY_CAST(CAST({col} AS VARCHAR) AS TIMESTAMPTZ)"
     text = f"trim(CAST({col} AS VARCHAR))"
-    if ts_format == "iso":
-        return f"TRY_CAST({text} AS TIMESTAMPTZ)"
     # strptime pattern: with a zone directive DuckDB yields TIMESTAMPTZ, else a naive (UTC) TIMESTAMP
     return f"CAST(TRY_STRPTIME({text}, {_quote(ts_format)}) AS TIMESTAMPTZ)"
 
