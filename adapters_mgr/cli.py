@@ -50,10 +50,20 @@ def _root(
 
 
 def _primary_metric(metrics: dict[str, Any] | None) -> str:
+    """The one or two figures worth a column: the task's primary metric (and its baseline)."""
     if not metrics:
         return "-"
+    if "node_metrics" in metrics:  # an adapter trained as part of a stack: the node's figures
+        return _primary_metric(metrics["node_metrics"]) + " (as stack)"
+    name = metrics.get("primary_metric")
+    if name and name in metrics:
+        text = f"{name}={fmt(metrics[name])}"
+        base = metrics.get("baseline")
+        if isinstance(base, dict) and name in base:
+            text += f" (was {fmt(base[name])})"
+        return text
     keys = [k for k in ("auc", "ndcg@10", "gauc", "recall@10") if k in metrics] or list(metrics)[:2]
-    return ", ".join(f"{k}={fmt(metrics[k])}" for k in keys[:2])
+    return ", ".join(f"{k}={fmt(metrics[k])}" for k in keys[:2] if not isinstance(metrics[k], dict | list))
 
 
 LS_COLUMNS = ["id", "adapter", "kind", "task", "aliases", "status", "metrics", "created"]
@@ -432,6 +442,71 @@ def stack(ctx: typer.Context, refs: Annotated[list[str], typer.Argument(help="Ad
     mgr = _mgr(ctx)
     node_id = mgr.stack(refs, parsed, mode, name=name)
     _print_node(mgr.get(node_id), json_out, verb="stacked")
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    batches: Annotated[list[str] | None, typer.Argument(help="Batch ids to train on (default: the latest).")] = None,
+    task: Annotated[str, typer.Option(help="ranker (cross-encoder) or retriever (two-tower).")] = "ranker",
+    policy: Annotated[str, typer.Option(help="fresh, warm_start, stack or long_short.")] = "fresh",
+    parent: Annotated[str | None, typer.Option(help="Parent node (id, NAME@VERSION or alias).")] = None,
+    name: Annotated[str | None, typer.Option(help="Adapter name (default: the task).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base id or name (default: parent's, else embedded MiniLM).")] = None,
+    eval_batch: Annotated[list[str] | None, typer.Option(help="Eval batch (default: the next one in time).")] = None,
+    promote: Annotated[str | None, typer.Option(help="always or if_better.")] = None,
+    alias: Annotated[str, typer.Option(help="Alias the gate compares with and moves.")] = "production",
+    tolerance: Annotated[float, typer.Option(help="if_better: allowed drop of the primary metric.")] = 0.0,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
+    epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 1,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Max tokens per text pair.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed (same seed + data = same weights on CPU).")] = 0,
+    replay_ratio: Annotated[float, typer.Option(help="Replay rows per new row from earlier batches.")] = 0.0,
+    replay_recency: Annotated[str | None, typer.Option(help="Replay only from the last N batches or e.g. 28d.")] = None,
+    mode: Annotated[str, typer.Option(help="Stack combination: weights or ensemble (long_short).")] = "weights",
+    max_train_rows: Annotated[int | None, typer.Option(help="Seeded subsample of training rows.")] = None,
+    max_eval_rows: Annotated[int | None, typer.Option(help="Seeded subsample of eval rows.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train an incremental LoRA update on data batches; register it with lineage; optionally promote."""
+    recency: str | int | None = replay_recency
+    if replay_recency is not None and replay_recency.isdigit():
+        recency = int(replay_recency)
+    result = _mgr(ctx).train_update(
+        batches or "latest", task=task, policy=policy, parent=parent, name=name, base=base,
+        eval_batches=eval_batch or None, promote=promote, alias=alias, tolerance=tolerance, rank=rank, alpha=alpha,
+        epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, replay_ratio=replay_ratio,
+        replay_recency=recency, mode=mode, max_train_rows=max_train_rows, max_eval_rows=max_eval_rows,
+        progress=not json_out,
+    )
+    if json_out:
+        print_json(result.__dict__)
+        return
+    metric = result.metrics.get("primary_metric")
+    line = f"trained node {result.node_id} (adapter {result.adapter_id}) on {', '.join(result.train_batches)}: "
+    line += f"{metric}={fmt(result.metrics.get(metric))}"
+    if result.baseline:
+        line += f" vs {alias} #{result.baseline['node_id']} {fmt(result.baseline.get(metric))}"
+    if result.decision:
+        line += f"; {'promoted to ' + alias if result.promoted else 'kept ' + alias}"
+    console.print(line)
+
+
+@app.command()
+def reproduce(ctx: typer.Context, ref: str, json_out: JsonOpt = False) -> None:
+    """Re-train a recorded adapter from its recorded config and batches; exit 1 unless the bytes match."""
+    report = _mgr(ctx).reproduce(ref)
+    if json_out:
+        print_json(report)
+    else:
+        verdict = "identical" if report["identical"] else "DIFFERENT"
+        console.print(f"adapter {report['adapter_id']}: reproduced weights are {verdict} "
+                      f"({report['reproduced_sha256'][:12]}… vs recorded {report['recorded_sha256'][:12]}…)")
+    if not report["identical"]:
+        raise typer.Exit(1)
 
 
 def _mount_optional_apps() -> None:

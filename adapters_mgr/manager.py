@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from adapters_mgr.data.api import DataAPI
+    from adapters_mgr.updates import UpdateResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -183,6 +184,7 @@ class AdapterManager:
         self.store = AdapterStore(self.root / "store")
         self._base_models: dict[tuple[str, str], nn.Module] = {}
         self._peft_models: dict[tuple[str, str], Any] = {}
+        self._tokenizers: dict[str, Any] = {}
         self._data: DataAPI | None = None
 
     def __repr__(self) -> str:
@@ -577,6 +579,59 @@ class AdapterManager:
                                   metrics=metrics, description=description),
         )
 
+    # ------------------------------------------------------------------ training
+    @_logs_failures("train")
+    def train(
+        self,
+        batches: Any = "latest",
+        *,
+        task: str = "ranker",
+        policy: str = "fresh",
+        parent: Ref | None = None,
+        base: str | None = None,
+        name: str | None = None,
+        eval_batches: Any = None,
+        promote: str | None = None,
+        alias: str = "production",
+        tolerance: float = 0.0,
+        progress: bool = True,
+        **knobs: Any,
+    ) -> int:
+        """Train an incremental LoRA update on data batches and register it with full lineage.
+
+        Returns the new node's id (for ``stack``/``long_short`` the stack node; the trained adapter is
+        its newest parent). ``policy``: fresh | warm_start | stack | long_short. ``eval_batches``:
+        default the next batch in time (prequential), else a held-out tail of the training rows.
+        ``promote``: None | 'always' | 'if_better' (not worse than the alias's current target by
+        more than ``tolerance`` on the task's primary metric). ``knobs``: rank, alpha, dropout,
+        target_modules, epochs, lr, batch_size, max_length, seed, replay_ratio, replay_recency,
+        replay_half_life, replay_relevance, mode, new_weight, max_train_rows, max_eval_rows.
+        """
+        return self.train_update(batches, task=task, policy=policy, parent=parent, base=base, name=name,
+                                 eval_batches=eval_batches, promote=promote, alias=alias, tolerance=tolerance,
+                                 progress=progress, **knobs).node_id
+
+    def train_update(self, batches: Any = "latest", *, task: str = "ranker", policy: str = "fresh",
+                     progress: bool = True, **kwargs: Any) -> UpdateResult:
+        """Like :meth:`train`, returning the whole :class:`~adapters_mgr.updates.UpdateResult`."""
+        from adapters_mgr.updates import UpdateConfig, run_update
+
+        known = set(UpdateConfig.__dataclass_fields__)
+        knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in known}
+        unknown = set(kwargs) - {"parent", "base", "name", "eval_batches", "promote", "alias", "tolerance", "dry_run"}
+        if unknown:
+            raise InvalidInput(f"unknown training option(s) {sorted(unknown)}; see help(AdapterManager.train)")
+        if "target_modules" in knobs:
+            knobs["target_modules"] = tuple(knobs["target_modules"])
+        cfg = UpdateConfig(task=task, policy=policy, **knobs)
+        return run_update(self, batches, cfg, progress=progress, **kwargs)
+
+    def reproduce(self, ref: Ref) -> dict[str, Any]:
+        """Re-train a recorded adapter from its recorded config and batches; report whether the bytes match."""
+        from adapters_mgr.updates import reproduce
+
+        return reproduce(self, ref)
+
     # ------------------------------------------------------------------ reading
     def get(self, ref: Ref) -> Adapter:
         """One node by id, ``name@version``, alias or name (latest active version)."""
@@ -712,6 +767,11 @@ class AdapterManager:
                       detail={"from": current, "to": target_id})
         return target_id
 
+    def alias_target(self, alias: str) -> int | None:
+        """The node an alias points at now, or None when the alias does not exist."""
+        with self.catalog.connect() as con:
+            return alias_ops.current_target(con, alias)
+
     def alias_history(self, alias: str | None = None) -> list[dict[str, Any]]:
         if alias is not None:
             check_alias(alias)
@@ -842,7 +902,18 @@ class AdapterManager:
         return model
 
     def tokenizer(self, base_ref: str) -> Any:
-        return base_mod.load_tokenizer(self.base(base_ref)["source"])
+        """The base's tokenizer, loaded once per manager."""
+        row = self.base(base_ref)
+        tok = self._tokenizers.get(row["id"])
+        if tok is None:
+            tok = self._tokenizers[row["id"]] = base_mod.load_tokenizer(row["source"])
+        return tok
+
+    def default_base(self) -> str:
+        """The embedded MiniLM base's id, registering it on first use (hashing it once)."""
+        embedded = str(base_mod.embedded_model_path())
+        rows = self.catalog.query("SELECT id FROM base_models WHERE source = ? ORDER BY created_at", [embedded])
+        return rows[0]["id"] if rows else self.register_base()
 
     def _check_base_hash(self, model: nn.Module, row: dict[str, Any], *, force: bool, context: str) -> None:
         actual = base_mod.weights_sha256(model)
