@@ -152,11 +152,7 @@ def test_bad_arguments_fail_before_any_work(stream, kwargs, error, needle):
 
 def test_parent_of_another_task_is_refused(stream):
     mgr, b = stream
-    ret = mgr.list(task="retriever")
-    if not ret:
-        ret_id = mgr.train_update([b[0]], task="retriever", name="ret2", **FAST).node_id
-    else:
-        ret_id = ret[0].id
+    ret_id = mgr.train_update([b[0]], task="retriever", name="ret2", **FAST).node_id
     with pytest.raises(Conflict, match="retriever adapter, not ranker"):
         mgr.train_update([b[1]], task="ranker", policy="warm_start", parent=ret_id, **FAST)
 
