@@ -214,15 +214,19 @@ def part_b_throughput(setup: Setup, n_pairs: int, repeat: int, stacks: tuple[int
             bare += samples_ms(lambda: engine.score_pairs(users, items), 1)
             engine.activate(folded_node)
             folded += samples_ms(lambda: engine.score_pairs(users, items), 1)
-        med = {name: statistics.median(s) for name, s in
-               (("bare", bare), ("folded", folded), ("unfolded", unfolded))}
+        # best-of-n: on a shared, oversubscribed CPU the minimum is the least noisy estimate of the
+        # intrinsic cost (folded and bare run the very same ops); medians are reported next to it
+        best = {name: min(s) for name, s in (("bare", bare), ("folded", folded), ("unfolded", unfolded))}
+        med = {name: statistics.median(s) for name, s in (("bare", bare), ("folded", folded), ("unfolded", unfolded))}
         rows.append({
-            "adapters": k, "pairs": n_pairs,
-            "bare_pairs_per_s": n_pairs / med["bare"] * 1e3,
-            "folded_pairs_per_s": n_pairs / med["folded"] * 1e3,
-            "unfolded_pairs_per_s": n_pairs / med["unfolded"] * 1e3,
-            "folded_vs_bare": med["bare"] / med["folded"],
-            "unfolded_vs_bare": med["bare"] / med["unfolded"],
+            "adapters": k, "pairs": n_pairs, "runs": repeat,
+            "bare_pairs_per_s": n_pairs / best["bare"] * 1e3,
+            "folded_pairs_per_s": n_pairs / best["folded"] * 1e3,
+            "unfolded_pairs_per_s": n_pairs / best["unfolded"] * 1e3,
+            "folded_vs_bare": best["bare"] / best["folded"],
+            "unfolded_vs_bare": best["bare"] / best["unfolded"],
+            "folded_vs_bare_median": med["bare"] / med["folded"],
+            "unfolded_vs_bare_median": med["bare"] / med["unfolded"],
         })
         print(f"  (b) {k:2d} adapters: {rows[-1]}", flush=True)
     engine.release()
@@ -293,7 +297,8 @@ def render(payload: dict[str, Any]) -> str:
           "\n## (b) Scoring throughput (pairs/s), weights-mode stacks\n",
           md_table(payload["results"]["b_throughput"],
                    ["adapters", "pairs", "bare_pairs_per_s", "folded_pairs_per_s", "unfolded_pairs_per_s",
-                    "folded_vs_bare", "unfolded_vs_bare"]),
+                    "folded_vs_bare", "unfolded_vs_bare", "folded_vs_bare_median"]),
+          "\nPairs/s from the best of the timed runs (the machine is shared); `*_median` ratios use medians.\n",
           "\n## (c) Merge time (s) per method\n",
           md_table(payload["results"]["c_merge"], ["adapters", *[f"{m}_s" for m in METHOD_ARGS]]),
           "\nReconstruction error (relative Frobenius, all layers):\n\n",
@@ -352,7 +357,7 @@ def main() -> None:
         print(f"model: {setup.model_name}; {len(setup.folders)} adapters written", flush=True)
         a = part_a_switch(setup, repeat)
         print("  (a) " + ", ".join(f"{k}: {v.get('p50_ms', v.get('error'))}" for k, v in a.items()), flush=True)
-        b = part_b_throughput(setup, n_pairs, max(3, repeat // 4 if not args.quick else repeat), stacks)
+        b = part_b_throughput(setup, n_pairs, max(3, repeat // 3 if not args.quick else repeat), stacks)
         c = part_c_merge(setup, sizes)
         d = part_d_recompute(args)
     payload = {
