@@ -83,25 +83,45 @@ def classify(
     half = width // 2
     source, prio = _source_columns(sources)
     cross = f"prev_source <> source AND t - prev_t <= {tol_us}" if multi_source else "false"
+    # one scan: per clean row a 64-bit key per time grid (even / odd bucket numbers keep the grids
+    # apart) and one for its event id; keys seen more than once mark the candidates (a hash
+    # collision only adds a candidate, never loses one). Three separate aggregates are cheaper
+    # than one over the union (smaller hash tables).
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE _cand AS
-        WITH c AS MATERIALIZED (
-            SELECT rowid AS rid, hash(user_id, item_id) AS k, epoch_us(ts) AS t FROM _stage WHERE rule IS NULL),
-        ga AS (SELECT k, t // {width} AS b FROM c GROUP BY ALL HAVING count(*) > 1),
-        gb AS (SELECT k, (t + {half}) // {width} AS b FROM c GROUP BY ALL HAVING count(*) > 1)
-        SELECT rid FROM c SEMI JOIN ga ON c.k = ga.k AND c.t // {width} = ga.b
-        UNION
-        SELECT rid FROM c SEMI JOIN gb ON c.k = gb.k AND (c.t + {half}) // {width} = gb.b
+        CREATE OR REPLACE TEMP TABLE _keys AS
+        SELECT rowid AS rid, hash(user_id, item_id, 2 * (epoch_us(ts) // {width})) AS ha,
+               hash(user_id, item_id, 2 * ((epoch_us(ts) + {half}) // {width}) + 1) AS hb,
+               CASE WHEN source_event_id IS NOT NULL THEN hash(source_event_id) END AS he
+        FROM _stage WHERE rule IS NULL
         """
     )
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE _multi AS
+        SELECT ha AS h FROM _keys GROUP BY 1 HAVING count(*) > 1
+        UNION ALL SELECT hb FROM _keys GROUP BY 1 HAVING count(*) > 1
+        UNION ALL SELECT he FROM _keys WHERE he IS NOT NULL GROUP BY 1 HAVING count(*) > 1
+        """
+    )
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE _cand AS
+        SELECT * FROM (
+            SELECT rid, ha IN (SELECT h FROM _multi) OR hb IN (SELECT h FROM _multi) AS near,
+                   coalesce(he IN (SELECT h FROM _multi), false) AS shared
+            FROM _keys)
+        WHERE near OR shared
+        """
+    )
+    con.execute("DROP TABLE _keys")
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _dup AS
         WITH files AS (SELECT * FROM _files),
         cand AS (
             SELECT s.rowid AS rid, s.*, {source} AS source, {prio} AS prio, epoch_us(ts) AS t
-            FROM _stage s WHERE s.rowid IN (SELECT rid FROM _cand)),
+            FROM _stage s WHERE s.rowid IN (SELECT rid FROM _cand WHERE near)),
         w AS (
             SELECT c.*, f.path AS file,
                 lag(source) OVER w AS prev_source, lag(t) OVER w AS prev_t,
@@ -122,15 +142,11 @@ def classify(
     con.execute(
         f"""
         INSERT INTO _dup
-        WITH shared AS (
-            SELECT hash(source_event_id) AS h FROM _stage
-            WHERE rule IS NULL AND source_event_id IS NOT NULL GROUP BY 1 HAVING count(*) > 1),
-        ev AS (
+        WITH ev AS (
             SELECT rowid AS rid, source_event_id, user_id, item_id, ts, rating, label,
                    {source} AS source, {prio} AS prio
             FROM _stage
-            WHERE rule IS NULL AND source_event_id IS NOT NULL AND hash(source_event_id) IN (SELECT h FROM shared)
-              AND rowid NOT IN (SELECT rid FROM _dup)),
+            WHERE rowid IN (SELECT rid FROM _cand WHERE shared AND rid NOT IN (SELECT rid FROM _dup))),
         ranked AS (
             SELECT rid, CASE WHEN first_value(source) OVER e <> source THEN 'cross_source' ELSE 'same_event_id' END
                        AS kind,

@@ -21,21 +21,27 @@ EMPTY = hashlib.sha256(b"").hexdigest()
 
 def batch_digests(con: duckdb.DuckDBPyConnection, rows_sql: str, params: list | None = None) -> dict[int, str]:
     """Digest per batch number for a query yielding (bno, user_id, item_id, ts, rating, label)."""
+    # fetched unsorted and sorted by numpy: one radix-friendly sort of 64-bit integers is several
+    # times cheaper than DuckDB's ORDER BY on 10M rows
     arrays = con.execute(
-        f"SELECT bno, hash(user_id, item_id, ts, rating, CAST(label AS TINYINT)) AS h FROM ({rows_sql}) "
-        "ORDER BY bno, h",
+        f"SELECT bno, hash(user_id, item_id, ts, rating, CAST(label AS TINYINT)) AS h FROM ({rows_sql})",
         params or [],
     ).fetchnumpy()
     bnos = np.asarray(arrays["bno"])
-    hashes = np.asarray(arrays["h"]).astype(">u8")
+    hashes = np.asarray(arrays["h"])
     out: dict[int, str] = {}
     if len(bnos) == 0:
         return out
-    cuts = np.flatnonzero(np.diff(bnos)) + 1
-    starts = np.concatenate([[0], cuts])
-    ends = np.concatenate([cuts, [len(bnos)]])
-    for s, e in zip(starts, ends, strict=True):
-        out[int(bnos[s])] = hashlib.sha256(hashes[s:e].tobytes()).hexdigest()
+    if bnos.min() == bnos.max():
+        groups = {int(bnos[0]): np.sort(hashes)}
+    else:
+        order = np.lexsort((hashes, bnos))
+        bnos, hashes = bnos[order], hashes[order]
+        cuts = np.flatnonzero(np.diff(bnos)) + 1
+        groups = {int(part[0]): hashes[s:e] for part, s, e in zip(
+            np.split(bnos, cuts), np.concatenate([[0], cuts]), np.concatenate([cuts, [len(bnos)]]), strict=True)}
+    for bno, sorted_hashes in groups.items():
+        out[bno] = hashlib.sha256(sorted_hashes.astype(">u8").tobytes()).hexdigest()
     return out
 
 
