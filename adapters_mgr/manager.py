@@ -632,6 +632,65 @@ class AdapterManager:
 
         return reproduce(self, ref)
 
+    # ------------------------------------------------------------------ merge / compact / serve
+    @_logs_failures("merge")
+    def merge(
+        self,
+        refs: Sequence[Ref],
+        method: str = "cat",
+        weights: Sequence[float] | None = None,
+        *,
+        target_rank: int | None = None,
+        density: float | None = None,
+        name: str | None = None,
+        seed: int = 0,
+    ) -> int:
+        """Merge adapters (or a stack node's members) into one new adapter with ``merged_from`` edges.
+
+        Methods: cat (exact), svd (to ``target_rank``), linear, ties, dare_linear, dare_ties. The
+        recipe (sources, weights, method, density, rank) and the reconstruction error are stored.
+        """
+        from adapters_mgr.merging import merge_nodes
+
+        return merge_nodes(self, refs, method, weights, target_rank=target_rank, density=density, name=name,
+                           seed=seed)
+
+    def fold(self, ref: Ref, folder: str | os.PathLike[str]) -> Path:
+        """Export base + the node's deltas as a plain transformers checkpoint (no peft needed to load)."""
+        from adapters_mgr.merging import fold_node
+
+        return fold_node(self, ref, Path(folder))
+
+    @_logs_failures("compact")
+    def compact(self, alias: str = "production", *, max_depth: int = 4, method: str = "cat",
+                target_rank: int | None = None, tolerance: float = 0.005, eval_batches: Any = None) -> dict[str, Any]:
+        """Turn a stack deeper than ``max_depth`` into one merged adapter; move the alias to it only if
+        its evaluation is within ``tolerance`` of the stack's."""
+        from adapters_mgr.merging import compact_alias
+
+        return compact_alias(self, alias, max_depth=max_depth, method=method, target_rank=target_rank,
+                             tolerance=tolerance, eval_batches=eval_batches)
+
+    def scorer(self, node_or_alias: Any = None, *, ranker: Any = None, max_length: int = 64) -> Any:
+        """A :class:`~adapters_mgr.scorer.Scorer` serving this node (following it if it is an alias)."""
+        from adapters_mgr.scorer import Scorer
+
+        return Scorer(self, node_or_alias, ranker=ranker, max_length=max_length)
+
+    @_logs_failures("recompute")
+    def recompute(self, alias: str = "production", *, users: Any = "changed", k: int = 10, ranker: Any = None,
+                  top_m: int = 50, progress: bool = True) -> dict[str, Any]:
+        """Recompute top-``k`` recommendations (all or changed users) into the ``recommendations`` table."""
+        from adapters_mgr.recommend import recompute
+
+        return recompute(self, alias, users=users, k=k, ranker=ranker, top_m=top_m, progress=progress)
+
+    def recommendations(self, user: Any = None, *, alias: str | None = "production") -> list[dict[str, Any]]:
+        """The current top-K lists (newest complete run per user) with the node that produced each."""
+        from adapters_mgr.recommend import current
+
+        return current(self, user, alias)
+
     # ------------------------------------------------------------------ reading
     def get(self, ref: Ref) -> Adapter:
         """One node by id, ``name@version``, alias or name (latest active version)."""

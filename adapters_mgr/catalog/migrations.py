@@ -114,7 +114,46 @@ def m001_core(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-CORE_MIGRATIONS: list[Migration] = [m001_core]
+def m002_recommendations(con: duckdb.DuckDBPyConnection) -> None:
+    """Recomputed top-K lists, each row with the node that produced it (lineage for recommendations)."""
+    con.execute(
+        """
+        CREATE SEQUENCE IF NOT EXISTS rec_run_id_seq START 1;
+        CREATE TABLE recommendation_runs (
+            id              BIGINT PRIMARY KEY DEFAULT nextval('rec_run_id_seq'),
+            alias           VARCHAR,            -- what was followed (NULL when a node id was given)
+            node_id         INTEGER NOT NULL,   -- the retriever node
+            ranker_node_id  INTEGER,            -- the reranking node, if any
+            k               INTEGER NOT NULL,
+            users_mode      VARCHAR NOT NULL,   -- all | changed | list
+            num_users       INTEGER NOT NULL,
+            max_batch_seq   INTEGER,            -- newest data batch seen; 'changed' users are newer than this
+            wall_s          DOUBLE,
+            created_at      TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE recommendations (
+            run_id    BIGINT NOT NULL,
+            user_id   VARCHAR NOT NULL,
+            rank      INTEGER NOT NULL,
+            item_id   VARCHAR NOT NULL,
+            score     DOUBLE NOT NULL,
+            node_id   INTEGER NOT NULL
+        );
+        -- the newest complete list per (alias, user): a run is visible only once committed whole
+        CREATE VIEW current_recommendations AS
+        SELECT r.user_id, r.rank, r.item_id, r.score, r.node_id, r.run_id, runs.alias, runs.ranker_node_id,
+               runs.created_at
+        FROM recommendations r
+        JOIN recommendation_runs runs ON runs.id = r.run_id
+        JOIN (SELECT coalesce(runs2.alias, '') AS alias_key, r2.user_id, max(r2.run_id) AS run_id
+              FROM recommendations r2 JOIN recommendation_runs runs2 ON runs2.id = r2.run_id
+              GROUP BY 1, 2) latest
+          ON latest.run_id = r.run_id AND latest.user_id = r.user_id;
+        """
+    )
+
+
+CORE_MIGRATIONS: list[Migration] = [m001_core, m002_recommendations]
 
 
 def all_migrations() -> list[Migration]:

@@ -1,0 +1,217 @@
+"""Scorer: catalog-aware serving. Resolves nodes and aliases in the catalog, then hot-swaps them on
+one in-memory base per task (:class:`~adapters_mgr.serving.HotSwapModel`).
+
+It follows an alias: :meth:`Scorer.refresh` (or a polling thread) re-reads the alias with one
+short catalog read and switches when another process promoted or rolled back. It keeps its own base
+copies (never the manager's training base), because a folded node changes weights in place.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from adapters_mgr.base import HeadSpec, load_base_model
+from adapters_mgr.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from adapters_mgr.catalog.records import Adapter
+    from adapters_mgr.manager import AdapterManager
+    from adapters_mgr.serving import HotSwapModel, NodeSpec
+
+RERANK_TOP_M = 50
+
+
+class Scorer:
+    """Score and recommend with catalog nodes; switch nodes in place without reloading the base.
+
+    >>> scorer = mgr.scorer("production")                   # doctest: +SKIP
+    >>> scorer.score(["u1"], ["i9"]); scorer.recommend("u1", k=10)   # doctest: +SKIP
+    >>> mgr.rollback("production"); scorer.refresh()         # picks up the move  # doctest: +SKIP
+    """
+
+    def __init__(self, manager: AdapterManager, node_or_alias: Any = None, *, ranker: Any = None,
+                 max_length: int = 64, batch_size: int = 128) -> None:
+        self.mgr = manager
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._engines: dict[tuple[str, str], HotSwapModel] = {}
+        self._refs: dict[str, Any] = {}  # task -> the ref (alias or id) that task follows
+        self._nodes: dict[str, Adapter] = {}  # task -> active node
+        self._lock = threading.RLock()
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._item_cache: dict[tuple[Any, ...], tuple[list[str], np.ndarray]] = {}
+        if node_or_alias is not None:
+            self.activate(node_or_alias)
+        if ranker is not None:
+            self.activate(ranker)
+
+    # -- nodes -------------------------------------------------------------------------------------
+    def _engine(self, base_id: str, task: str) -> HotSwapModel:
+        from adapters_mgr.serving import HotSwapModel
+
+        key = (base_id, task)
+        engine = self._engines.get(key)
+        if engine is None:
+            row = self.mgr.base(base_id)
+            head = HeadSpec("seq_cls", 2) if task == "ranker" else HeadSpec("encoder")
+            model = load_base_model(row["source"], head)
+            self.mgr._check_base_hash(model, row, force=False, context=f"serving base {base_id}")
+            engine = HotSwapModel(model, self.mgr.tokenizer(base_id), task, max_length=self.max_length,
+                                  batch_size=self.batch_size)
+            self._engines[key] = engine
+        return engine
+
+    def node_spec(self, node: Adapter) -> NodeSpec:
+        """The adapters (verified folders) and combination a catalog node activates."""
+        from adapters_mgr.serving import NodeSpec
+        from adapters_mgr.updates import node_members
+
+        members, mode = node_members(self.mgr, node)
+        return NodeSpec(tuple((str(self.mgr.adapter_folder(m.id)), float(w)) for m, w in members), mode, node.id)
+
+    def activate(self, node_or_alias: Any) -> int:
+        """Activate a node (id, NAME@VERSION) or follow an alias; returns the node id now active."""
+        node = self.mgr.get(node_or_alias)
+        if node.task not in ("ranker", "retriever"):
+            raise InvalidInput(f"adapter {node.id} is for task {node.task!r}; the scorer serves ranker or retriever")
+        if node.status != "active":
+            raise InvalidInput(f"adapter {node.id} is {node.status}; it cannot be served")
+        engine = self._engine(node.base_id, node.task)
+        prepared = engine.prepare(self.node_spec(node))  # reads and checks outside the switch
+        with self._lock:
+            engine.activate(prepared)
+            self._refs[node.task] = node_or_alias
+            self._nodes[node.task] = node
+        return node.id
+
+    @property
+    def active(self) -> int | None:
+        """The node id in use (the retriever's when both a retriever and a ranker are active)."""
+        node = self._nodes.get("retriever") or self._nodes.get("ranker")
+        return node.id if node else None
+
+    @property
+    def active_nodes(self) -> dict[str, int]:
+        return {task: node.id for task, node in self._nodes.items()}
+
+    def refresh(self) -> bool:
+        """Re-resolve followed aliases (one short catalog read each); switch if they moved."""
+        changed = False
+        for task, ref in list(self._refs.items()):
+            target = self.mgr.alias_target(ref) if isinstance(ref, str) and not ref.isdigit() else None
+            if target is not None and target != self._nodes[task].id:
+                self.activate(ref)
+                changed = True
+        return changed
+
+    def start_polling(self, interval_s: float = 5.0) -> None:
+        """Follow aliases in the background: ``refresh()`` every ``interval_s`` seconds."""
+        if interval_s <= 0:
+            raise InvalidInput(f"polling interval must be positive, got {interval_s}")
+        self.stop_polling()
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - a transient lock or read error must not kill serving
+                    continue
+
+        self._poller = threading.Thread(target=loop, name="adapters-mgr-refresh", daemon=True)
+        self._poller.start()
+
+    def stop_polling(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+            self._poller = None
+
+    def _engine_for(self, task: str) -> HotSwapModel:
+        node = self._nodes.get(task)
+        if node is None:
+            raise InvalidInput(f"no {task} node is active; activate one first")
+        return self._engine(node.base_id, task)
+
+    def _primary_task(self) -> str:
+        if "ranker" in self._nodes:
+            return "ranker"
+        if "retriever" in self._nodes:
+            return "retriever"
+        raise InvalidInput("no node is active; activate an adapter or alias first")
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def score_texts(self, user_texts: Sequence[str], item_texts: Sequence[str]) -> np.ndarray:
+        """Raw text in: ranker P(like) per pair (when a ranker is active), else retriever similarity."""
+        return self._engine_for(self._primary_task()).score_texts(list(user_texts), list(item_texts))
+
+    def score(self, users: Sequence[Any], items: Sequence[Any], *, as_of: Any = None) -> np.ndarray:
+        """Catalog ids in: texts rendered from the catalog (as of ``as_of``, default now), then scored."""
+        users = [str(u) for u in users]
+        items = [str(i) for i in items]
+        user_text = self.mgr.data.user_texts(sorted(set(users)), as_of)
+        item_text = self.mgr.data.item_texts(as_of)
+        missing = [i for i in items if i not in item_text]
+        if missing:
+            raise NotFound(f"unknown item {missing[0]!r}; it has no interactions or attributes in the catalog")
+        return self.score_texts([user_text[u] for u in users], [item_text[i] for i in items])
+
+    def item_embeddings(self, as_of: Any = None) -> tuple[list[str], np.ndarray]:
+        """Every catalog item encoded by the active retriever (cached per node and time)."""
+        engine = self._engine_for("retriever")
+        key = (self._nodes["retriever"].id, str(as_of))
+        if key not in self._item_cache:
+            texts = self.mgr.data.item_texts(as_of)
+            ids = sorted(texts)
+            self._item_cache = {key: (ids, engine.encode([texts[i] for i in ids]))}
+        return self._item_cache[key]
+
+    def recommend(self, user: Any, k: int = 10, *, exclude_seen: bool = True, top_m: int = RERANK_TOP_M,
+                  as_of: Any = None) -> list[dict[str, Any]]:
+        """Top-``k`` items for one user: the retriever ranks the whole catalog; an active ranker
+        reranks the retriever's top ``top_m`` (two-stage)."""
+        return self.recommend_many([user], k, exclude_seen=exclude_seen, top_m=top_m, as_of=as_of)[str(user)]
+
+    def recommend_many(self, users: Sequence[Any], k: int = 10, *, exclude_seen: bool = True,
+                       top_m: int = RERANK_TOP_M, as_of: Any = None, progress: Any = None
+                       ) -> dict[str, list[dict[str, Any]]]:
+        from adapters_mgr.recommend import seen_items, top_k
+
+        if k <= 0:
+            raise InvalidInput(f"k must be positive, got {k}")
+        users = [str(u) for u in users]
+        ids, item_emb = self.item_embeddings(as_of)
+        user_text = self.mgr.data.user_texts(users, as_of)
+        unknown = [u for u in users if u not in user_text]
+        if unknown:
+            raise NotFound(f"unknown user {unknown[0]!r}; it has no interactions or attributes in the catalog")
+        engine = self._engine_for("retriever")
+        user_emb = engine.encode([user_text[u] for u in users])
+        seen = seen_items(self.mgr, users) if exclude_seen else {}
+        ranker = "ranker" in self._nodes
+        first = top_k(user_emb @ item_emb.T, ids, users, seen, max(k, top_m) if ranker else k)
+        if not ranker:
+            return first
+        item_text = self.mgr.data.item_texts(as_of)
+        out: dict[str, list[dict[str, Any]]] = {}
+        rank_engine = self._engine_for("ranker")
+        for n, user in enumerate(users):
+            cands = first[user]
+            scores = rank_engine.score_pairs([user_text[user]] * len(cands), [item_text[c["item_id"]] for c in cands])
+            order = np.argsort(-scores, kind="stable")[:k]
+            out[user] = [{"item_id": cands[i]["item_id"], "score": float(scores[i]),
+                          "retriever_score": cands[i]["score"]} for i in order]
+            if progress is not None:
+                progress(n + 1)
+        return out
+
+    def close(self) -> None:
+        """Stop polling and restore every base (bit-exact)."""
+        self.stop_polling()
+        for engine in self._engines.values():
+            engine.release()
