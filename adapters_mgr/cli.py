@@ -435,12 +435,8 @@ def stack(ctx: typer.Context, refs: Annotated[list[str], typer.Argument(help="Ad
           name: Annotated[str | None, typer.Option(help="Name of the stack node.")] = None,
           json_out: JsonOpt = False) -> None:
     """Register a stack node: several adapters active at once."""
-    try:
-        parsed = [float(w) for w in weights.split(",")] if weights else None
-    except ValueError as exc:
-        raise InvalidInput(f"invalid --weights {weights!r}: give numbers separated by commas") from exc
     mgr = _mgr(ctx)
-    node_id = mgr.stack(refs, parsed, mode, name=name)
+    node_id = mgr.stack(refs, _parse_weights(weights), mode, name=name)
     _print_node(mgr.get(node_id), json_out, verb="stacked")
 
 
@@ -507,6 +503,175 @@ def reproduce(ctx: typer.Context, ref: str, json_out: JsonOpt = False) -> None:
                       f"({report['reproduced_sha256'][:12]}… vs recorded {report['recorded_sha256'][:12]}…)")
     if not report["identical"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def merge(
+    ctx: typer.Context,
+    refs: Annotated[list[str], typer.Argument(help="Adapters (or a stack node) to merge, oldest first.")],
+    method: Annotated[str, typer.Option(help="cat, svd, linear, ties, dare_linear or dare_ties.")] = "cat",
+    weights: Annotated[str | None, typer.Option(help="Comma-separated weights, one per adapter.")] = None,
+    target_rank: Annotated[int | None, typer.Option(help="Rank of the result (svd and *_svd methods).")] = None,
+    density: Annotated[float | None, typer.Option(help="Kept fraction for ties/dare, in (0, 1].")] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the merged adapter.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge adapters into one new adapter (merged_from edges, recipe and reconstruction error recorded)."""
+    mgr = _mgr(ctx)
+    node_id = mgr.merge(refs, method, _parse_weights(weights), target_rank=target_rank, density=density, name=name)
+    node = mgr.get(node_id)
+    if json_out:
+        print_json(node.to_dict())
+    else:
+        err = (node.metrics or {}).get("reconstruction_error")
+        console.print(f"merged into adapter {node.id} ({node.ref}, {method}, reconstruction error {fmt(err)})")
+
+
+def _parse_weights(weights: str | None) -> list[float] | None:
+    try:
+        return [float(w) for w in weights.split(",")] if weights else None
+    except ValueError as exc:
+        raise InvalidInput(f"invalid --weights {weights!r}: give numbers separated by commas") from exc
+
+
+@app.command()
+def fold(ctx: typer.Context, ref: str, folder: Path, json_out: JsonOpt = False) -> None:
+    """Export base + the node's deltas as a plain transformers checkpoint folder."""
+    out = _mgr(ctx).fold(ref, folder)
+    if json_out:
+        print_json({"ref": ref, "folder": str(out)})
+    else:
+        console.print(f"folded {ref} into {out} (loads with transformers from_pretrained, no peft needed)")
+
+
+@app.command()
+def compact(
+    ctx: typer.Context,
+    alias: Annotated[str, typer.Argument(help="Alias whose stack to compact.")] = "production",
+    max_depth: Annotated[int, typer.Option(help="Compact stacks of more adapters than this.")] = 4,
+    method: Annotated[str, typer.Option(help="cat (lossless) or svd (small, with --target-rank).")] = "cat",
+    target_rank: Annotated[int | None, typer.Option(help="Rank for svd.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Allowed drop of the primary metric to move the alias.")] = 0.005,
+    eval_batch: Annotated[list[str] | None, typer.Option(help="Batches to evaluate on.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge a deep stack into one adapter; move the alias only if it evaluates within tolerance."""
+    report = _mgr(ctx).compact(alias, max_depth=max_depth, method=method, target_rank=target_rank,
+                               tolerance=tolerance, eval_batches=eval_batch or None)
+    if json_out:
+        print_json(report)
+    elif not report["compacted"]:
+        console.print(f"nothing to do: {report['reason']}")
+    else:
+        verdict = f"{alias} moved to {report['merged']}" if report["moved"] else f"{alias} kept on {report['stack']}"
+        console.print(f"compacted stack {report['stack']} into adapter {report['merged']}: {report['metric']} "
+                      f"{fmt(report['merged_metric'])} vs {fmt(report['stack_metric'])}; {verdict}")
+
+
+@app.command()
+def recommend(
+    ctx: typer.Context,
+    user: str,
+    alias: Annotated[str, typer.Option(help="Retriever node or alias.")] = "production",
+    ranker: Annotated[str | None, typer.Option(help="Ranker node or alias to rerank the top candidates.")] = None,
+    k: Annotated[int, typer.Option(help="How many items.")] = 10,
+    top_m: Annotated[int, typer.Option(help="Candidates the ranker reranks.")] = 50,
+    include_seen: Annotated[bool, typer.Option(help="Also recommend items the user already interacted with.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Top-K items for one user, computed now (retriever over the catalog, optional ranker rerank)."""
+    mgr = _mgr(ctx)
+    scorer = mgr.scorer(alias, ranker=ranker)
+    try:
+        recs = scorer.recommend(user, k, exclude_seen=not include_seen, top_m=top_m)
+        nodes = scorer.active_nodes
+    finally:
+        scorer.close()
+    titles = _titles(mgr, [r["item_id"] for r in recs])
+    for rank, rec in enumerate(recs, start=1):
+        rec["rank"] = rank
+        rec["title"] = titles.get(rec["item_id"])
+    if json_out:
+        print_json({"user": user, "nodes": nodes, "items": recs})
+    else:
+        print_table(recs, ["rank", "item_id", "title", "score"], title=f"user {user} (nodes {nodes})")
+
+
+def _titles(mgr: Any, item_ids: list[str]) -> dict[str, str]:
+    """Item titles where the catalog has them (MovieLens), for people reading lists."""
+    try:
+        rows = mgr.catalog.query(
+            "SELECT item_id::VARCHAR AS item_id, arg_max(attrs->>'title', valid_from) AS title FROM items "
+            "WHERE item_id::VARCHAR IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1", [item_ids])
+    except Exception:  # noqa: BLE001 - titles are decoration; a catalog without them still lists ids
+        return {}
+    return {r["item_id"]: r["title"] for r in rows}
+
+
+@app.command()
+def recompute(
+    ctx: typer.Context,
+    alias: Annotated[str, typer.Option(help="Retriever alias or node.")] = "production",
+    users: Annotated[str, typer.Option(help="changed (new events since the last run) or all.")] = "changed",
+    k: Annotated[int, typer.Option(help="List length.")] = 10,
+    ranker: Annotated[str | None, typer.Option(help="Ranker node or alias to rerank the top candidates.")] = None,
+    top_m: Annotated[int, typer.Option(help="Candidates the ranker reranks.")] = 50,
+    json_out: JsonOpt = False,
+) -> None:
+    """Recompute top-K lists into the recommendations table (one atomic run, with the node that made it)."""
+    report = _mgr(ctx).recompute(alias, users=users, k=k, ranker=ranker, top_m=top_m, progress=not json_out)
+    if json_out:
+        print_json(report)
+    else:
+        console.print(f"run {report['run_id']}: {report['users']} user(s), {report['rows']} rows from node "
+                      f"{report['node_id']}" + (f" reranked by {report['ranker_node_id']}" if report["ranker_node_id"]
+                                                else "") + f" in {report['wall_s']:.1f}s")
+
+
+@app.command()
+def score(
+    ctx: typer.Context,
+    pairs: Annotated[Path, typer.Argument(help="CSV or JSONL with user_id,item_id (or user_text,item_text).")],
+    ref: Annotated[str, typer.Option("--node", help="Node or alias to score with.")] = "production",
+    output: Annotated[Path | None, typer.Option(help="Write scores here (CSV); default stdout.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score a file of pairs: catalog ids (texts rendered from the catalog) or raw texts."""
+    import csv
+
+    if not pairs.exists():
+        raise InvalidInput(f"pairs file {pairs} does not exist")
+    if pairs.suffix in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()]
+    else:
+        with open(pairs, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    if not rows:
+        raise InvalidInput(f"pairs file {pairs} has no rows")
+    mgr = _mgr(ctx)
+    scorer = mgr.scorer(ref)
+    try:
+        if {"user_text", "item_text"} <= set(rows[0]):
+            values = scorer.score_texts([r["user_text"] for r in rows], [r["item_text"] for r in rows])
+        elif {"user_id", "item_id"} <= set(rows[0]):
+            values = scorer.score([r["user_id"] for r in rows], [r["item_id"] for r in rows])
+        else:
+            raise InvalidInput(f"{pairs} needs columns user_id,item_id or user_text,item_text; got {sorted(rows[0])}")
+        node = scorer.active
+    finally:
+        scorer.close()
+    out_rows = [{**r, "score": float(v), "node_id": node} for r, v in zip(rows, values, strict=True)]
+    if json_out:
+        print_json(out_rows)
+        return
+    target = open(output, "w", newline="") if output else sys.stdout  # noqa: SIM115 - stdout is not ours to close
+    try:
+        writer = csv.DictWriter(target, fieldnames=list(out_rows[0]))
+        writer.writeheader()
+        writer.writerows(out_rows)
+    finally:
+        if output:
+            target.close()
 
 
 def _mount_optional_apps() -> None:

@@ -78,3 +78,25 @@ def synthetic_rows(n: int, seed: int = 0, n_users: int = 12, n_items: int = 16,
 
 def item_catalog(n_items: int = 16) -> dict[str, str]:
     return {f"i{i}": f"item {i} genre {GENRES[i % len(GENRES)]}" for i in range(n_items)}
+
+
+def tiny_base_folder(folder: str | Path, seed: int = 0, hidden: int = 16) -> Path:
+    """A random 2-layer BERT (real 30,522-token WordPiece vocabulary) saved with the embedded model's
+    tokenizer: for demos (`--quick`), benchmarks' quick modes and tests that go through the catalog."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from adapters_mgr.base import embedded_model_path, quiet_transformers
+
+    quiet_transformers()
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    src = embedded_model_path()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, folder / name)
+    return folder
