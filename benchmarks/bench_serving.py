@@ -203,17 +203,24 @@ def part_b_throughput(setup: Setup, n_pairs: int, repeat: int, stacks: tuple[int
         pairs = [(f, 1.0 / k) for f in setup.folders[:k]]
         scorer = ScoringModel(unfolded_base, setup.tokenizer, "ranker", pairs, batch_size=n_pairs)
         folded_node = engine.prepare(pairs, label=f"stack{k}")
-        bare, folded = [], []
         engine.activate(folded_node)
         engine.score_pairs(users, items)  # warm-up
         scorer.score_pairs(users, items)
-        unfolded = samples_ms(lambda: scorer.score_pairs(users, items), repeat)  # noqa: B023
+        times: dict[str, list[float]] = {"bare": [], "folded": [], "unfolded": []}
+        def engine_score() -> Any:
+            return engine.score_pairs(users, items)
+
+        switch = {"bare": lambda: engine.activate(None), "folded": lambda: engine.activate(folded_node),  # noqa: B023
+                  "unfolded": lambda: None}
+        score = {"bare": engine_score, "folded": engine_score,
+                 "unfolded": lambda: scorer.score_pairs(users, items)}  # noqa: B023
+        order = list(switch)
+        for rep in range(repeat):  # interleaved, rotating order: machine drift hits all three alike
+            for name in order[rep % 3:] + order[:rep % 3]:
+                switch[name]()  # the switch is not timed here; only the request is
+                times[name] += samples_ms(score[name], 1)
         scorer.release()
-        for _ in range(repeat):  # interleaved so machine drift hits both alike
-            engine.activate(None)
-            bare += samples_ms(lambda: engine.score_pairs(users, items), 1)
-            engine.activate(folded_node)
-            folded += samples_ms(lambda: engine.score_pairs(users, items), 1)
+        bare, folded, unfolded = times["bare"], times["folded"], times["unfolded"]
         # best-of-n: on a shared, oversubscribed CPU the minimum is the least noisy estimate of the
         # intrinsic cost (folded and bare run the very same ops); medians are reported next to it
         best = {name: min(s) for name, s in (("bare", bare), ("folded", folded), ("unfolded", unfolded))}
@@ -265,6 +272,8 @@ def part_d_recompute(args: argparse.Namespace) -> dict[str, Any] | None:
 
 # -- report ---------------------------------------------------------------------------------------------------
 def verdicts(a: dict[str, Any], b: list[dict[str, Any]]) -> dict[str, Any]:
+    if not a or not b:
+        return {}
     warm = a["hot_swap_warm"]["p50_ms"]
     load_set = a["peft_load_adapter_set_adapter"]["p50_ms"]
     worst_ratio = min(r["folded_vs_bare"] for r in b)
@@ -279,7 +288,7 @@ def verdicts(a: dict[str, Any], b: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def render(payload: dict[str, Any]) -> str:
-    a = payload["results"]["a_switch"]
+    a = payload["results"]["a_switch"] or {}
     rows_a = []
     for name, value in a.items():
         if "error" in value:
@@ -344,6 +353,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random BERT, few repeats (about a minute)")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per measurement")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per scoring request in (b)")
+    parser.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (default a,b,c)")
     args = parser.parse_args()
     torch.manual_seed(0)
     repeat = args.repeat or (5 if args.quick else 20)
@@ -355,10 +365,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
         setup = Setup(args.quick, Path(tmp), max(sizes))
         print(f"model: {setup.model_name}; {len(setup.folders)} adapters written", flush=True)
-        a = part_a_switch(setup, repeat)
+        parts = set(args.parts.split(","))
+        a = part_a_switch(setup, repeat) if "a" in parts else {}
         print("  (a) " + ", ".join(f"{k}: {v.get('p50_ms', v.get('error'))}" for k, v in a.items()), flush=True)
-        b = part_b_throughput(setup, n_pairs, max(3, repeat // 3 if not args.quick else repeat), stacks)
-        c = part_c_merge(setup, sizes)
+        b = part_b_throughput(setup, n_pairs, max(3, repeat // 3 if not args.quick else repeat), stacks) \
+            if "b" in parts else []
+        c = part_c_merge(setup, sizes) if "c" in parts else []
         d = part_d_recompute(args)
     payload = {
         "machine": machine(), "quick": args.quick, "model": setup.model_name,
