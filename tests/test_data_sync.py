@@ -265,3 +265,44 @@ def test_crash_mid_sync_leaves_no_partial_batch(tmp_path, point):
     b = api.batch(bid)
     assert b["rows_in"] == syn.truth["rows"] and accounted(b)
     assert api.verify(bid)["ok"]
+
+
+def test_cross_source_tolerance_across_grid_boundaries(api, tmp_path):
+    """Dedup looks only at rows sharing a (user, item, time bucket) key of one of two grids; pairs
+    straddling either grid's boundary, and pairs exactly one tolerance apart, must still be found."""
+    pairs = [  # (ms in source a, ms in source b, duplicate?)
+        (1_900, 2_100, True),      # crosses a boundary of the first grid (2 s buckets)
+        (10_900, 11_100, True),    # crosses a boundary of the shifted grid (odd seconds)
+        (21_000, 22_000, True),    # exactly one tolerance (1 s) apart
+        (31_000, 32_001, False),   # one millisecond more than the tolerance
+        (41_999, 42_000, True),
+    ]
+    a = ["user_id,item_id,rating,ts"] + [f"u{k},i{k},4,{ta}" for k, (ta, _tb, _d) in enumerate(pairs)]
+    b = ["user_id,item_id,rating,ts"] + [f"u{k},i{k},4,{tb}" for k, (_ta, tb, _d) in enumerate(pairs)]
+    write(tmp_path / "a.csv", "\n".join(a) + "\n")
+    write(tmp_path / "b.csv", "\n".join(b) + "\n")
+    api.add_source("a", tmp_path / "a.csv", ts_format="epoch_ms")
+    api.add_source("b", tmp_path / "b.csv", ts_format="epoch_ms")
+    [bid] = api.sync()
+    b1 = api.batch(bid)
+    want = sum(d for _a, _b, d in pairs)
+    assert b1["duplicates_by_kind"] == {"cross_source": want} and accounted(b1)
+    dups = {d["user_id"] for d in api.duplicates()}
+    assert dups == {f"u{k}" for k, (_a, _b, d) in enumerate(pairs) if d}
+    assert all(d["source"] == "b" for d in api.duplicates())  # the earlier copy is kept
+    # the same events again in a new file: earlier_batch through the same grids
+    again = [f"u{k},i{k},4,{tb}" for k, (_ta, tb, _d) in enumerate(pairs)] + ["u99,i99,4,99000"]
+    write(tmp_path / "c.csv", "\n".join(["user_id,item_id,rating,ts", *again]) + "\n")
+    api.add_source("c", tmp_path / "c.csv", ts_format="epoch_ms")
+    [bid2] = api.sync()
+    b2 = api.batch(bid2)
+    assert b2["duplicates_by_kind"] == {"earlier_batch": len(pairs)} and b2["rows_kept"] == 1
+
+
+def test_sync_restores_duckdb_compression_setting(api, tmp_path):
+    write(tmp_path / "e.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\n")
+    api.add_source("e", tmp_path / "e.csv", ts_format="epoch_s")
+    before = api.catalog.query("SELECT current_setting('disabled_compression_methods') AS v")[0]["v"]
+    api.sync()
+    after = api.catalog.query("SELECT current_setting('disabled_compression_methods') AS v")[0]["v"]
+    assert after == before

@@ -146,7 +146,9 @@ def interaction_sql(
         WHEN unknown_user THEN 'unknown_user'
         WHEN unknown_item THEN 'unknown_item'
     END"""
+    # the reason in words, only for the few rows with a rule (a clean row stops at the first WHEN)
     detail = f"""CASE
+        WHEN rule IS NULL THEN NULL
         WHEN user_id IS NULL THEN 'user_id is empty'
         WHEN item_id IS NULL THEN 'item_id is empty'
         WHEN {_absent(raw_ts, num_ts, 'ts')} THEN 'ts is empty'
@@ -177,13 +179,11 @@ def interaction_sql(
     """
     keep_raw = "true" if src.option("max_events_per_minute") else "rule IS NOT NULL"
     ruled = f"""
-        SELECT fidx, user_id, item_id, ts, rating, CAST({label} AS TINYINT) AS label, source_event_id,
-               {rule} AS rule, {detail} AS detail{"".join(f", {a}" for a in (raw_ts, raw_rating, raw_label) if a)}
-        FROM ({checked})
+        SELECT *, CAST({label} AS TINYINT) AS label, {rule} AS rule FROM ({checked})
     """
     return f"""
         SELECT CAST({int(sidx)} AS UTINYINT) AS sidx, fidx, user_id, item_id, ts, rating, label, source_event_id,
-               rule, detail,
+               rule, {detail} AS detail,
                CASE WHEN {keep_raw} THEN {ts_raw} END AS ts_raw,
                CASE WHEN {keep_raw} THEN {rating_raw} END AS rating_raw,
                CASE WHEN {keep_raw} THEN {label_raw} END AS label_raw
