@@ -674,6 +674,22 @@ def score(
             target.close()
 
 
+@app.command()
+def demo(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option(help="Tiny random BERT + synthetic stream: the whole flow in ~1 min.")] = False,
+    full: Annotated[bool, typer.Option(help="The whole MovieLens stream, no subsampling (hours on CPU).")] = False,
+    report: Annotated[Path | None, typer.Option(help="Report folder (default ROOT/report).")] = None,
+) -> None:
+    """The MovieLens incremental-update demo: sync, train, gated weekly updates, lineage, compaction,
+    rollback followed by a running scorer, recomputed recommendations, and a report folder."""
+    from adapters_mgr.demo import run_demo
+
+    state: CliState = ctx.obj
+    root = Path(state.root) if state.root is not None else Path(".adapters-demo")
+    run_demo(root, quick=quick, full=full, report_dir=report)
+
+
 def _mount_optional_apps() -> None:
     """Sub-apps that live with their subsystem (the data side); absent ones are simply not mounted."""
     try:
