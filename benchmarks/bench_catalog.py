@@ -170,7 +170,7 @@ def main() -> None:
     md += ("\nEach figure is the public API's latency in a warm process, including the open/close of the "
            "short-lived catalog attachment every call makes (an ATTACH/DETACH of the file, ~2 ms). "
            "The CLI column is a whole `adapters-mgr ls --json` process, interpreter start included.\n")
-    json_path, md_path = write_results("bench_catalog", payload, md)
+    json_path, md_path = write_results("bench_catalog_quick" if args.quick else "bench_catalog", payload, md)
     print(md)
     print(f"wrote {json_path} and {md_path}")
 
