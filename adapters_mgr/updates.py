@@ -342,6 +342,12 @@ def run_update(
         parents=[(str(f), w) for f, w in folders], new_weight=cfg.new_weight, mode=mode,
         eval_examples=eval_examples, progress=progress,
     )
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch / torchrun: one process registers
+        result.release()
+        return UpdateResult(0, 0, dict(result.metrics), None, None, False, train_ids, eval_ids,
+                            time.perf_counter() - started, extra={"role": "worker"})
     tmp = Path(tempfile.mkdtemp(prefix="update-", dir=mgr.store.tmp if mgr.store.tmp.exists() else None))
     try:
         result.save(tmp / "adapter")
