@@ -429,22 +429,11 @@ class AdapterManager:
                 if con.execute("SELECT 1 FROM batches WHERE id = ?", [batch_id]).fetchone() is None:
                     raise NotFound(f"no data batch {batch_id!r}; list them with `adapters-mgr data batches`")
 
-    def _insert_node(
-        self,
-        *,
-        name: str,
-        kind: str,
-        task: str | None,
-        base_id: str,
-        parents: list[ParentSpec],
-        links: list[tuple[str, str]],
-        columns: dict[str, Any],
-        stack_mode: str | None = None,
-    ) -> int:
-        """One transaction: the node row with the next version of its name, its edges, batch links, event."""
+    def _insert_node(self, **node: Any) -> int:
+        """One transaction: the node row with the next version of its name, its edges, batch links, event.
+        Takes the keyword arguments of :meth:`_insert_node_in`."""
         with self.catalog.transaction() as con:
-            node_id = self._insert_node_in(con, name=name, kind=kind, task=task, base_id=base_id, parents=parents,
-                                           links=links, columns=columns, stack_mode=stack_mode)
+            node_id = self._insert_node_in(con, **node)
             maybe_crash("register:in_txn")
         return node_id
 
