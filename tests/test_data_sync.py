@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapters_mgr.catalog.db import Catalog
-from adapters_mgr.data import synthetic
+from adapters_mgr.data import classify, synthetic
 from adapters_mgr.data.api import DataAPI
 from adapters_mgr.errors import Conflict, InvalidInput, NotFound
 
@@ -268,14 +268,19 @@ def test_crash_mid_sync_leaves_no_partial_batch(tmp_path, point):
 
 
 def test_cross_source_tolerance_across_grid_boundaries(api, tmp_path):
-    """Dedup looks only at rows sharing a (user, item, time bucket) key of one of two grids; pairs
-    straddling either grid's boundary, and pairs exactly one tolerance apart, must still be found."""
+    """Dedup looks only at rows sharing a (user, item, time bucket) key or a bucket-boundary key;
+    pairs straddling a boundary (before 1970 too), and pairs exactly one tolerance apart, must
+    still be found."""
+    edge = classify.GRID * 1000  # bucket width in ms for the default 1 s tolerance
     pairs = [  # (ms in source a, ms in source b, duplicate?)
-        (1_900, 2_100, True),      # crosses a boundary of the first grid (2 s buckets)
-        (10_900, 11_100, True),    # crosses a boundary of the shifted grid (odd seconds)
-        (21_000, 22_000, True),    # exactly one tolerance (1 s) apart
-        (31_000, 32_001, False),   # one millisecond more than the tolerance
-        (41_999, 42_000, True),
+        (edge - 100, edge + 100, True),            # straddles a bucket boundary
+        (2 * edge - 1, 2 * edge, True),            # straddles it by one millisecond
+        (3 * edge - 500, 3 * edge + 500, True),    # exactly one tolerance (1 s) apart, across a boundary
+        (4 * edge - 500, 4 * edge + 501, False),   # one millisecond more than the tolerance
+        (5 * edge + 300, 5 * edge + 1300, True),   # exactly one tolerance apart inside a bucket
+        (-edge - 100, -edge + 100, True),          # before 1970: division truncates toward zero
+        (-400, 400, True),                         # around zero
+        (7 * edge + 10, 7 * edge + 20, True),
     ]
     a = ["user_id,item_id,rating,ts"] + [f"u{k},i{k},4,{ta}" for k, (ta, _tb, _d) in enumerate(pairs)]
     b = ["user_id,item_id,rating,ts"] + [f"u{k},i{k},4,{tb}" for k, (_ta, tb, _d) in enumerate(pairs)]

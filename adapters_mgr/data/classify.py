@@ -7,13 +7,14 @@ batches. A row gets at most one outcome, so rows in = kept + quarantined + dupli
 construction.
 
 Why candidates first: almost every row is unique, and sorting all of them by (user, item, time)
-to compare neighbours was most of a sync's time. Two rows within ``tolerance`` of each other
-always share a bucket of one of two time grids (width 2*tolerance, the second shifted by one
-tolerance), so grouping by (hash(user, item), bucket) finds a small superset of the rows that can
-be duplicates; the exact window logic then runs on those rows only and gives the same answer as
-running it on all rows (a row's nearest earlier neighbour is a candidate whenever it matters).
-Likewise shared event ids are found by grouping 64-bit hashes first. The outcome of dedup is the
-small table ``_dup (rid, kind)`` of ``_stage`` row ids; nothing large is rewritten.
+to compare neighbours was most of a sync's time. Time is cut into buckets ``GRID`` tolerances
+wide; two rows within a tolerance of each other either share a bucket or both lie within a
+tolerance of the same bucket boundary (a few percent of rows are that close to one). So grouping
+64-bit hashes of (user, item, bucket) and of (user, item, boundary) finds a small superset of the
+rows that can be duplicates; the exact window logic then runs on those rows only and gives the
+same answer as running it on all rows (a row's nearest earlier neighbour is a candidate whenever
+it matters). Likewise shared event ids are found by grouping their hashes first. The outcome of
+dedup is the small table ``_dup (rid, kind)`` of ``_stage`` row ids; nothing large is rewritten.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ RULES = (
     "unknown_user", "unknown_item", "noise_burst",
 )
 DUP_KINDS = ("exact", "same_event_id", "cross_source", "earlier_batch")
+# Candidate time buckets are GRID tolerances wide; a pair within a tolerance either shares a bucket
+# or lies within a tolerance of the same bucket boundary (about 2/GRID of the rows are that close).
+GRID = 32
 
 
 def entity_checks(con: duckdb.DuckDBPyConnection) -> tuple[bool, bool]:
@@ -56,6 +60,17 @@ def apply_noise_rules(con: duckdb.DuckDBPyConnection, sources: list[Source]) -> 
         )
 
 
+def _zone(t: str, width: int, tol_us: int) -> str:
+    """SQL: the index of the bucket boundary within a tolerance (+1 us) of ``t``, else NULL.
+
+    ``//`` and ``%`` truncate toward zero, so buckets change between k*width - 1 and k*width for
+    positive times and between -k*width and -k*width + 1 for negative ones: either way both rows
+    of a pair straddling a boundary lie within tolerance + 1 of the same multiple of ``width``.
+    """
+    return (f"CASE WHEN abs({t} % {width}) <= {tol_us + 1} THEN {t} // {width} "
+            f"WHEN abs({t} % {width}) >= {width - tol_us - 1} THEN {t} // {width} + sign({t}) END")
+
+
 def _source_columns(sources: list[Source]) -> tuple[str, str]:
     """SQL for the name and the priority of a staged row's source (rows carry only ``sidx``)."""
     names = sql_literal([s.name for s in sources])
@@ -79,37 +94,38 @@ def classify(
     a ``source_event_id`` keep the best-priority, earliest one.
     """
     tol_us = int(tolerance.total_seconds() * 1_000_000)
-    width = 2 * max(tol_us, 1)
-    half = width // 2
+    width = GRID * max(tol_us, 1)
     source, prio = _source_columns(sources)
     cross = f"prev_source <> source AND t - prev_t <= {tol_us}" if multi_source else "false"
-    # one scan: per clean row a 64-bit key per time grid (even / odd bucket numbers keep the grids
-    # apart) and one for its event id; keys seen more than once mark the candidates (a hash
-    # collision only adds a candidate, never loses one). Three separate aggregates are cheaper
-    # than one over the union (smaller hash tables).
+    # one scan: per clean row a 64-bit key for its (user, item, time bucket), one for its boundary
+    # zone (only rows within a tolerance of a bucket boundary have one) and one for its event id;
+    # keys seen more than once mark the candidates (a hash collision only adds a candidate, never
+    # loses one). Three separate aggregates are cheaper than one over their union.
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _keys AS
-        SELECT rowid AS rid, hash(user_id, item_id, 2 * (epoch_us(ts) // {width})) AS ha,
-               hash(user_id, item_id, 2 * ((epoch_us(ts) + {half}) // {width}) + 1) AS hb,
+        SELECT rid, hash(user_id, item_id, t // {width}) AS ha,
+               CASE WHEN zone IS NOT NULL THEN hash(user_id, item_id, zone) END AS hb,
                CASE WHEN source_event_id IS NOT NULL THEN hash(source_event_id) END AS he
-        FROM _stage WHERE rule IS NULL
+        FROM (SELECT *, {_zone('t', width, tol_us)} AS zone FROM (
+            SELECT rowid AS rid, user_id, item_id, epoch_us(ts) AS t, source_event_id FROM _stage WHERE rule IS NULL))
         """
     )
     con.execute(
         """
         CREATE OR REPLACE TEMP TABLE _multi AS
-        SELECT ha AS h FROM _keys GROUP BY 1 HAVING count(*) > 1
-        UNION ALL SELECT hb FROM _keys GROUP BY 1 HAVING count(*) > 1
-        UNION ALL SELECT he FROM _keys WHERE he IS NOT NULL GROUP BY 1 HAVING count(*) > 1
+        SELECT ha AS h, 0 AS family FROM _keys GROUP BY 1 HAVING count(*) > 1
+        UNION ALL SELECT hb, 1 FROM _keys WHERE hb IS NOT NULL GROUP BY 1 HAVING count(*) > 1
+        UNION ALL SELECT he, 2 FROM _keys WHERE he IS NOT NULL GROUP BY 1 HAVING count(*) > 1
         """
     )
     con.execute(
         """
         CREATE OR REPLACE TEMP TABLE _cand AS
         SELECT * FROM (
-            SELECT rid, ha IN (SELECT h FROM _multi) OR hb IN (SELECT h FROM _multi) AS near,
-                   coalesce(he IN (SELECT h FROM _multi), false) AS shared
+            SELECT rid, ha IN (SELECT h FROM _multi WHERE family = 0)
+                        OR coalesce(hb IN (SELECT h FROM _multi WHERE family = 1), false) AS near,
+                   coalesce(he IN (SELECT h FROM _multi WHERE family = 2), false) AS shared
             FROM _keys)
         WHERE near OR shared
         """
@@ -164,25 +180,25 @@ def classify(
     ).fetchone()
     if lo is None:
         return
-    # earlier batches: the same (user, item) within the tolerance, found through the same two time
-    # grids (hash joins on (user, item, bucket), then the exact test), or the same source_event_id
+    # earlier batches: the same (user, item) within the tolerance, found through the same buckets and
+    # boundary zones (hash joins on (user, item, bucket), then the exact test), or the same event id
     con.execute(
         f"""
         INSERT INTO _dup
         WITH n AS MATERIALIZED (
-            SELECT rowid AS rid, user_id, item_id, epoch_us(ts) AS t, source_event_id FROM _stage
-            WHERE rule IS NULL AND rowid NOT IN (SELECT rid FROM _dup)),
+            SELECT *, t // {width} AS b, {_zone('t', width, tol_us)} AS z FROM (
+                SELECT rowid AS rid, user_id, item_id, epoch_us(ts) AS t, source_event_id FROM _stage
+                WHERE rule IS NULL AND rowid NOT IN (SELECT rid FROM _dup))),
         p AS MATERIALIZED (
-            SELECT user_id, item_id, epoch_us(ts) AS t FROM interactions
-            WHERE ts BETWEEN ?::TIMESTAMPTZ - INTERVAL ({tol_us}) MICROSECOND
-                         AND ?::TIMESTAMPTZ + INTERVAL ({tol_us}) MICROSECOND),
+            SELECT *, t // {width} AS b, {_zone('t', width, tol_us)} AS z FROM (
+                SELECT user_id, item_id, epoch_us(ts) AS t FROM interactions
+                WHERE ts BETWEEN ?::TIMESTAMPTZ - INTERVAL ({tol_us}) MICROSECOND
+                             AND ?::TIMESTAMPTZ + INTERVAL ({tol_us}) MICROSECOND)),
         hit AS (
-            SELECT n.rid FROM n JOIN p ON n.user_id = p.user_id AND n.item_id = p.item_id
-                AND n.t // {width} = p.t // {width}
+            SELECT n.rid FROM n JOIN p ON n.user_id = p.user_id AND n.item_id = p.item_id AND n.b = p.b
             WHERE abs(n.t - p.t) <= {tol_us}
             UNION
-            SELECT n.rid FROM n JOIN p ON n.user_id = p.user_id AND n.item_id = p.item_id
-                AND (n.t + {half}) // {width} = (p.t + {half}) // {width}
+            SELECT n.rid FROM n JOIN p ON n.user_id = p.user_id AND n.item_id = p.item_id AND n.z = p.z
             WHERE abs(n.t - p.t) <= {tol_us}
             UNION
             SELECT rid FROM n WHERE source_event_id IN (
