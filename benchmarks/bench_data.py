@@ -115,6 +115,7 @@ def main() -> None:
             "accounting_matches_truth": ok, "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_rss_mb_after_bare": round(bare_rss, 1),
             "target_rows_per_s": 1_000_000, "target_ratio": 3.0,
+            "meets_throughput_target": rows / sync_s >= 1_000_000, "meets_ratio_target": sync_s / bare_s <= 3.0,
             "meets_targets": rows / sync_s >= 1_000_000 and sync_s / bare_s <= 3.0,
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()} {platform.release()}",
             "python": platform.python_version(), "duckdb": duckdb.__version__,
@@ -133,8 +134,10 @@ def main() -> None:
         f"| {sync_cpu:.2f} |",
         f"| bare DuckDB load + DISTINCT | {bare_s:.2f} | {rows / bare_s:,.0f} | {bare_cpu:.2f} |",
         f"| re-sync, nothing new | {resync_s:.3f} | - | - |", "",
-        f"Ratio sync / bare: **{sync_s / bare_s:.2f}x** (target <= 3x); throughput target >= 1,000,000 rows/s: "
-        f"**{'met' if result['meets_targets'] else 'not met'}**. CPU-time ratio {result['cpu_ratio_sync_vs_bare']}x "
+        f"Ratio sync / bare: **{sync_s / bare_s:.2f}x** (target <= 3x: "
+        f"**{'met' if result['meets_ratio_target'] else 'not met'}**); throughput target >= 1,000,000 rows/s: "
+        f"**{'met' if result['meets_throughput_target'] else 'not met'}** (the bare run itself: "
+        f"{rows / bare_s:,.0f} rows/s). CPU-time ratio {result['cpu_ratio_sync_vs_bare']}x "
         f"(1-minute load average at the end: {result['load_avg_1m_at_end']}; the machine is shared). "
         f"Peak RSS {result['peak_rss_mb']:.0f} MB (after the bare run: {bare_rss:.0f} MB). "
         f"Accounting matches the injected truth: {ok}.", "",

@@ -311,3 +311,16 @@ def test_sync_restores_duckdb_compression_setting(api, tmp_path):
     api.sync()
     after = api.catalog.query("SELECT current_setting('disabled_compression_methods') AS v")[0]["v"]
     assert after == before
+
+
+def test_glob_source_records_the_file_of_each_quarantined_and_duplicate_row(api, tmp_path):
+    f1 = write(tmp_path / "g" / "1.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\n,i2,5,1001\n")
+    f2 = write(tmp_path / "g" / "2.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\nu3,i3,9,1002\n")
+    api.add_source("g", str(tmp_path / "g" / "*.csv"), ts_format="epoch_s")
+    [bid] = api.sync()
+    b = api.batch(bid)
+    assert b["rows_in"] == 4 and b["rows_kept"] == 1 and accounted(b)
+    files = {q["rule"]: Path(q["file"]).name for q in api.quarantine(bid)}
+    assert files == {"missing_key": f1.name, "rating_out_of_range": f2.name}
+    [dup] = api.duplicates()
+    assert dup["kind"] == "exact" and Path(dup["file"]).name == f2.name  # the copy in the later file

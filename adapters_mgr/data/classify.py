@@ -143,7 +143,7 @@ def classify(
                 lag(source) OVER w AS prev_source, lag(t) OVER w AS prev_t,
                 lag(rating) OVER w AS prev_rating, lag(label) OVER w AS prev_label,
                 lag(source_event_id) OVER w AS prev_event
-            FROM cand c JOIN files f USING (sidx, fidx)
+            FROM cand c LEFT JOIN files f USING (sidx, fidx)
             WINDOW w AS (PARTITION BY user_id, item_id ORDER BY ts, prio, rating, label, source_event_id, f.path))
         SELECT rid, CASE
                 WHEN prev_source = source AND prev_t = t AND prev_rating IS NOT DISTINCT FROM rating

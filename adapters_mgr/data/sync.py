@@ -285,7 +285,7 @@ def _write_batches(
         INSERT INTO quarantine
         SELECT ?, m.batch_id, {names}[sidx + 1], rule, detail, f.path, {raw_row_json(sources)}
         FROM (SELECT {bno.sql} AS bno, * FROM _stage WHERE rule IS NOT NULL) q
-        JOIN _bmap m USING (bno) JOIN _files f USING (sidx, fidx)
+        JOIN _bmap m USING (bno) LEFT JOIN _files f USING (sidx, fidx)
         """,
         [sync_id],
     )
@@ -294,7 +294,7 @@ def _write_batches(
         INSERT INTO duplicates
         SELECT ?, m.batch_id, {names}[sidx + 1], d.kind, s.user_id, s.item_id, s.ts, s.source_event_id, f.path
         FROM _dupb d JOIN (SELECT rowid AS rid, * FROM _stage) s USING (rid) JOIN _bmap m ON m.bno = d.bno
-        JOIN _files f USING (sidx, fidx)
+        LEFT JOIN _files f USING (sidx, fidx)
         """,
         [sync_id],
     )
