@@ -155,3 +155,61 @@ def test_concurrent_switching_never_mixes_nodes(trained):
         t.join()
     scorer.close()
     assert not errors
+
+
+def test_recompute_changed_users_only_and_crash_keeps_previous_lists(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    mgr, _, ids = trained
+    mgr.recompute("retrieval", users="all", k=5, progress=False)
+    before = mgr.recommendations(alias="retrieval")
+    # new events for two users arrive, later than everything so far
+    last = max(b["ts_max"] for b in mgr.data.batches())
+    users = sorted({r["user_id"] for r in before})[:2]
+    items = sorted({str(r["item_id"]) for r in mgr.data.interactions()})[:2]
+    path = tmp_path / "late.csv"
+    lines = ["user_id,item_id,rating,ts"]
+    for n, (u, i) in enumerate(zip(users, items, strict=True)):
+        ts = int((last + timedelta(minutes=5 + n)).timestamp() * 1000)
+        lines.append(f"{u},{i},5,{ts}")
+    path.write_text("\n".join(lines) + "\n")
+    mgr.data.add_source("late", str(path), mapping={"user_id": "user_id", "item_id": "item_id", "rating": "rating",
+                                                    "ts": "ts"}, ts_format="epoch_ms")
+    assert mgr.data.sync()
+    changed = mgr.recompute("retrieval", users="changed", k=5, progress=False)
+    assert changed["users"] == 2
+    now = mgr.recommendations(alias="retrieval")
+    fresh = {r["user_id"] for r in now if r["run_id"] == changed["run_id"]}
+    assert fresh == set(users)
+    untouched = [r for r in now if r["user_id"] not in users]
+    assert untouched == [r for r in before if r["user_id"] not in users]
+
+    # a crash inside the write transaction: readers keep the previous complete lists
+    code = ("import sys; from adapters_mgr import AdapterManager; "
+            "AdapterManager(sys.argv[1]).recompute('retrieval', users='all', k=5, progress=False)")
+    proc = subprocess.run([sys.executable, "-c", code, str(mgr.root)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ADAPTERS_MGR_FAULT": "recompute:in_txn"})
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    assert mgr.recommendations(alias="retrieval") == now
+
+
+def test_scorer_polling_follows_the_alias(trained):
+    import time
+
+    mgr, _, ids = trained
+    mgr.promote(ids["s1"], "poll")
+    scorer = mgr.scorer("poll")
+    scorer.start_polling(0.05)
+    try:
+        mgr.promote(ids["s2"], "poll")
+        deadline = time.monotonic() + 10
+        while scorer.active != ids["s2"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scorer.active == ids["s2"]
+    finally:
+        scorer.close()
+    with pytest.raises(InvalidInput):
+        scorer.start_polling(0)
