@@ -1,0 +1,69 @@
+"""The incremental benchmark's --quick mode runs end to end (tiny BERT, synthetic stream), so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def test_bias_knn_popularity_baselines() -> None:
+    from adapters_mgr.baselines import BiasModel, ItemKNN, evaluate_retrieval, popularity
+    from adapters_mgr.training.examples import RetrievalEvalSet, as_interactions
+
+    users = ["u1", "u1", "u2", "u2", "u3", "u3"]
+    items = ["good", "bad", "good", "bad", "good", "bad"]
+    labels = [1, 0, 1, 0, 1, 1]
+    model = BiasModel(1.0, 1.0).fit(users, items, labels)
+    p = model.predict(["u1", "u9"], ["good", "bad"])
+    assert p[0] > p[1] and model.evaluate(users, items, labels)["auc"] > 0.5
+    assert model.predict(["new"], ["new"])[0] == np.clip(model.mu, 1e-3, 1 - 1e-3)
+
+    catalog = ["a", "b", "c", "d"]
+    assert popularity(["a", "a", "c", "zz"], catalog).tolist() == [2, 0, 1, 0]
+    knn = ItemKNN(k=2, shrink=0.0).fit(["x", "x", "y", "y", "z"], ["a", "b", "a", "b", "a"], catalog)
+    scores = knn.scores(["z", "cold"])
+    assert scores[0, 1] > scores[0, 2] and scores.shape == (2, 4)  # z liked a -> b (co-liked with a) first
+    rows = as_interactions({"user_id": ["z"], "item_id": ["b"], "user_text": ["z"], "item_text": ["b"]},
+                           need_labels=False)
+    eval_set = RetrievalEvalSet(rows, {c: c for c in catalog}, {"z": {"a"}})
+    out = evaluate_retrieval(lambda u, i: knn.scores(u), eval_set, k=1)
+    assert out["hr@1"] == 1.0 and out["users"] == 1
+
+
+def test_quick_runs_end_to_end(tmp_path: Path) -> None:
+    from benchmarks import bench_incremental as bench
+
+    out = tmp_path / "results"
+    payload = bench.main(["--quick", "--periods", "2", "--out", str(out), "--workdir", str(tmp_path / "work")])
+    data = json.loads((out / "bench_incremental_quick.json").read_text())
+    assert (out / "bench_incremental_quick.md").read_text().startswith("# Incremental-learning benchmark")
+    assert (out / "bench_incremental_quick.png").stat().st_size > 1000
+    periods = [p["t"] for p in data["periods"]]
+    assert len(periods) == 2 and payload["config"]["quick"]
+    for key in bench.RANKER:
+        entries = data["results"]["ranker"][key]
+        assert [e["period"] for e in entries] == periods, key
+        for e in entries:
+            for metric in ("auc", "gauc"):
+                assert e["metrics"][metric] is not None and math.isfinite(e["metrics"][metric]), (key, metric)
+            assert e["metrics"]["n_eval"] == data["periods"][0]["ranker_eval_rows"] or e["period"] != periods[0]
+            assert math.isfinite(e["wall_s"]) and e["bytes"] >= 0
+    for key in bench.RETRIEVER:
+        entries = data["results"]["retriever"][key]
+        assert [e["period"] for e in entries] == periods, key
+        for e in entries:
+            for metric in ("ndcg@10", "recall@10"):
+                assert e["metrics"][metric] is not None and math.isfinite(e["metrics"][metric]), (key, metric)
+    # every ranker strategy scored the same eval rows
+    for i in range(len(periods)):
+        assert len({data["results"]["ranker"][k][i]["metrics"]["n_eval"] for k in bench.RANKER}) == 1
+    names = {v["target"] for v in data["summary"]["targets"]}
+    assert any("bias model" in n for n in names) and any("(e)" in n for n in names)
+    for key in bench.INCREMENTAL:
+        assert 0 < data["summary"]["ranker"][key]["mean_bytes"] < data["base_bytes"]
