@@ -7,7 +7,7 @@ Two synthetic sources (Parquet with epoch ms, CSV with ISO times in three zone s
 (exact and cross-source) and 1% bad rows of every kind, plus user and item entity sources. Both
 runs read the same files in one process, one after the other; DuckDB threads are limited to
 --threads (default 2, the target machine). Peak memory is the process's max RSS.
-Writes benchmarks/results/bench_data.json and bench_data.md.
+Writes benchmarks/results/bench_data.json and bench_data.md (bench_data_quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_data.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "bench_data_quick" if args.quick else "bench_data"  # a quick run never overwrites the full figures
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Data sync benchmark", "",
         f"{rows:,} synthetic rows from two sources (1% duplicates, 1% bad rows), DuckDB threads={args.threads}, "
@@ -142,7 +143,7 @@ def main() -> None:
         f"Peak RSS {result['peak_rss_mb']:.0f} MB (after the bare run: {bare_rss:.0f} MB). "
         f"Accounting matches the injected truth: {ok}.", "",
     ]
-    (RESULTS / "bench_data.md").write_text("\n".join(md))
+    (RESULTS / f"{name}.md").write_text("\n".join(md))
     print(json.dumps(result, indent=2))
 
 
