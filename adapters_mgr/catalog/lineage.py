@@ -12,7 +12,7 @@ from typing import Any
 import duckdb
 
 from adapters_mgr.catalog.db import fetch_dicts, from_json
-from adapters_mgr.catalog.records import ADAPTER_SELECT, Adapter
+from adapters_mgr.catalog.records import ADAPTER_SUMMARY_SELECT, Adapter, adapter_from_summary
 
 _WALK = """
 WITH RECURSIVE walk(id, depth) AS (
@@ -41,7 +41,10 @@ class Edge:
 
 @dataclass
 class Lineage:
-    """A node with everything upstream (what it came from) and downstream (what came from it)."""
+    """A node with everything upstream (what it came from) and downstream (what came from it).
+
+    ``nodes`` hold summaries (no ``peft_config`` / ``hyperparams``; ``get(id)`` has them), except the root.
+    """
 
     root: Adapter
     ancestors: dict[int, int] = field(default_factory=dict)  # id -> depth (1 = parent)
@@ -102,9 +105,11 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root: Adapter, *, max_depth: in
     lin.ancestors = walk(con, root.id, up=True, max_depth=max_depth)
     lin.descendants = walk(con, root.id, up=False, max_depth=max_depth)
     ids = sorted({root.id, *lin.ancestors, *lin.descendants})
-    for row in fetch_dicts(con, ADAPTER_SELECT + " WHERE a.id IN (SELECT unnest(?::INTEGER[]))", [ids]):
-        node = Adapter.from_row(row)
+    for values in con.execute(ADAPTER_SUMMARY_SELECT + " WHERE a.id IN (SELECT unnest(?::INTEGER[]))",
+                              [ids]).fetchall():
+        node = adapter_from_summary(values)
         lin.nodes[node.id] = node
+    lin.nodes[root.id] = root  # the root keeps its full record
     # Edges inside the sub-graph: ancestor edges (child side in {root}∪ancestors) and descendant
     # edges (parent side in {root}∪descendants).
     up_ids = [root.id, *lin.ancestors]
