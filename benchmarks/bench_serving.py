@@ -269,8 +269,9 @@ def part_d_recompute(args: argparse.Namespace) -> dict[str, Any] | None:
     from benchmarks._recompute import recompute_timing
 
     result = recompute_timing(args.quick)
-    print(f"  (d) {result['users']} users: retriever {result['retriever_only_s']:.1f}s, "
-          f"+ ranker top-50 {result['retriever_plus_ranker_top50_s']:.1f}s", flush=True)
+    print(f"  (d) {result['users']} users: retriever {result['retriever_only_s']:.1f}s; retriever + ranker top-50 "
+          f"{result['retriever_plus_ranker_top50_s']:.1f}s for {result['two_stage_users_measured']} users "
+          f"(~{result['two_stage_all_users_s_extrapolated']:.0f}s for all, extrapolated)", flush=True)
     return result
 
 
