@@ -498,6 +498,13 @@ def projection(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def auc_se(a: float, n: int) -> float:
+    """Hanley-McNeil standard error of an AUC with n/2 positives and n/2 negatives."""
+    n_pos = n_neg = max(n / 2.0, 1.0)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    return math.sqrt((a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg))
+
+
 def fmt(x: Any, nd: int = 4) -> str:
     if x is None:
         return "–"
@@ -550,6 +557,11 @@ def render(payload: dict[str, Any]) -> str:
     md.append(md_table(rows, ["strategy", *[f"t={t}" for t in ts], "mean AUC", "mean GAUC"]))
     md.append(f"Initial ranker on batch {payload['periods'][0]['train_batch']} (its own next batch): AUC "
               f"{fmt(payload['initial']['ranker'].get('auc'))}.\n")
+    n_eval = payload["periods"][0].get("ranker_eval_rows") or c["eval_rows"]
+    md.append(f"Noise: with {n_eval} eval rows per period, one AUC near 0.65 has a standard error of about "
+              f"{auc_se(0.65, n_eval):.3f} (Hanley-McNeil, balanced labels); the mean over {len(ts)} periods about "
+              f"{auc_se(0.65, n_eval) / math.sqrt(len(ts)):.3f}. Differences between strategies are paired (same "
+              "rows), so somewhat less noisy, but margins of 0.005 are within this noise.\n")
     md.append("## Retriever: next-period NDCG@10 (Recall@10 in the last columns)\n")
     rows = []
     for key, label in RETRIEVER.items():
@@ -597,6 +609,10 @@ def render(payload: dict[str, Any]) -> str:
     md.append("## Where BERT loses\n")
     md.extend(f"- {line}" for line in payload.get("losses", []))
     md.append("")
+    if payload.get("notes"):
+        md.append("## Notes\n")
+        md.extend(f"- {note}" for note in payload["notes"])
+        md.append("")
     md.append("Reproduce: `" + payload["command"] + "`\n")
     return "\n".join(md) + "\n"
 
@@ -682,7 +698,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 5e-4; 5e-3 with --quick)")
+    p.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 2e-3; 5e-3 with --quick)")
     p.add_argument("--ft-lr", type=float, default=None, help="full fine-tuning lr (default 5e-5; 5e-4 quick)")
     p.add_argument("--ft-rows-fraction", type=float, default=None,
                    help="(f) trains on this fraction of (e)'s rows (default 0.5; 1 quick)")
@@ -694,6 +710,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--knn-k", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-rows", type=int, default=2400)
+    p.add_argument("--note", action="append", default=[], help="a note for the Markdown (repeatable)")
     p.add_argument("--render-only", type=Path, default=None,
                    help="re-write the Markdown and PNG (and summary) from an existing results JSON")
     args = p.parse_args(argv)
@@ -704,7 +721,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "periods": 3 if q else 5, "init_rows": 300 if q else 1000, "week_rows": 100 if q else 250,
                 "eval_rows": 200 if q else 500, "retriever_init_rows": 300 if q else 800,
                 "retriever_week_rows": 100 if q else 250, "max_length": 48 if q else 64,
-                "batch_size": 16 if q else 32, "lr": 5e-3 if q else 5e-4, "ft_lr": 5e-4 if q else 5e-5,
+                "batch_size": 16 if q else 32, "lr": 5e-3 if q else 2e-3, "ft_lr": 5e-4 if q else 5e-5,
                 "ft_rows_fraction": 1.0 if q else 0.5}
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -716,6 +733,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render_only is not None:
         payload = json.loads(args.render_only.read_text())
+        if args.note:
+            payload["notes"] = list(args.note)
         payload["projection"] = projection(payload)
         payload["summary"] = summarise(payload)
         payload["losses"] = losses(payload)
@@ -759,6 +778,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "initial_rows_total": int(sum(b["num_rows"] for b in bench.batches[: args.init_weeks])),
         "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "peak_rss_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "notes": list(args.note),
         **body,
     }
     payload["wall_s"] = time.perf_counter() - clock.started
