@@ -31,12 +31,13 @@ class DemoSettings:
     initial_weeks: int = 20
     updates: int = 4
     initial_rows: int = 1600
-    update_rows: int = 600
+    update_rows: int = 400
+    replay_ratio: float = 1.0
     eval_rows: int = 500
     retriever_rows: int = 1500
     max_length: int = 48
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     policy: str = "stack"
     tolerance: float = 0.0
     compact_depth: int = 3
@@ -153,6 +154,11 @@ class Demo:
         return dict(max_train_rows=rows, max_eval_rows=self.s.eval_rows, max_length=self.s.max_length,
                     epochs=self.s.epochs, lr=self.s.lr, seed=self.s.seed, base=self.base_id)
 
+    def _update_knobs(self) -> dict[str, Any]:
+        """Weekly updates replay as many earlier rows as they have new ones: in the side-by-side
+        benchmark (benchmarks/bench_incremental.py) replay was the best incremental policy."""
+        return {**self._knobs(self.s.update_rows), "replay_ratio": self.s.replay_ratio}
+
     def initial(self, batches: list[dict[str, Any]]) -> None:
         self.step("2. train the initial adapters on the first weeks, promote to production")
         first = [b["id"] for b in batches[: self.s.initial_weeks]]
@@ -170,7 +176,7 @@ class Demo:
 
     # -- 3. weekly updates through the gate -------------------------------------------------------------
     def updates(self, batches: list[dict[str, Any]]) -> None:
-        self.step(f"3. weekly incremental updates ({self.s.policy}) through the promotion gate")
+        self.step(f"3. weekly incremental updates ({self.s.policy} + replay) through the promotion gate")
         initial_id = self.mgr.get("ml-ranker@1").id
         start = self.s.initial_weeks
         for t in range(start, min(start + self.s.updates, len(batches) - 1)):
@@ -187,7 +193,7 @@ class Demo:
             else:
                 result = self.mgr.train_update([batch], task="ranker", name="ml-ranker", policy=self.s.policy,
                                                parent="production", promote="if_better", tolerance=self.s.tolerance,
-                                               **self._knobs(self.s.update_rows))
+                                               **self._update_knobs())
                 node_id, metrics, eval_ids = result.node_id, result.metrics, result.eval_batches
                 decision, wall, promoted = result.decision, result.wall_s, result.promoted
                 adapter = self.mgr.get(result.adapter_id)
