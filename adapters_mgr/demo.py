@@ -355,7 +355,9 @@ class Demo:
         fig, ax = plt.subplots(figsize=(7, 4))
         weeks = [w["week"] for w in self.report.weeks]
         if weeks:
-            ax.plot(weeks, [w["new"] for w in self.report.weeks], marker="o", label=f"incremental ({self.s.policy})")
+            label = f"incremental ({self.s.policy}" + (" + replay)" if self.s.replay_ratio else ")")
+            ax.plot(weeks, [w["new"] for w in self.report.weeks], marker="o", label=label)
+            ax.set_xticks(weeks)
             ax.plot(weeks, [w["stale_initial"] for w in self.report.weeks], marker="s", label="stale initial adapter")
             prod = [(w["week"], w["production"]) for w in self.report.weeks if w["production"] is not None]
             if prod:
