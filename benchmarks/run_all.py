@@ -32,12 +32,15 @@ def _result_name(script: str, quick: bool) -> str:
 
 def _targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Targets in the shapes the scripts write them (a list, a dict of verdicts, or flat keys)."""
-    raw = data.get("targets") or data.get("verdicts")
+    raw = data.get("targets") or data.get("verdicts") or (data.get("summary") or {}).get("targets")
     out: list[dict[str, Any]] = []
     if isinstance(raw, list):
         for t in raw:
-            out.append({"target": t.get("target") or t.get("name"), "measured": t.get("measured_ms", t.get("value",
-                        t.get("measured"))), "limit": t.get("limit_ms", t.get("limit")), "met": t.get("met")})
+            measured = t.get("measured_ms", t.get("value", t.get("measured")))
+            if measured is None and t.get("detail"):
+                measured = str(t["detail"])[:160]
+            out.append({"target": t.get("target") or t.get("name"), "measured": measured,
+                        "limit": t.get("limit_ms", t.get("limit")), "met": t.get("met")})
     elif isinstance(raw, dict):
         for name, t in raw.items():
             if isinstance(t, dict):
