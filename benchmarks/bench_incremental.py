@@ -122,24 +122,6 @@ def finite(x: Any) -> float | None:
 
 
 # -- set-up ----------------------------------------------------------------------------------------------
-def tiny_base_folder(folder: Path, seed: int = 0) -> Path:
-    """A random 2-layer BERT (hidden 16) saved with the embedded MiniLM's tokenizer (as the tests use)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from adapters_mgr.base import embedded_model_path, quiet_transformers
-
-    quiet_transformers()
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(str(folder))
-    src = embedded_model_path()
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, folder / name)
-    return folder
-
-
 def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple[Any, str, str, str]:
     """Manager with data synced into weekly batches; returns (mgr, base_id, model name, data name)."""
     from adapters_mgr import AdapterManager
@@ -148,6 +130,7 @@ def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple
     mgr.init()
     if args.quick:
         from adapters_mgr.data import synthetic
+        from adapters_mgr.training.testing import tiny_base_folder
 
         base_id = mgr.register_base(str(tiny_base_folder(workdir / "tiny-base")), name="tiny")
         stream = synthetic.generate(workdir / "stream", rows=args.synthetic_rows, users=40, items=30, seed=0)
