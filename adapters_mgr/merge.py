@@ -299,6 +299,30 @@ def _peft_combination(method: str, ranks: set[int], target_rank: int | None, n: 
     return method if (target_rank is None and len(ranks) == 1) else f"{method}_svd"
 
 
+def _checked_inputs(
+    folders_and_weights: Sequence[tuple[AdapterSource, float]], out_dir: str | Path, task: str | None,
+    base_model: nn.Module, verb: str,
+) -> tuple[list[float], Path, list[LoraTensors], str, nn.Module]:
+    """Everything merge and fold check before any model work: weights, output folder, compatible
+    adapters that fit a bare base. Returns (weights, out, sources, task name, task model)."""
+    pairs = list(folders_and_weights)
+    if not pairs:
+        raise InvalidInput(f"{verb} needs at least one adapter")
+    weights = check_weights([w for _, w in pairs])
+    out = _prepare_out_dir(out_dir)
+    sources = [read_lora(src) for src, _ in pairs]
+    task_name = check_compatible(sources, task)
+
+    from adapters_mgr.training import adapters as peft_wiring
+    from adapters_mgr.training.tasks import get_task
+
+    task_model = get_task(task_name).task_model(base_model)
+    if peft_wiring.has_injected_adapters(task_model):
+        raise InvalidInput(f"the base already has adapters attached; {verb} needs the bare base (release them)")
+    check_fits(task_model, sources)
+    return weights, out, sources, task_name, task_model
+
+
 def merge_adapters(
     folders_and_weights: Sequence[tuple[AdapterSource, float]],
     method: str,
@@ -320,21 +344,8 @@ def merge_adapters(
     from peft import __version__ as peft_version
 
     _check_method(method, target_rank, density)
-    pairs = list(folders_and_weights)
-    if not pairs:
-        raise InvalidInput("merge needs at least one adapter")
-    weights = check_weights([w for _, w in pairs])
-    out = _prepare_out_dir(out_dir)
-    sources = [read_lora(src) for src, _ in pairs]
-    task_name = check_compatible(sources, task)
-
-    from adapters_mgr.training import adapters as peft_wiring
-    from adapters_mgr.training.tasks import get_task
-
-    task_model = get_task(task_name).task_model(base_model)
-    if peft_wiring.has_injected_adapters(task_model):
-        raise InvalidInput("the base already has adapters attached; release them before merging")
-    check_fits(task_model, sources)
+    weights, out, sources, task_name, task_model = _checked_inputs(folders_and_weights, out_dir, task, base_model,
+                                                                   "merge")
     ranks = {r for s in sources for r in s.ranks}
     combination = _peft_combination(method, ranks, target_rank, len(sources))
     dims = [min(b.shape[0], a.shape[1]) for a, b, _ in sources[0].lora.values()]
@@ -479,21 +490,8 @@ def fold(
     """
     import copy
 
-    pairs = list(folders_and_weights)
-    if not pairs:
-        raise InvalidInput("fold needs at least one adapter")
-    weights = check_weights([w for _, w in pairs])
-    out = _prepare_out_dir(out_dir)
-    sources = [read_lora(src) for src, _ in pairs]
-    task_name = check_compatible(sources, task)
-
-    from adapters_mgr.training import adapters as peft_wiring
-    from adapters_mgr.training.tasks import get_task
-
-    task_model = get_task(task_name).task_model(base_model)
-    if peft_wiring.has_injected_adapters(task_model):
-        raise InvalidInput("the base has adapters attached; fold needs the bare base")
-    check_fits(task_model, sources)
+    weights, out, sources, task_name, task_model = _checked_inputs(folders_and_weights, out_dir, task, base_model,
+                                                                   "fold")
     model = copy.deepcopy(task_model)
     fold_into(model, sources, weights)
     tmp = out.with_name(out.name + ".partial")
