@@ -213,3 +213,64 @@ def test_scorer_polling_follows_the_alias(trained):
         scorer.close()
     with pytest.raises(InvalidInput):
         scorer.start_polling(0)
+
+
+def _cli(capsys, mgr, *args):
+    import json
+
+    from adapters_mgr.cli import main
+
+    capsys.readouterr()
+    code = 0
+    try:
+        main(["--root", str(mgr.root), *args])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if out.strip().startswith(("{", "[")) else out), err
+
+
+def test_cli_merge_score_recommend_recompute_compact(trained, capsys, tmp_path):
+    mgr, b, ids = trained
+    code, merged, err = _cli(capsys, mgr, "merge", str(ids["s1"]), "--method", "svd", "--target-rank", "4", "--json")
+    assert code == 0, err
+    assert merged["kind"] == "merged" and merged["metrics"]["reconstruction_error"] >= 0
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("user_text,item_text\nuser a,item x\nuser b,item y\n")
+    code, scored, err = _cli(capsys, mgr, "score", str(pairs), "--node", str(ids["s1"]), "--json")
+    assert code == 0, err
+    assert len(scored) == 2 and all(0 <= r["score"] <= 1 and r["node_id"] == ids["s1"] for r in scored)
+    user = sorted({str(r["user_id"]) for r in mgr.data.interactions()})[0]
+    code, recs, err = _cli(capsys, mgr, "recommend", user, "--alias", "retrieval", "--k", "3", "--json")
+    assert code == 0, err
+    assert len(recs["items"]) == 3 and recs["nodes"]["retriever"] == ids["ret"]
+    code, run, err = _cli(capsys, mgr, "recompute", "--alias", "retrieval", "--users", "all", "--k", "2", "--json")
+    assert code == 0, err
+    assert run["rows"] == 2 * run["users"]
+    mgr.promote(ids["s2"], "cli-compact")
+    code, report, err = _cli(capsys, mgr, "compact", "cli-compact", "--max-depth", "2", "--eval-batch", b[3], "--json")
+    assert code == 0, err
+    assert report["compacted"] and report["moved"]
+    code, _, err = _cli(capsys, mgr, "fold", str(ids["s1"]), str(tmp_path / "folded"), "--json")
+    assert code == 0 and (tmp_path / "folded" / "config.json").exists(), err
+    # bad input: one line, non-zero exit
+    code, _, err = _cli(capsys, mgr, "merge", str(ids["s1"]), "--method", "magic")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    code, _, err = _cli(capsys, mgr, "recompute", "--alias", str(ids["s1"]), "--users", "all")
+    assert code == 2 and "retriever" in err
+    code, _, err = _cli(capsys, mgr, "score", str(tmp_path / "missing.csv"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_cli_train_and_reproduce(trained, capsys):
+    mgr, b, _ = trained
+    code, result, err = _cli(capsys, mgr, "train", b[1], "--name", "cli-train", "--max-length", "32",
+                             "--max-train-rows", "64", "--max-eval-rows", "64", "--json")
+    assert code == 0, err
+    assert result["train_batches"] == [b[1]] and result["eval_batches"] == [b[2]]
+    code, rep, err = _cli(capsys, mgr, "reproduce", str(result["adapter_id"]), "--json")
+    assert code == 0 and rep["identical"] is True, err
+    code, _, err = _cli(capsys, mgr, "train", "nope")
+    assert code == 3 and "no data batch 'nope'" in err
+    code, _, err = _cli(capsys, mgr, "train", b[1], "--rank", "0")
+    assert code == 2 and "rank" in err
