@@ -138,19 +138,9 @@ def evaluate_retrieval(score: Callable[[list[Any], list[Any]], np.ndarray], eval
     """Ranking metrics of ``score(user_ids, item_ids) -> (users, items)`` on a retrieval eval set
     (users = those with held-out positives, items = the catalog, seen items excluded)."""
     item_ids = list(eval_set.catalog)
-    column = {item: j for j, item in enumerate(item_ids)}
     rows = eval_set.rows
-    users: dict[Any, int] = {}
-    for uid in rows.user_ids.tolist():
-        users.setdefault(uid, len(users))
-    relevant = np.zeros((len(users), len(item_ids)), dtype=bool)
-    for uid, iid in zip(rows.user_ids.tolist(), rows.item_ids.tolist(), strict=True):
-        if iid in column:
-            relevant[users[uid], column[iid]] = True
-    exclude = np.zeros_like(relevant)
-    for uid, row in users.items():
-        cols = [column[i] for i in eval_set.seen.get(uid, ()) if i in column]
-        exclude[row, cols] = True
+    users, relevant, exclude = metrics.ranking_targets(rows.user_ids.tolist(), rows.item_ids.tolist(), item_ids,
+                                                       eval_set.seen)
     result: dict[str, float] = dict(metrics.ranking_metrics(score(list(users), item_ids), relevant, exclude, k=k))
     result["n_items"] = len(item_ids)
     return result

@@ -160,3 +160,22 @@ def ranking_metrics(
 
 
 __all__ = ["auc", "gauc", "log_loss", "ranking_metrics"]
+
+
+def ranking_targets(user_ids: Sequence[object], item_ids: Sequence[object], catalog: Sequence[object],
+                    seen: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Users (in first-seen order) -> row, and the (users, catalog) ``relevant`` / ``exclude`` masks
+    for full-catalog ranking: held-out positives are relevant, items seen before are excluded."""
+    column = {item: j for j, item in enumerate(catalog)}
+    users: dict = {}
+    for uid in user_ids:
+        users.setdefault(uid, len(users))
+    relevant = np.zeros((len(users), len(catalog)), dtype=bool)
+    for uid, iid in zip(user_ids, item_ids, strict=True):
+        if iid in column:
+            relevant[users[uid], column[iid]] = True
+    exclude = np.zeros_like(relevant)
+    for uid, row in users.items():
+        cols = [column[i] for i in seen.get(uid, ()) if i in column]
+        exclude[row, cols] = True
+    return users, relevant, exclude

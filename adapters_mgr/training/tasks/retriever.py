@@ -89,22 +89,13 @@ class RetrieverTask(Task):
 
     def evaluate(self, scorer: Any, eval_set: RetrievalEvalSet) -> dict[str, float]:
         item_ids = list(eval_set.catalog)
-        column = {item: j for j, item in enumerate(item_ids)}
         rows = eval_set.rows
-        users: dict[Any, int] = {}
-        user_texts: list[str] = []
+        users, relevant, exclude = metrics.ranking_targets(rows.user_ids.tolist(), rows.item_ids.tolist(),
+                                                           item_ids, eval_set.seen)
+        first_text: dict[Any, str] = {}
         for uid, text in zip(rows.user_ids.tolist(), rows.user_texts, strict=True):
-            if uid not in users:
-                users[uid] = len(users)
-                user_texts.append(text)
-        relevant = np.zeros((len(users), len(item_ids)), dtype=bool)
-        for uid, iid in zip(rows.user_ids.tolist(), rows.item_ids.tolist(), strict=True):
-            if iid in column:
-                relevant[users[uid], column[iid]] = True
-        exclude = np.zeros_like(relevant)
-        for uid, row in users.items():
-            cols = [column[i] for i in eval_set.seen.get(uid, ()) if i in column]
-            exclude[row, cols] = True
+            first_text.setdefault(uid, text)
+        user_texts = [first_text[uid] for uid in users]
         item_emb = scorer.encode_items([eval_set.catalog[i] for i in item_ids])
         user_emb = scorer.encode_users(user_texts)
         result: dict[str, float] = dict(metrics.ranking_metrics(user_emb @ item_emb.T, relevant, exclude, k=self.k))
