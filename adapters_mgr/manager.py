@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from adapters_mgr import base as base_mod
 from adapters_mgr.catalog import aliases as alias_ops
+from adapters_mgr.catalog import lineage_index
 from adapters_mgr.catalog.db import Catalog, fetch_dicts, log_event, to_json, utcnow
 from adapters_mgr.catalog.lineage import Lineage, load_lineage
 from adapters_mgr.catalog.records import (
@@ -31,9 +32,11 @@ from adapters_mgr.catalog.records import (
     STATUSES,
     Adapter,
     Ref,
+    adapter_status,
     check_alias,
     check_name,
     fetch_adapter,
+    fetch_ref,
     resolve,
 )
 from adapters_mgr.errors import AdaptersMgrError, Conflict, IntegrityError, InvalidInput, Locked, NotFound
@@ -494,6 +497,7 @@ class AdapterManager:
                 "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?)",
                 [node_id, pid, spec.relation or DEFAULT_RELATION[kind], spec.weight, order, to_json(spec.params)],
             )
+        lineage_index.index_node(con, node_id, parent_ids)
         for batch_id, role in links:
             con.execute("INSERT INTO adapter_batches VALUES (?, ?, ?)", [node_id, batch_id, role])
         log_event(
@@ -547,7 +551,7 @@ class AdapterManager:
         if len(weights) != len(refs):
             raise InvalidInput(f"{len(weights)} weights given for {len(refs)} adapters; give one per adapter")
         with self.catalog.connect() as con:
-            members = [fetch_adapter(con, resolve(con, r)) for r in refs]
+            members = [fetch_ref(con, r) for r in refs]
         bases = {m.base_id for m in members}
         tasks = {m.task for m in members}
         if len(bases) > 1:
@@ -684,7 +688,7 @@ class AdapterManager:
     def get(self, ref: Ref) -> Adapter:
         """One node by id, ``name@version``, alias or name (latest active version)."""
         with self.catalog.connect() as con:
-            return fetch_adapter(con, resolve(con, ref))
+            return fetch_ref(con, ref)
 
     def resolve(self, ref: Ref) -> int:
         with self.catalog.connect() as con:
@@ -766,7 +770,7 @@ class AdapterManager:
         if depth is not None and depth < 0:
             raise InvalidInput(f"depth must be >= 0, got {depth}")
         with self.catalog.connect() as con:
-            root = fetch_adapter(con, resolve(con, ref))
+            root = fetch_ref(con, ref)
             return load_lineage(con, root, max_depth=depth if depth is not None else 1_000_000)
 
     def events(self, *, limit: int = 50, operation: str | None = None) -> list[dict[str, Any]]:
@@ -783,7 +787,7 @@ class AdapterManager:
         """Point ``alias`` at a node; returns the node id. Every move is kept in ``alias_history``."""
         check_alias(alias)
         with self.catalog.transaction() as con:
-            target = fetch_adapter(con, resolve(con, ref))
+            target = fetch_ref(con, ref)
             if target.status != "active":
                 raise Conflict(f"adapter {target.id} is {target.status}; an alias can only point at an active one")
             previous = alias_ops.move(con, alias, target.id, action=action, reason=reason)
@@ -807,10 +811,10 @@ class AdapterManager:
             if current is None:
                 raise NotFound(f"no alias {alias!r}; list them with `adapters-mgr alias`")
             target_id = resolve(con, to) if to is not None else alias_ops.rollback_target(con, alias)
-            target = fetch_adapter(con, target_id)
-            if target.status != "active":
-                raise Conflict(f"cannot roll {alias!r} back to adapter {target_id}: it is {target.status}")
-            alias_ops.move(con, alias, target_id, action="rollback", reason=reason)
+            status = adapter_status(con, target_id)  # not fetch_adapter: rollback is a hot path
+            if status != "active":
+                raise Conflict(f"cannot roll {alias!r} back to adapter {target_id}: it is {status}")
+            alias_ops.move(con, alias, target_id, action="rollback", reason=reason, previous=current)
             log_event(con, "rollback", {"alias": alias, "to": to, "reason": reason},
                       detail={"from": current, "to": target_id})
         return target_id
@@ -846,7 +850,7 @@ class AdapterManager:
         """Soft-delete a node (its row and files stay). Refused while an alias points at it or an
         active descendant needs it, unless ``force``."""
         with self.catalog.transaction() as con:
-            node = fetch_adapter(con, resolve(con, ref))
+            node = fetch_ref(con, ref)
             if node.status == "deleted":
                 raise Conflict(f"adapter {node.id} is already deleted")
             blockers = []
@@ -868,7 +872,7 @@ class AdapterManager:
     def restore(self, ref: Ref) -> int:
         """Undo a soft delete."""
         with self.catalog.transaction() as con:
-            node = fetch_adapter(con, resolve(con, ref))
+            node = fetch_ref(con, ref)
             if node.status != "deleted":
                 raise Conflict(f"adapter {node.id} is {node.status}, not deleted")
             con.execute("UPDATE adapters SET status = 'active', updated_at = ? WHERE id = ?", [utcnow(), node.id])

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_mgr import AdapterManager  # noqa: E402
+from adapters_mgr.catalog import lineage_index  # noqa: E402
 from adapters_mgr.catalog.db import utcnow  # noqa: E402
 from benchmarks._common import machine, md_table, timeit, write_results  # noqa: E402
 
@@ -69,6 +70,8 @@ def populate(mgr: AdapterManager, n: int, depth: int) -> dict[str, int]:
         con.execute(
             f"INSERT INTO adapter_batches SELECT i, 'w' || ((i - 1) % {depth}), 'train' FROM range(1, {n} + 1) t(i)"
         )
+        # rows written by plain SQL bypass the API's incremental upkeep of the derived chain index
+        lineage_index.rebuild(con)
     # sequences cannot be moved with setval in DuckDB: advance by drawing values (cheap)
     with mgr.catalog.transaction() as con:
         con.execute(f"SELECT max(nextval('adapter_id_seq')) FROM range({n})")

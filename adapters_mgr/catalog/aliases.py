@@ -19,11 +19,19 @@ def current_target(con: duckdb.DuckDBPyConnection, alias: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+_UNKNOWN = object()
+
+
 def move(
-    con: duckdb.DuckDBPyConnection, alias: str, to_id: int, *, action: str, reason: str | None = None
+    con: duckdb.DuckDBPyConnection, alias: str, to_id: int, *, action: str, reason: str | None = None,
+    previous: Any = _UNKNOWN,
 ) -> int | None:
-    """Point ``alias`` at ``to_id`` and record the move; returns the previous target."""
-    previous = current_target(con, alias)
+    """Point ``alias`` at ``to_id`` and record the move; returns the previous target.
+
+    ``previous`` saves a query when the caller already read the current target in this transaction.
+    """
+    if previous is _UNKNOWN:
+        previous = current_target(con, alias)
     now = utcnow()
     if previous is None:
         con.execute("INSERT INTO aliases VALUES (?, ?, ?)", [alias, to_id, now])

@@ -1,7 +1,8 @@
 """Lineage as queries: ancestors and descendants of a node to any depth, with their data batches.
 
-Both directions are one recursive CTE each over the ``lineage`` edge table, so the answer comes
-from the catalog in a single round trip whatever the depth (a 1,000-deep chain is one query).
+Both directions are one recursive CTE each, over the chain index of :mod:`lineage_index` (the
+recursion steps once per hop between linear chains, not once per generation), so the answer comes
+from a handful of statements whatever the depth: a 1,000-deep chain is not 1,000 steps.
 """
 
 from __future__ import annotations
@@ -11,18 +12,55 @@ from typing import Any
 
 import duckdb
 
-from adapters_mgr.catalog.db import fetch_dicts, from_json
+from adapters_mgr.catalog import lineage_index
+from adapters_mgr.catalog.db import from_json
 from adapters_mgr.catalog.records import ADAPTER_SUMMARY_SELECT, Adapter, adapter_from_summary
 
-_WALK = """
-WITH RECURSIVE walk(id, depth) AS (
-    SELECT ?::INTEGER, 0
+# Both walks run over the chain index (see lineage_index): the recursion steps once per hop between
+# chains, and each visited chain contributes its members by a range on ``pos``. A chain reached
+# twice (a DAG) keeps the smallest depth per node. ``{root}`` and ``{max_depth}`` are integers.
+_WALK_UP = """
+WITH RECURSIVE hop(chain_id, pos, depth) AS (
+    SELECT chain_id, pos, 0 FROM lineage_chain WHERE adapter_id = {root}
     UNION
-    SELECT l.{next}, w.depth + 1
-    FROM lineage l JOIN walk w ON l.{this} = w.id
-    WHERE w.depth < ?
+    SELECT x.parent_chain, x.parent_pos, h.depth + h.pos + 1
+    FROM lineage_hops x JOIN hop h ON x.child_id = h.chain_id
+    WHERE h.depth + h.pos + 1 <= {max_depth}
 )
-SELECT id, min(depth) AS depth FROM walk GROUP BY id
+SELECT m.adapter_id AS id, min(h.depth + h.pos - m.pos) AS depth, 'up' AS dir
+FROM (SELECT * FROM lineage_chain WHERE chain_id IN (SELECT chain_id FROM hop)) m
+JOIN hop h ON m.chain_id = h.chain_id AND m.pos <= h.pos
+WHERE h.depth + h.pos - m.pos <= {max_depth} AND m.adapter_id <> {root}
+GROUP BY m.adapter_id
+"""
+
+_WALK_DOWN = """
+WITH RECURSIVE hop(chain_id, pos, depth) AS (
+    SELECT chain_id, pos, 0 FROM lineage_chain WHERE adapter_id = {root}
+    UNION
+    SELECT x.child_id, 0, h.depth + x.parent_pos - h.pos + 1
+    FROM lineage_hops x JOIN hop h ON x.parent_chain = h.chain_id AND x.parent_pos >= h.pos
+    WHERE h.depth + x.parent_pos - h.pos + 1 <= {max_depth}
+)
+SELECT m.adapter_id AS id, min(h.depth + m.pos - h.pos) AS depth, 'down' AS dir
+FROM (SELECT * FROM lineage_chain WHERE chain_id IN (SELECT chain_id FROM hop)) m
+JOIN hop h ON m.chain_id = h.chain_id AND m.pos >= h.pos
+WHERE h.depth + m.pos - h.pos <= {max_depth} AND m.adapter_id <> {root}
+GROUP BY m.adapter_id
+"""
+
+# Candidate edges (every edge into a node of the sub-graph; load_lineage keeps those whose other end
+# is on the same side) and the nodes' batch links, in one statement: on a 2-core machine each
+# statement costs ~1-3 ms of planning and scheduling whatever it reads.
+_EDGES_AND_BATCHES = """
+SELECT 'e' AS k, child_id AS a, parent_id AS b, relation AS c, weight, ord, params::VARCHAR AS extra,
+       NULL AS sha256, NULL AS num_rows
+FROM lineage WHERE child_id IN (SELECT id FROM _walk UNION ALL SELECT $root)
+UNION ALL
+SELECT 'b', ab.adapter_id, NULL, ab.batch_id, NULL, NULL, ab.role, b.sha256, b.num_rows
+FROM adapter_batches ab LEFT JOIN batches b ON b.id = ab.batch_id
+WHERE ab.adapter_id IN (SELECT id FROM _walk UNION ALL SELECT $root)
+ORDER BY k DESC, a, ord, extra DESC, c
 """
 
 
@@ -93,50 +131,51 @@ class Lineage:
         return "\n".join(lines)
 
 
+def _ensure_index(con: duckdb.DuckDBPyConnection) -> None:
+    """Rebuild the derived chain index when rows reached ``lineage`` without the API (plain SQL)."""
+    if not lineage_index.is_current(con):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            lineage_index.rebuild(con)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+
 def walk(con: duckdb.DuckDBPyConnection, node_id: int, *, up: bool, max_depth: int) -> dict[int, int]:
     """Ids reachable from ``node_id`` (excluding itself) upwards or downwards, with min depth."""
-    sql = _WALK.format(next="parent_id" if up else "child_id", this="child_id" if up else "parent_id")
-    rows = con.execute(sql, [node_id, max_depth]).fetchall()
-    return {int(r[0]): int(r[1]) for r in rows if int(r[0]) != node_id}
+    _ensure_index(con)
+    sql = (_WALK_UP if up else _WALK_DOWN).format(root=int(node_id), max_depth=int(max_depth))
+    return {int(i): int(d) for i, d, _ in con.execute(sql).fetchall()}
 
 
 def load_lineage(con: duckdb.DuckDBPyConnection, root: Adapter, *, max_depth: int = 1_000_000) -> Lineage:
+    """The whole answer in four statements: an index check, both walks into a temp table, the nodes
+    (with the check's result), and the edges with the batch links."""
+    walks = ("SELECT * FROM (" + _WALK_UP + ") UNION ALL SELECT * FROM (" + _WALK_DOWN + ")").format(
+        root=int(root.id), max_depth=int(max_depth))
+    _ensure_index(con)
     lin = Lineage(root=root)
-    lin.ancestors = walk(con, root.id, up=True, max_depth=max_depth)
-    lin.descendants = walk(con, root.id, up=False, max_depth=max_depth)
-    ids = sorted({root.id, *lin.ancestors, *lin.descendants})
-    for values in con.execute(ADAPTER_SUMMARY_SELECT + " WHERE a.id IN (SELECT unnest(?::INTEGER[]))",
-                              [ids]).fetchall():
-        node = adapter_from_summary(values)
+    # a temp table belongs to this short-lived cursor and goes with it; OR REPLACE covers re-use
+    con.execute("CREATE OR REPLACE TEMP TABLE _walk AS " + walks)
+    for values in con.execute(_NODES).fetchall():
+        node = adapter_from_summary(values[2:])
+        (lin.ancestors if values[1] == "up" else lin.descendants)[node.id] = int(values[0])
         lin.nodes[node.id] = node
     lin.nodes[root.id] = root  # the root keeps its full record
-    # Edges inside the sub-graph: ancestor edges (child side in {root}∪ancestors) and descendant
-    # edges (parent side in {root}∪descendants).
-    up_ids = [root.id, *lin.ancestors]
-    down_ids = [root.id, *lin.descendants]
-    edge_rows = fetch_dicts(
-        con,
-        "SELECT * FROM lineage WHERE (child_id = ANY(?::INTEGER[]) AND parent_id = ANY(?::INTEGER[])) "
-        "OR (parent_id = ANY(?::INTEGER[]) AND child_id = ANY(?::INTEGER[])) ORDER BY child_id, ord",
-        [up_ids, up_ids, down_ids, down_ids],
-    )
-    lin.edges = [
-        Edge(
-            child_id=int(r["child_id"]),
-            parent_id=int(r["parent_id"]),
-            relation=r["relation"],
-            weight=r["weight"],
-            ord=int(r["ord"]),
-            params=from_json(r["params"]),
-        )
-        for r in edge_rows
-    ]
-    for r in fetch_dicts(
-        con,
-        "SELECT ab.adapter_id, ab.batch_id, ab.role, b.sha256, b.num_rows FROM adapter_batches ab "
-        "LEFT JOIN batches b ON b.id = ab.batch_id WHERE ab.adapter_id IN (SELECT unnest(?::INTEGER[])) "
-        "ORDER BY ab.adapter_id, ab.role DESC, ab.batch_id",
-        [ids],
-    ):
-        lin.batches.setdefault(int(r.pop("adapter_id")), []).append(r)
+    up = {root.id, *lin.ancestors}
+    down = {root.id, *lin.descendants}
+    for kind, a, b, c, weight, order, extra, sha, num_rows in con.execute(
+        _EDGES_AND_BATCHES, {"root": root.id}
+    ).fetchall():
+        if kind == "b":
+            lin.batches.setdefault(a, []).append({"batch_id": c, "role": extra, "sha256": sha, "num_rows": num_rows})
+        elif (a in up and b in up) or (a in down and b in down):
+            lin.edges.append(Edge(child_id=a, parent_id=b, relation=c, weight=weight, ord=order,
+                                  params=from_json(extra)))
     return lin
+
+
+_NODES = ADAPTER_SUMMARY_SELECT.replace("FROM adapters a", "FROM _walk w JOIN adapters a ON a.id = w.id", 1).replace(
+    "SELECT ", "SELECT w.depth, w.dir, ", 1)

@@ -153,7 +153,15 @@ def m002_recommendations(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-CORE_MIGRATIONS: list[Migration] = [m001_core, m002_recommendations]
+def m003_lineage_index(con: duckdb.DuckDBPyConnection) -> None:
+    """The chain index that keeps deep lineage walks fast (see :mod:`adapters_mgr.catalog.lineage_index`)."""
+    from adapters_mgr.catalog import lineage_index
+
+    lineage_index.create_tables(con)
+    lineage_index.rebuild(con)
+
+
+CORE_MIGRATIONS: list[Migration] = [m001_core, m002_recommendations, m003_lineage_index]
 
 
 def all_migrations() -> list[Migration]:

