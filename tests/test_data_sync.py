@@ -324,3 +324,35 @@ def test_glob_source_records_the_file_of_each_quarantined_and_duplicate_row(api,
     assert files == {"missing_key": f1.name, "rating_out_of_range": f2.name}
     [dup] = api.duplicates()
     assert dup["kind"] == "exact" and Path(dup["file"]).name == f2.name  # the copy in the later file
+
+
+def test_repeated_marks_exactly_the_values_seen_more_than_once():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    values = rng.integers(0, 2**64 - 1, 50_000, dtype=np.uint64)
+    values[10:20] = values[0]  # one value eleven times
+    values[30] = values[40]  # one pair
+    values[50] = values[0] ^ np.uint64(1)  # same top bits as a repeated value: passes the flags, not isin
+    values[41] = values[0]
+    want = np.zeros(len(values), dtype=bool)
+    want[[0, *range(10, 20), 30, 40, 41]] = True
+    assert classify._repeated(values).tolist() == want.tolist()
+    # a NULL (masked) entry matches nothing, even where its stored value repeats
+    masked = np.ma.masked_array(values.copy(), mask=np.arange(len(values)) == 41)
+    want[41] = False
+    assert classify._repeated(masked).tolist() == want.tolist()
+    masked = np.ma.masked_array(values.copy(), mask=np.isin(np.arange(len(values)), [30, 41]))
+    want[[30, 40]] = False  # 30 is NULL now, and it was the only twin of 40
+    assert classify._repeated(masked).tolist() == want.tolist()
+    assert not classify._repeated(np.arange(1000, dtype=np.uint64) * np.uint64(2**50)).any()
+    assert classify._repeated(np.array([], dtype=np.uint64)).tolist() == []
+
+
+def test_sync_restores_duckdb_insertion_order_setting(api, tmp_path):
+    write(tmp_path / "e.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\n")
+    api.add_source("e", tmp_path / "e.csv", ts_format="epoch_s")
+    sql = "SELECT current_setting('preserve_insertion_order') AS v"
+    assert api.catalog.query(sql)[0]["v"] is True
+    api.sync()
+    assert api.catalog.query(sql)[0]["v"] is True

@@ -23,9 +23,10 @@ def batch_digests(con: duckdb.DuckDBPyConnection, rows_sql: str, params: list | 
     """Digest per batch number for a query yielding (bno, user_id, item_id, ts, rating, label)."""
     # fetched unsorted and sorted by numpy: one radix-friendly sort of 64-bit integers is several
     # times cheaper than DuckDB's ORDER BY on 10M rows
-    arrays = con.execute(
+    # ``con.sql`` streams the result into the arrays; ``execute`` would first materialise all of it
+    arrays = con.sql(
         f"SELECT bno, hash(user_id, item_id, ts, rating, CAST(label AS TINYINT)) AS h FROM ({rows_sql})",
-        params or [],
+        params=params or None,
     ).fetchnumpy()
     bnos = np.asarray(arrays["bno"])
     hashes = np.asarray(arrays["h"])
