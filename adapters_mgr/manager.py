@@ -1057,6 +1057,11 @@ class AdapterManager:
         )
         problems += [{"kind": "alias_to_inactive", **a, "detail": "alias points at a node that is not active"}
                      for a in alias_bad]
+        with self.catalog.connect() as con:
+            if not lineage_index.is_current(con):
+                problems.append({"kind": "stale_lineage_index",
+                                 "detail": "lineage rows were written without the API; gc (or the next lineage "
+                                           "call) rebuilds lineage_chain / lineage_hops"})
         return {"ok": not problems, "adapters_checked": len(rows), "folders": len(self.store.keys()),
                 "problems": problems}
 
@@ -1079,6 +1084,8 @@ class AdapterManager:
                 actions.append({"action": "remove_staging", "path": problem["path"]})
                 if not dry_run:
                     shutil.rmtree(problem["path"], ignore_errors=True)
+            elif kind == "stale_lineage_index":
+                actions.append({"action": "rebuild_lineage_index"})
             elif kind in ("missing", "checksum_mismatch"):
                 status = "missing" if kind == "missing" else "corrupt"
                 marks.append((problem["adapter_id"], status))
@@ -1091,6 +1098,8 @@ class AdapterManager:
                         self.store.quarantine(key)
         if not dry_run:
             with self.catalog.transaction() as con:
+                if any(a["action"] == "rebuild_lineage_index" for a in actions):
+                    lineage_index.rebuild(con)
                 for adapter_id, status in marks:
                     con.execute("UPDATE adapters SET status = ?, updated_at = ? WHERE id = ?",
                                 [status, utcnow(), adapter_id])

@@ -98,7 +98,23 @@ def test_rows_written_by_plain_sql_are_indexed_on_the_next_lineage_call(mgr, bas
         c = int(con.execute("SELECT max(id) FROM adapters").fetchone()[0])
         con.execute("INSERT INTO lineage VALUES (?, ?, 'imported', NULL, 0, NULL)", [c, b])
         assert not lineage_index.is_current(con)
+    report = mgr.verify()
+    assert [p["kind"] for p in report["problems"]] == ["stale_lineage_index"]
     assert mgr.lineage(a).descendants == {b: 1, c: 2}
     assert mgr.lineage(c).ancestors == {b: 1, a: 2}
     with mgr.catalog.connect() as con:
         assert lineage_index.is_current(con)
+
+
+def test_gc_rebuilds_a_stale_index(mgr, base_id):
+    model = lora_model(tiny_bert(0), seed=1)
+    a = mgr.register(model, name="a")
+    b = mgr.register(model, name="b", parents=[a])
+    with mgr.catalog.transaction() as con:
+        con.execute("DELETE FROM lineage_chain WHERE adapter_id = ?", [b])
+    assert not mgr.verify()["ok"]
+    assert mgr.gc(dry_run=True)["actions"] == [{"action": "rebuild_lineage_index"}]
+    assert not mgr.verify()["ok"]  # a dry run changes nothing
+    mgr.gc()
+    assert mgr.verify()["ok"]
+    assert mgr.lineage(b).ancestors == {a: 1}
