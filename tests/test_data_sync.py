@@ -356,3 +356,18 @@ def test_sync_restores_duckdb_insertion_order_setting(api, tmp_path):
     assert api.catalog.query(sql)[0]["v"] is True
     api.sync()
     assert api.catalog.query(sql)[0]["v"] is True
+
+
+def test_not_in_dense_and_sparse_ids():
+    import numpy as np
+
+    from adapters_mgr.data.sync import _not_in
+
+    base = np.int64(2**55)  # row ids of rows added in a transaction start at a large offset
+    ids = base + np.arange(100, dtype=np.int64)[::-1]
+    drop = base + np.array([3, 50, 99], dtype=np.int64)
+    want = [int(i - base) not in (3, 50, 99) for i in ids]
+    assert _not_in(ids, drop).tolist() == want
+    sparse = np.array([0, 10**12, 5, 2**40], dtype=np.int64)
+    assert _not_in(sparse, np.array([10**12, 7], dtype=np.int64)).tolist() == [True, False, True, True]
+    assert _not_in(ids, np.array([], dtype=np.int64)).all()

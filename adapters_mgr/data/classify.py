@@ -29,6 +29,7 @@ from datetime import timedelta
 import duckdb
 import numpy as np
 
+from adapters_mgr.data.digest import fetch_arrays
 from adapters_mgr.data.sources import Source, sql_literal
 
 RULES = (
@@ -119,8 +120,13 @@ def classify(
     tolerance: timedelta,
     multi_source: bool,
     sources: list[Source],
-) -> None:
+    also: dict[str, str] | None = None,
+) -> dict[str, np.ndarray]:
     """Create ``_dup (rid, kind)``: the ``_stage`` rows (by rowid) that duplicate another row.
+
+    Returns ``rid`` and the ``also`` columns (name -> SQL over ``_stage`` columns) of every clean
+    row (rule IS NULL) as read by the one scan that computes the dedup keys, so a caller that needs
+    a per-row value of the kept rows (the digest's row hashes) gets it without another scan.
 
     The window pass over (user_id, item_id) ordered by time finds both exact copies (the previous
     row is identical, same source) and the same event from another source (the previous row is
@@ -135,27 +141,29 @@ def classify(
     # one scan: per clean row a 64-bit key for its (user, item, time bucket), one for its boundary
     # zone (only rows within a tolerance of a bucket boundary have one) and one for its event id;
     # keys seen more than once mark the candidates (a hash collision only adds a candidate, never
-    # loses one). The keys go to numpy (``con.sql`` streams them into arrays without first
-    # materialising a DuckDB result) and only the candidate row ids come back.
-    keys = con.sql(
+    # loses one). The keys go to numpy and only the candidate row ids come back.
+    extra = "".join(f", {sql} AS {name}" for name, sql in (also or {}).items())
+    keys = fetch_arrays(
+        con,
         f"""
         SELECT rid, hash(user_id, item_id, t // {width}) AS ha,
                CASE WHEN zone IS NOT NULL THEN hash(user_id, item_id, zone) END AS hb,
-               CASE WHEN source_event_id IS NOT NULL THEN hash(source_event_id) END AS he
+               CASE WHEN source_event_id IS NOT NULL THEN hash(source_event_id) END AS he{extra}
         FROM (SELECT *, {_zone('t', width, tol_us)} AS zone FROM (
-            SELECT rowid AS rid, user_id, item_id, epoch_us(ts) AS t, source_event_id FROM _stage WHERE rule IS NULL))
-        """
-    ).fetchnumpy()
+            SELECT rowid AS rid, *, epoch_us(ts) AS t FROM _stage WHERE rule IS NULL))
+        """,
+    )
     rid = np.asarray(keys["rid"], dtype=np.int64)
-    near = _repeated(keys["ha"]) | _repeated(keys["hb"])
-    shared = _repeated(keys["he"])
+    near = _repeated(keys.pop("ha")) | _repeated(keys.pop("hb"))
+    shared = _repeated(keys.pop("he"))
     pick = near | shared
     con.register("_cand_np", {"rid": rid[pick], "near": near[pick], "shared": shared[pick]})
     try:
         con.execute("CREATE OR REPLACE TEMP TABLE _cand AS SELECT rid, near, shared FROM _cand_np")
     finally:
         con.unregister("_cand_np")
-    del keys, rid, near, shared, pick
+    del near, shared, pick
+    keys["rid"] = rid
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _dup AS
@@ -199,12 +207,12 @@ def classify(
     )
     has_earlier = con.execute("SELECT EXISTS (SELECT 1 FROM interactions)").fetchone()[0]
     if not has_earlier:
-        return
+        return keys
     lo, hi = con.execute(
         "SELECT min(ts), max(ts) FROM _stage WHERE rule IS NULL AND rowid NOT IN (SELECT rid FROM _dup)"
     ).fetchone()
     if lo is None:
-        return
+        return keys
     # earlier batches: the same (user, item) within the tolerance, found through the same buckets and
     # boundary zones (hash joins on (user, item, bucket), then the exact test), or the same event id
     con.execute(
@@ -232,3 +240,4 @@ def classify(
         """,
         [lo, hi],
     )
+    return keys

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from adapters_mgr.catalog.db import Catalog, log_event, to_json, utcnow
 from adapters_mgr.data import classify, digest
@@ -142,16 +143,18 @@ def run_sync(
                 say("cleaning")
                 classify.apply_noise_rules(con, srcs)
                 multi = len({p.source.priority for p in inter}) > 1
-                say("deduplicating")
-                classify.classify(con, tolerance=tol, multi_source=multi, sources=srcs)
                 maxima, bno = _windows(con, win, _window_origin(con, window))
                 origin = bno.origin
+                say("deduplicating")
+                # the dedup scan also hands back each clean row's batch number and digest hash
+                clean = classify.classify(con, tolerance=tol, multi_source=multi, sources=srcs,
+                                          also={"bno": bno.sql, "h": digest.ROW_HASH})
                 _fault("classified")
                 say("writing batches")
                 restore.append(_cheap_string_compression(con))
                 if win is not None and origin is not None:
                     detail.update(window_origin=origin.isoformat(), window_seconds=str(int(win.total_seconds())))
-                batch_rows, read = _write_batches(con, sync_id, started, srcs, win, bno)
+                batch_rows, read = _write_batches(con, sync_id, started, srcs, win, bno, clean)
                 rows_read += read
                 _advance_watermarks(con, inter, maxima, sync_id, started)
                 _drop_scratch(con)
@@ -263,12 +266,14 @@ def _write_batches(
     sources: list[Source],
     win: timedelta | None,
     bno: BatchNumber,
+    clean: dict[str, np.ndarray],
 ) -> tuple[list[dict[str, Any]], int]:
     """Insert kept rows, quarantine and duplicates straight from ``_stage`` and record the batches.
 
     Duplicates are recorded first and then deleted from ``_stage`` (a small delete), so the kept
     rows are just the clean staged rows and nothing of the size of the input is materialised a
-    second time.
+    second time. ``clean`` holds ``rid``, ``bno`` and the digest hash ``h`` of every clean row;
+    the digests are computed from it without scanning the rows again.
     """
     names = sql_literal([s.name for s in sources])
     # one pass over all staged rows: rows in / clean / quarantined per batch number, and the sources
@@ -340,7 +345,7 @@ def _write_batches(
         [sync_id],
     )
     _fault("side_tables")
-    digests = digest.batch_digests(con, f"SELECT bno, user_id, item_id, ts, rating, label FROM ({kept_rows})")
+    digests = _kept_digests(con, clean)
     out = []
     for i, (b, bid) in enumerate(zip(bnos, ids, strict=True)):
         r = per_all[b]
@@ -364,6 +369,27 @@ def _write_batches(
         [[row[c] for c in cols] for row in out],
     )
     return out, read
+
+
+def _kept_digests(con: duckdb.DuckDBPyConnection, clean: dict[str, np.ndarray]) -> dict[int, str]:
+    """Digest per batch number of the clean rows that are not duplicates (the rows just inserted)."""
+    rid = clean["rid"]
+    dup = np.asarray(digest.fetch_arrays(con, "SELECT rid FROM _dupb")["rid"], dtype=np.int64)
+    keep = _not_in(rid, dup)
+    return digest.digests_of(clean["bno"][keep], clean["h"][keep])
+
+
+def _not_in(ids: np.ndarray, drop: np.ndarray) -> np.ndarray:
+    """Per element of ``ids``: is it absent from ``drop``?"""
+    if len(drop) == 0 or len(ids) == 0:
+        return np.ones(len(ids), dtype=bool)
+    # row ids of a table are dense (from an offset): a flag per id beats isin's sort of 10M ids
+    lo, hi = int(min(ids.min(), drop.min())), int(max(ids.max(), drop.max()))
+    if hi - lo > 4 * (len(ids) + len(drop)):
+        return ~np.isin(ids, drop)
+    flags = np.zeros(hi - lo + 1, dtype=bool)
+    flags[drop - lo] = True
+    return ~flags[ids - lo]
 
 
 def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[int, dict[str, int]]:
