@@ -345,6 +345,13 @@ def test_repeated_marks_exactly_the_values_seen_more_than_once():
     masked = np.ma.masked_array(values.copy(), mask=np.isin(np.arange(len(values)), [30, 41]))
     want[[30, 40]] = False  # 30 is NULL now, and it was the only twin of 40
     assert classify._repeated(masked).tolist() == want.tolist()
+    # with none=0, zeros stand for "no key": they never match, not even each other
+    zeros = values.copy()
+    zeros[[5, 6, 7]] = 0
+    want = np.zeros(len(values), dtype=bool)
+    want[[0, *range(10, 20), 30, 40, 41]] = True
+    assert classify._repeated(zeros, none=0).tolist() == want.tolist()
+    assert classify._repeated(zeros)[[5, 6, 7]].all()  # without none=0 they are an ordinary value
     assert not classify._repeated(np.arange(1000, dtype=np.uint64) * np.uint64(2**50)).any()
     assert classify._repeated(np.array([], dtype=np.uint64)).tolist() == []
 

@@ -138,7 +138,9 @@ def run_sync(
                 con.execute("CREATE OR REPLACE TEMP TABLE _files (sidx UTINYINT, fidx INTEGER, path VARCHAR)")
                 con.executemany("INSERT INTO _files VALUES (?, ?, ?)",
                                 [[i, k + 1, str(f)] for i, p in enumerate(inter) for k, f in enumerate(p.files)])
-                con.execute("CREATE OR REPLACE TEMP TABLE _stage AS " + " UNION ALL ".join(selects))
+                staged = " UNION ALL ".join(selects)
+                con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS "
+                            f"SELECT *, {digest.ROW_HASH} AS _h FROM ({classify.stage_keys(tol, staged)})")
                 _fault("staged")
                 say("cleaning")
                 classify.apply_noise_rules(con, srcs)
@@ -148,7 +150,7 @@ def run_sync(
                 say("deduplicating")
                 # the dedup scan also hands back each clean row's batch number and digest hash
                 clean = classify.classify(con, tolerance=tol, multi_source=multi, sources=srcs,
-                                          also={"bno": bno.sql, "h": digest.ROW_HASH})
+                                          also={"h": "_h", **({"bno": bno.sql} if win is not None else {})})
                 _fault("classified")
                 say("writing batches")
                 restore.append(_cheap_string_compression(con))
@@ -376,7 +378,8 @@ def _kept_digests(con: duckdb.DuckDBPyConnection, clean: dict[str, np.ndarray]) 
     rid = clean["rid"]
     dup = np.asarray(digest.fetch_arrays(con, "SELECT rid FROM _dupb")["rid"], dtype=np.int64)
     keep = _not_in(rid, dup)
-    return digest.digests_of(clean["bno"][keep], clean["h"][keep])
+    bnos = clean["bno"][keep] if "bno" in clean else np.zeros(int(keep.sum()), dtype=np.int32)
+    return digest.digests_of(bnos, clean["h"][keep])
 
 
 def _not_in(ids: np.ndarray, drop: np.ndarray) -> np.ndarray:
