@@ -378,3 +378,24 @@ def test_not_in_dense_and_sparse_ids():
     sparse = np.array([0, 10**12, 5, 2**40], dtype=np.int64)
     assert _not_in(sparse, np.array([10**12, 7], dtype=np.int64)).tolist() == [True, False, True, True]
     assert _not_in(ids, np.array([], dtype=np.int64)).all()
+
+
+def test_epoch_expression_is_the_utc_instant():
+    """Epoch numbers become the UTC instant; out-of-range ones (even where scaling to microseconds
+    would overflow a BIGINT) become NULL, i.e. a quarantined bad_timestamp, not a failed sync."""
+    import duckdb
+
+    from adapters_mgr.data.timeparse import ts_expr
+
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    values = [-1500, 0, 999, 1_704_067_200_123, 253_402_300_799, 10**14, 10**17, -(10**18), 2**62]
+    for fmt, scale in (("epoch_s", 1_000_000), ("epoch_ms", 1_000), ("epoch_us", 1)):
+        for sql_type in ("BIGINT", "DOUBLE", "VARCHAR"):
+            rows = con.execute(
+                f"SELECT x, {ts_expr('x', fmt, numeric=sql_type != 'VARCHAR')} AS got, "
+                f"CASE WHEN x::HUGEINT * {scale} BETWEEN -6.2e16 AND 2.5e17 "
+                f"THEN make_timestamp((x::HUGEINT * {scale})::BIGINT)::TIMESTAMPTZ END AS want "
+                f"FROM (SELECT unnest(?::BIGINT[])::{sql_type} AS x)", [values]).fetchall()
+            assert all(got == want for _x, got, want in rows), (fmt, sql_type, rows)
+            assert sum(got is not None for _x, got, _w in rows) >= 3

@@ -78,7 +78,7 @@ def _zone(t: str, width: int, tol_us: int) -> str:
             f"WHEN abs({t} % {width}) >= {width - tol_us - 1} THEN {t} // {width} + sign({t}) END")
 
 
-_FILTER_BITS = 25  # 32 MB of flags: a first, inexact membership test that leaves ~1% for the exact one
+_FILTER_BITS = 24  # 16 MB of flags: a first, inexact membership test that leaves ~1% for the exact one
 
 
 def _repeated(values: np.ndarray, none: int | None = None) -> np.ndarray:
