@@ -399,3 +399,26 @@ def test_epoch_expression_is_the_utc_instant():
                 f"FROM (SELECT unnest(?::BIGINT[])::{sql_type} AS x)", [values]).fetchall()
             assert all(got == want for _x, got, want in rows), (fmt, sql_type, rows)
             assert sum(got is not None for _x, got, _w in rows) >= 3
+
+
+def test_failed_sync_restores_duckdb_settings_and_writes_nothing(api, tmp_path, monkeypatch):
+    from adapters_mgr.data import sync as sync_mod
+
+    write(tmp_path / "e.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\nu2,i2,4,2000\n")
+    api.add_source("e", tmp_path / "e.csv", ts_format="epoch_s")
+    sql = ("SELECT current_setting('preserve_insertion_order') AS p, "
+           "current_setting('disabled_compression_methods') AS c")
+    before = api.catalog.query(sql)[0]
+
+    def boom(point):
+        if point == "inserted":
+            raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(sync_mod, "_fault", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        api.sync()
+    assert api.catalog.query(sql)[0] == before
+    assert api.catalog.query("SELECT count(*) AS n FROM interactions")[0]["n"] == 0
+    monkeypatch.undo()
+    [bid] = api.sync()
+    assert api.batch(bid)["rows_kept"] == 2

@@ -97,7 +97,7 @@ def run_sync(
     started = utcnow()
     sync_id = f"s-{started:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     say = progress or (lambda _msg: None)
-    restore: list[str] = []
+    restore: dict[str, Any] = {}  # global DuckDB settings this sync changes -> their values before
     try:
         with catalog.transaction() as con:
             con.execute("SET TimeZone = 'UTC'")
@@ -153,7 +153,8 @@ def run_sync(
                                           also={"h": "_h", **({"bno": bno.sql} if win is not None else {})})
                 _fault("classified")
                 say("writing batches")
-                restore.append(_cheap_string_compression(con))
+                restore["disabled_compression_methods"] = _cheap_string_compression(con)
+                restore["preserve_insertion_order"] = _setting(con, "preserve_insertion_order")
                 if win is not None and origin is not None:
                     detail.update(window_origin=origin.isoformat(), window_seconds=str(int(win.total_seconds())))
                 batch_rows, read = _write_batches(con, sync_id, started, srcs, win, bno, clean)
@@ -176,10 +177,15 @@ def run_sync(
                        "nothing_new": not any(p.files for p in plans)},
             )
     finally:
-        if restore:
+        if restore:  # on a fresh connection: the sync's own may be in a failed transaction
             with catalog.connect() as con:
-                con.execute("SET disabled_compression_methods = ?", restore)
+                for name, value in restore.items():
+                    con.execute(f"SET {name} = ?", [value])
     return ids
+
+
+def _setting(con: duckdb.DuckDBPyConnection, name: str) -> Any:
+    return con.execute("SELECT current_setting(?)", [name]).fetchall()[0][0]
 
 
 SCRATCH_TABLES = ("_stage", "_files", "_cand", "_dup", "_dupb", "_bmap")
@@ -198,11 +204,12 @@ def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
 def _cheap_string_compression(con: duckdb.DuckDBPyConnection) -> str:
     """Switch off DuckDB's DICT_FSST string compression for this sync's writes; return the old setting.
 
-    Why: choosing and building DICT_FSST segments was about a third of the CPU time of writing
-    10M interactions; strings are still stored compressed (dictionary, FSST), just chosen more
-    cheaply. The setting is global to the process's DuckDB instance, so the caller restores it.
+    Why: choosing and building DICT_FSST segments more than doubled the CPU time of writing 10M
+    interactions (12-13 vs 6-7.5 CPU s, DuckDB 2.0.1). The price is space: DuckDB 2.0.1 then
+    stores the strings uncompressed (a 10M-row catalog is ~600 MB instead of ~175 MB). The setting
+    is global to the process's DuckDB instance, so the caller restores it.
     """
-    old = con.execute("SELECT current_setting('disabled_compression_methods')").fetchone()[0] or ""
+    old = _setting(con, "disabled_compression_methods") or ""
     methods = {m.strip().lower() for m in old.split(",") if m.strip()} | {"dict_fsst"}
     con.execute("SET disabled_compression_methods = ?", [",".join(sorted(methods))])
     return old
@@ -215,14 +222,16 @@ def _unordered_insert(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     Why: with insertion order preserved, the parallel insert of 10M rows costs ~9 CPU s; without,
     ~6.5 (measured on this project's benchmark). Nothing reads ``interactions`` in storage order:
     every consumer orders by content, and the batch digest is order-independent. The setting is
-    global to the process's DuckDB instance, so it is restored right after.
+    global to the process's DuckDB instance, so it is restored right after (and by ``run_sync``
+    on a fresh connection should this one be in a failed transaction).
     """
-    old = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()[0]
+    old = _setting(con, "preserve_insertion_order")
     con.execute("SET preserve_insertion_order = false")
     try:
         yield
     finally:
-        con.execute(f"SET preserve_insertion_order = {'true' if old else 'false'}")
+        with contextlib.suppress(duckdb.Error):
+            con.execute("SET preserve_insertion_order = ?", [old])
 
 
 @dataclass
