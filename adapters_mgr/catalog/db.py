@@ -64,6 +64,7 @@ class _Attachment:
         self.name = "cat_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
         self.lock = threading.RLock()
         self.depth = 0
+        self.wrote = False  # a transaction ran during this attachment (see Catalog._detach)
 
 
 _attachments: dict[str, _Attachment] = {}
@@ -146,6 +147,7 @@ class Catalog:
         with att.lock:
             if att.depth == 0:
                 self._attach(att)
+                att.wrote = False
             att.depth += 1
             con = _memory_instance().cursor()
             try:
@@ -159,10 +161,18 @@ class Catalog:
                     self._detach(att)
 
     def _detach(self, att: _Attachment) -> None:
+        """Detach; checkpoint first when the WAL has grown (writers) or holds anything at all (readers).
+
+        Every attach replays the WAL (~0.5 ms per KB) and a checkpoint of a small WAL costs ~5 ms. A
+        writer checkpoints past 8 KB, so a run of writes pays ~1 ms each on average; the first *read*
+        after writes checkpoints whatever is left, so the reads that follow attach with nothing to
+        replay (~2-4 ms saved on every one of them).
+        """
         instance = _memory_instance()
         wal = self.path.with_name(self.path.name + ".wal")
+        limit = WAL_CHECKPOINT_BYTES if att.wrote else 0
         try:
-            if wal.exists() and wal.stat().st_size > WAL_CHECKPOINT_BYTES:
+            if wal.exists() and wal.stat().st_size > limit:
                 instance.execute(f"CHECKPOINT {att.name}")  # keeps WAL replay on the next attach cheap
         finally:
             instance.execute(f"DETACH {att.name}")
@@ -171,6 +181,7 @@ class Catalog:
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One atomic change: everything inside commits together or not at all."""
         with self.connect() as con:
+            _attachment(self.path).wrote = True
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
