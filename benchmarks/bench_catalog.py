@@ -82,6 +82,40 @@ def populate(mgr: AdapterManager, n: int, depth: int) -> dict[str, int]:
     return {"chains": chains, "leaf": leaf, "n": n}
 
 
+# The walk before the chain index: one recursive step per generation over the whole edge table.
+_PER_GENERATION_WALK = """
+WITH RECURSIVE walk(id, depth) AS (
+    SELECT {root}::INTEGER, 0
+    UNION
+    SELECT l.{next}, w.depth + 1 FROM lineage l JOIN walk w ON l.{this} = w.id WHERE w.depth < 1000000
+)
+SELECT id, min(depth) AS depth FROM walk WHERE id <> {root} GROUP BY id
+"""
+
+
+def compare_walks(mgr: AdapterManager, node: int, repeat: int) -> dict[str, object]:
+    """Both walks (ancestors + descendants) of ``node``, per-generation CTE vs chain index, alternated
+    in one connection: a ratio that holds however fast the shared machine is at the moment."""
+    from adapters_mgr.catalog.lineage import _WALK_DOWN, _WALK_UP
+
+    old_sql = [_PER_GENERATION_WALK.format(root=node, next="parent_id", this="child_id"),
+               _PER_GENERATION_WALK.format(root=node, next="child_id", this="parent_id")]
+    new_sql = [_WALK_UP.format(root=node, max_depth=1_000_000), _WALK_DOWN.format(root=node, max_depth=1_000_000)]
+    old_ms, new_ms = [], []
+    with mgr.catalog.connect() as con:
+        old_rows = [sorted(con.execute(q).fetchall()) for q in old_sql]
+        new_rows = [sorted((i, d) for i, d, _ in con.execute(q).fetchall()) for q in new_sql]
+        assert old_rows == new_rows, "the chain index must give the same walks"
+        for _ in range(repeat):
+            for sqls, out in ((old_sql, old_ms), (new_sql, new_ms)):
+                start = time.perf_counter()
+                for q in sqls:
+                    con.execute(q).fetchall()
+                out.append((time.perf_counter() - start) * 1e3)
+    old_p50, new_p50 = sorted(old_ms)[len(old_ms) // 2], sorted(new_ms)[len(new_ms) // 2]
+    return {"per_generation_p50_ms": old_p50, "chain_index_p50_ms": new_p50, "speedup": old_p50 / new_p50}
+
+
 def measure(n: int, depth: int, repeat: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         mgr = AdapterManager(Path(tmp) / "root")
@@ -93,6 +127,7 @@ def measure(n: int, depth: int, repeat: int) -> dict[str, object]:
         assert len(lin.ancestors) == min(depth, n) - 1, len(lin.ancestors)
         row: dict[str, object] = {"adapters": n, "chain_depth": min(depth, n), "build_s": round(build_s, 2)}
         row["lineage"] = timeit(lambda: mgr.lineage(leaf), repeat=repeat)
+        row["walks_side_by_side"] = compare_walks(mgr, leaf, repeat)
         row["lineage_root"] = timeit(lambda: mgr.lineage(1), repeat=repeat)
 
         def ls_objects() -> str:
@@ -158,6 +193,9 @@ def main() -> None:
     table_rows = [
         {"adapters": r["adapters"], "chain depth": r["chain_depth"],
          "lineage p50 ms": r["lineage"]["p50_ms"], "lineage p90 ms": r["lineage"]["p90_ms"],
+         "walks: per-generation CTE / chain index ms (speedup)":
+             f"{r['walks_side_by_side']['per_generation_p50_ms']:.1f} / "
+             f"{r['walks_side_by_side']['chain_index_p50_ms']:.1f} ({r['walks_side_by_side']['speedup']:.1f}x)",
          "rollback p50 ms": r["rollback"]["p50_ms"], "rollback p90 ms": r["rollback"]["p90_ms"],
          "ls --json p50 ms": r["ls_json"]["p50_ms"],
          "list() objects + json.dumps p50 ms": r["ls_objects_json"]["p50_ms"],
