@@ -96,15 +96,16 @@ SELECT id, min(depth) AS depth FROM walk WHERE id <> {root} GROUP BY id
 def compare_walks(mgr: AdapterManager, node: int, repeat: int) -> dict[str, object]:
     """Both walks (ancestors + descendants) of ``node``, per-generation CTE vs chain index, alternated
     in one connection: a ratio that holds however fast the shared machine is at the moment."""
-    from adapters_mgr.catalog.lineage import _WALK_DOWN, _WALK_UP
+    from adapters_mgr.catalog.lineage import _WALK
 
     old_sql = [_PER_GENERATION_WALK.format(root=node, next="parent_id", this="child_id"),
                _PER_GENERATION_WALK.format(root=node, next="child_id", this="parent_id")]
-    new_sql = [_WALK_UP.format(root=node, max_depth=1_000_000), _WALK_DOWN.format(root=node, max_depth=1_000_000)]
+    new_sql = [_WALK.format(root=node, max_depth=1_000_000)]
     old_ms, new_ms = [], []
     with mgr.catalog.connect() as con:
         old_rows = [sorted(con.execute(q).fetchall()) for q in old_sql]
-        new_rows = [sorted((i, d) for i, d, _ in con.execute(q).fetchall()) for q in new_sql]
+        both = con.execute(new_sql[0]).fetchall()
+        new_rows = [sorted((i, d) for i, d, w in both if w == direction) for direction in ("up", "down")]
         assert old_rows == new_rows, "the chain index must give the same walks"
         for _ in range(repeat):
             for sqls, out in ((old_sql, old_ms), (new_sql, new_ms)):
