@@ -457,6 +457,7 @@ def train(
     alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
     epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 1,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-4,
+    warmup_ratio: Annotated[float, typer.Option(help="Fraction of steps with a linear lr warm-up (0 = none).")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
     max_length: Annotated[int, typer.Option(help="Max tokens per text pair.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed (same seed + data = same weights on CPU).")] = 0,
@@ -474,7 +475,8 @@ def train(
     result = _mgr(ctx).train_update(
         batches or "latest", task=task, policy=policy, parent=parent, name=name, base=base,
         eval_batches=eval_batch or None, promote=promote, alias=alias, tolerance=tolerance, rank=rank, alpha=alpha,
-        epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, replay_ratio=replay_ratio,
+        epochs=epochs, lr=lr, warmup_ratio=warmup_ratio, batch_size=batch_size, max_length=max_length, seed=seed,
+        replay_ratio=replay_ratio,
         replay_recency=recency, mode=mode, max_train_rows=max_train_rows, max_eval_rows=max_eval_rows,
         progress=not json_out,
     )

@@ -597,7 +597,7 @@ class AdapterManager:
         default the next batch in time (prequential), else a held-out tail of the training rows.
         ``promote``: None | 'always' | 'if_better' (not worse than the alias's current target by
         more than ``tolerance`` on the task's primary metric). ``knobs``: rank, alpha, dropout,
-        target_modules, epochs, lr, batch_size, max_length, seed, replay_ratio, replay_recency,
+        target_modules, epochs, lr, warmup_ratio, batch_size, max_length, seed, replay_ratio, replay_recency,
         replay_half_life, replay_relevance, mode, new_weight, max_train_rows, max_eval_rows.
         """
         return self.train_update(batches, task=task, policy=policy, parent=parent, base=base, name=name,

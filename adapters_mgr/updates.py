@@ -45,6 +45,7 @@ class UpdateConfig:
     target_modules: tuple[str, ...] = ("query", "value")
     epochs: int = 1
     lr: float = 5e-4
+    warmup_ratio: float = 0.0
     batch_size: int = 32
     max_length: int = 64
     seed: int = 0
@@ -115,6 +116,8 @@ class UpdatePlanner:
                 raise InvalidInput(f"{knob} must be a positive integer, got {getattr(cfg, knob)!r}")
         if not cfg.lr > 0:
             raise InvalidInput(f"lr must be positive, got {cfg.lr!r}")
+        if not 0.0 <= cfg.warmup_ratio < 1.0:
+            raise InvalidInput(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
         if cfg.replay_ratio < 0:
             raise InvalidInput(f"replay_ratio must be >= 0, got {cfg.replay_ratio!r}")
         if cfg.mode not in ("weights", "ensemble"):
@@ -338,7 +341,8 @@ def run_update(
     tokenizer = mgr.tokenizer(base_id)
     result = train_adapter(
         base_model, tokenizer, task, train_rows, settings=settings, epochs=cfg.epochs, lr=cfg.lr,
-        batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, policy=cfg.policy,
+        warmup_ratio=cfg.warmup_ratio, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed,
+        policy=cfg.policy,
         parents=[(str(f), w) for f, w in folders], new_weight=cfg.new_weight, mode=mode,
         eval_examples=eval_examples, progress=progress,
     )
@@ -491,7 +495,8 @@ def reproduce(mgr: AdapterManager, ref: Any, *, progress: bool = False) -> dict[
     head = HeadSpec("seq_cls", 2) if cfg.task == "ranker" else HeadSpec("encoder")
     base_model = mgr.base_model(node.base_id, head)
     result = train_adapter(base_model, mgr.tokenizer(node.base_id), get_task(cfg.task), train_rows, settings=settings,
-                           epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                           epochs=cfg.epochs, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
+                           batch_size=cfg.batch_size, max_length=cfg.max_length,
                            seed=cfg.seed, policy=cfg.policy, parents=folders, new_weight=cfg.new_weight,
                            mode=cfg.mode, progress=progress)
     with tempfile.TemporaryDirectory() as tmp:

@@ -136,6 +136,7 @@ def test_retriever_and_holdout_eval(stream):
         ({"task": "classifier"}, InvalidInput, "unknown task"),
         ({"promote": "sometimes"}, InvalidInput, "invalid promote"),
         ({"epochs": 0}, InvalidInput, "epochs"),
+        ({"warmup_ratio": 1.0}, InvalidInput, "warmup_ratio"),
         ({"eval_batches": ["b000001"], "batches": ["b000001"]}, InvalidInput, "both training and evaluation"),
         ({"bogus_knob": 1}, InvalidInput, "unknown training option"),
     ],
@@ -172,3 +173,13 @@ def test_crash_mid_training_leaves_no_visible_adapter(stream, point, tmp_path):
     assert {a.id for a in mgr.list(status="all")} == before
     mgr.gc()
     assert mgr.verify()["ok"]
+
+
+def test_warmup_ratio_is_used_recorded_and_reproduced(stream):
+    mgr, b = stream
+    plain = mgr.train_update([b[0]], task="ranker", name="warm0", lr=5e-3, **FAST)
+    warm = mgr.train_update([b[0]], task="ranker", name="warm5", lr=5e-3, warmup_ratio=0.5, **FAST)
+    assert mgr.get(warm.adapter_id).hyperparams["warmup_ratio"] == 0.5
+    assert mgr.get(plain.adapter_id).hyperparams["warmup_ratio"] == 0.0
+    assert mgr.get(warm.adapter_id).weights_sha256 != mgr.get(plain.adapter_id).weights_sha256
+    assert mgr.reproduce(warm.adapter_id)["identical"]
