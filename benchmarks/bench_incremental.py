@@ -174,6 +174,7 @@ class Bench:
         self.results: dict[str, dict[str, list[dict[str, Any]]]] = {"ranker": {}, "retriever": {}}
         self.checkpoint: Path | None = None
         self.common = dict(base=base_id, rank=args.rank, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
+                           warmup_ratio=args.warmup_ratio,
                            batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=False)
 
     def record(self, side: str, key: str, period: int, **fields: Any) -> None:
@@ -690,6 +691,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None,
                    help="LoRA lr of adapters trained from scratch: initial, (d2) short-term, (e), fresh retriever "
                         "(default 5e-3)")
+    p.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="linear lr warm-up over this fraction of each LoRA training's steps (default 0)")
     p.add_argument("--update-lr", type=float, default=None,
                    help="LoRA lr of continued training: (b) warm_start, (c) stack, (d) replay, retriever warm_start "
                         "(default 1e-3; 5e-3 with --quick)")
