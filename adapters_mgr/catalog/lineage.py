@@ -1,6 +1,6 @@
 """Lineage as queries: ancestors and descendants of a node to any depth, with their data batches.
 
-Both directions are one recursive CTE each, over the chain index of :mod:`lineage_index` (the
+Both directions come from one recursive CTE over the chain index of :mod:`lineage_index` (the
 recursion steps once per hop between linear chains, not once per generation), so the answer comes
 from a handful of statements whatever the depth: a 1,000-deep chain is not 1,000 steps.
 """
@@ -139,7 +139,7 @@ def _ensure_index(con: duckdb.DuckDBPyConnection) -> None:
 
 def load_lineage(con: duckdb.DuckDBPyConnection, root: Adapter, *, max_depth: int = 1_000_000) -> Lineage:
     """The whole answer in four statements: an index check, both walks into a temp table, the nodes
-    (with the check's result), and the edges with the batch links."""
+    with their depth, and the edges with the batch links."""
     walks = _WALK.format(root=int(root.id), max_depth=int(max_depth))
     _ensure_index(con)
     lin = Lineage(root=root)
