@@ -180,15 +180,9 @@ class Catalog:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One atomic change: everything inside commits together or not at all."""
-        with self.connect() as con:
+        with self.connect() as con, atomic(con):
             _attachment(self.path).wrote = True
-            con.execute("BEGIN TRANSACTION")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
+            yield con
 
     def _ensure_migrated(self, con: duckdb.DuckDBPyConnection) -> None:
         key = str(self.path)
@@ -206,6 +200,18 @@ class Catalog:
         """Rows as dicts, read in one short connection."""
         with self.connect() as con:
             return fetch_dicts(con, sql, params)
+
+
+@contextlib.contextmanager
+def atomic(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN on an open connection; COMMIT when the block ends, ROLLBACK if it raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: Any = ()) -> list[dict[str, Any]]:

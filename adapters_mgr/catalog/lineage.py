@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 
 from adapters_mgr.catalog import lineage_index
-from adapters_mgr.catalog.db import from_json
+from adapters_mgr.catalog.db import atomic, from_json
 from adapters_mgr.catalog.records import ADAPTER_SUMMARY_SELECT, Adapter, adapter_from_summary
 
 # Both walks in one recursive CTE over the chain index (see lineage_index): the recursion steps once
@@ -128,13 +128,8 @@ class Lineage:
 def _ensure_index(con: duckdb.DuckDBPyConnection) -> None:
     """Rebuild the derived chain index when rows reached ``lineage`` without the API (plain SQL)."""
     if not lineage_index.is_current(con):
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with atomic(con):
             lineage_index.rebuild(con)
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
 
 
 def load_lineage(con: duckdb.DuckDBPyConnection, root: Adapter, *, max_depth: int = 1_000_000) -> Lineage:

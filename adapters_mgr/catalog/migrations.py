@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import duckdb
 
-from adapters_mgr.catalog.db import utcnow
+from adapters_mgr.catalog.db import atomic, utcnow
 
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
 
@@ -184,13 +184,8 @@ def apply_migrations(con: duckdb.DuckDBPyConnection) -> list[str]:
         name = migration.__name__
         if name in done:
             continue
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with atomic(con):
             migration(con)
             con.execute("INSERT INTO _migrations VALUES (?, ?)", [name, utcnow()])
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
         applied.append(name)
     return applied
