@@ -118,3 +118,26 @@ def test_gc_rebuilds_a_stale_index(mgr, base_id):
     mgr.gc()
     assert mgr.verify()["ok"]
     assert mgr.lineage(b).ancestors == {a: 1}
+
+
+def test_lineage_root_is_the_full_record_and_nodes_match_get(mgr, base_id):
+    """The one-statement lineage query carries the root's full columns and every node's summary."""
+    from adapters_mgr.errors import NotFound
+
+    ids = _random_dag(mgr, 12, seed=5)
+    mgr.promote(ids[3], "production")
+    mgr.register(lora_model(tiny_bert(0), seed=1), name="n3", parents=[(ids[3], "warm_start")],
+                 metrics={"auc": 0.7})
+    root = ids[3]
+    lin = mgr.lineage("production")
+    full = mgr.get(root)
+    assert lin.root == full and full.peft_config and full.hyperparams is not None
+    for node_id, node in lin.nodes.items():
+        expected = mgr.get(node_id)
+        for name in ("id", "name", "version", "kind", "status", "metrics", "aliases", "created_at",
+                     "weights_sha256", "bytes", "lora_rank"):
+            assert getattr(node, name) == getattr(expected, name), (node_id, name)
+    with pytest.raises(NotFound, match="no adapter with id 999999"):
+        mgr.lineage(999999)
+    with pytest.raises(NotFound):
+        mgr.lineage("no-such-alias")

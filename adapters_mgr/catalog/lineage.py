@@ -1,8 +1,9 @@
 """Lineage as queries: ancestors and descendants of a node to any depth, with their data batches.
 
 Both directions come from one recursive CTE over the chain index of :mod:`lineage_index` (the
-recursion steps once per hop between linear chains, not once per generation), so the answer comes
-from a handful of statements whatever the depth: a 1,000-deep chain is not 1,000 steps.
+recursion steps once per hop between linear chains, not once per generation), and the walk, the
+nodes, their edges and batch links and the index check come back from one statement whatever the
+depth: a 1,000-deep chain is neither 1,000 recursion steps nor several round trips.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import duckdb
 
 from adapters_mgr.catalog import lineage_index
 from adapters_mgr.catalog.db import atomic, from_json
-from adapters_mgr.catalog.records import ADAPTER_SUMMARY_SELECT, Adapter, adapter_from_summary
+from adapters_mgr.catalog.records import (
+    ALIASES_JOIN,
+    JSON_COLUMNS,
+    SUMMARY_COLUMNS,
+    Adapter,
+    adapter_from_summary,
+)
+from adapters_mgr.errors import NotFound
 
 # Both walks in one recursive CTE over the chain index (see lineage_index): the recursion steps once
 # per hop between chains (``dir`` says which way), and each visited chain contributes its members by
@@ -43,18 +51,36 @@ WHERE h.depth + abs(h.pos - m.pos) <= {max_depth} AND m.adapter_id <> {root}
 GROUP BY m.adapter_id, h.dir
 """
 
-# Candidate edges (every edge into a node of the sub-graph; load_lineage keeps those whose other end
-# is on the same side) and the nodes' batch links, in one statement: on a 2-core machine each
-# statement costs ~1-3 ms of planning and scheduling whatever it reads.
-_EDGES_AND_BATCHES = """
-SELECT 'e' AS k, child_id AS a, parent_id AS b, relation AS c, weight, ord, params::VARCHAR AS extra,
-       NULL AS sha256, NULL AS num_rows
-FROM lineage WHERE child_id IN (SELECT id FROM _walk UNION ALL SELECT $root)
+# Everything else in the same statement, as one row set: ``k`` says what a row is. Why one
+# statement: on a 2-core machine each statement costs ~1-3 ms of binding and optimising whatever it
+# reads; five statements (root, index check, walk, nodes, edges) cost ~7 ms more than this one
+# (measured alternated in one process, 100k catalog). Columns are shared between row kinds, so the
+# fetch stays small: 'n' rows are nodes (the root, dir = 'root', also carries the columns that
+# summaries omit), 'e' rows are candidate edges (every edge into a node of the sub-graph;
+# load_lineage keeps those whose other end is on the same side), 'b' rows are batch links, and the
+# one 'c' row says whether the chain index is current (:data:`lineage_index.IS_CURRENT_SQL`).
+# No ORDER BY: sorting the ~3,000 mixed rows cost ~4 ms in DuckDB; Python sorts the edge list and
+# each node's batch links instead (well under a millisecond).
+_HEAVY = ("peft_config", "lora_alpha", "target_modules", "store_key", "config_sha256", "hyperparams", "description")
+_PAD_NODE = ", ".join(["NULL"] * (2 + len(SUMMARY_COLUMNS) + 3 + len(_HEAVY)))
+_QUERY = _WALK.replace("\nSELECT m.adapter_id", ",\nwalk AS MATERIALIZED (\nSELECT m.adapter_id", 1) + f"""
+    UNION ALL SELECT {{root}}, 0, 'root'
+)
+SELECT 'n' AS k, w.depth, w.dir, {', '.join('a.' + c for c in SUMMARY_COLUMNS)},
+       epoch_us(a.created_at), epoch_us(a.updated_at), coalesce(al.names, []),
+       {', '.join(f"CASE WHEN w.dir = 'root' THEN a.{c} END" for c in _HEAVY)},
+       NULL::BIGINT AS ea, NULL::BIGINT AS eb, NULL::VARCHAR AS ec, NULL::DOUBLE AS ew, NULL::BIGINT AS eo,
+       NULL::VARCHAR AS ex, NULL::VARCHAR AS es, NULL::BIGINT AS en
+FROM walk w JOIN adapters a ON a.id = w.id {ALIASES_JOIN}
 UNION ALL
-SELECT 'b', ab.adapter_id, NULL, ab.batch_id, NULL, NULL, ab.role, b.sha256, b.num_rows
+SELECT 'e', {_PAD_NODE}, child_id, parent_id, relation, weight, ord, params::VARCHAR, NULL, NULL
+FROM lineage WHERE child_id IN (SELECT id FROM walk)
+UNION ALL
+SELECT 'b', {_PAD_NODE}, ab.adapter_id, NULL, ab.batch_id, NULL, NULL, ab.role, b.sha256, b.num_rows
 FROM adapter_batches ab LEFT JOIN batches b ON b.id = ab.batch_id
-WHERE ab.adapter_id IN (SELECT id FROM _walk UNION ALL SELECT $root)
-ORDER BY k DESC, a, ord, extra DESC, c
+WHERE ab.adapter_id IN (SELECT id FROM walk)
+UNION ALL
+SELECT 'c', {_PAD_NODE}, ({lineage_index.IS_CURRENT_SQL})::BIGINT, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 """
 
 
@@ -125,38 +151,59 @@ class Lineage:
         return "\n".join(lines)
 
 
-def _ensure_index(con: duckdb.DuckDBPyConnection) -> None:
-    """Rebuild the derived chain index when rows reached ``lineage`` without the API (plain SQL)."""
-    if not lineage_index.is_current(con):
+def load_lineage(con: duckdb.DuckDBPyConnection, root_id: int, *, max_depth: int = 1_000_000) -> Lineage:
+    """The whole answer from one statement (see :data:`_QUERY`); a second one only when rows reached
+    ``lineage`` by plain SQL, after rebuilding the derived chain index they made stale."""
+    sql = _QUERY.format(root=int(root_id), max_depth=int(max_depth))
+    rows = con.execute(sql).fetchall()
+    if not next(r[_FIRST_EDGE_COL] for r in rows if r[0] == "c"):  # stale index: the walk was wrong
         with atomic(con):
             lineage_index.rebuild(con)
+        rows = con.execute(sql).fetchall()
+    root: Adapter | None = None
+    nodes: dict[int, Adapter] = {}
+    ancestors: dict[int, int] = {}
+    descendants: dict[int, int] = {}
+    edge_rows = []
+    batches: dict[int, list[dict[str, Any]]] = {}
+    for values in rows:
+        kind = values[0]
+        if kind == "n":
+            node = adapter_from_summary(values[3:_HEAVY_COL])
+            direction = values[2]
+            if direction == "root":
+                root = _with_heavy_columns(node, values[_HEAVY_COL:_FIRST_EDGE_COL])
+            else:
+                (ancestors if direction == "up" else descendants)[node.id] = int(values[1])
+                nodes[node.id] = node
+        elif kind == "e":
+            edge_rows.append(values[_FIRST_EDGE_COL:])
+        elif kind == "b":
+            a, _, batch_id, _, _, role, sha, num_rows = values[_FIRST_EDGE_COL:]
+            batches.setdefault(a, []).append({"batch_id": batch_id, "role": role, "sha256": sha, "num_rows": num_rows})
+    if root is None:
+        raise NotFound(f"no adapter with id {root_id}; list them with `adapters-mgr ls`")
+    nodes[root.id] = root  # the root keeps its full record
+    up = {root.id, *ancestors}
+    down = {root.id, *descendants}
+    edge_rows.sort(key=lambda r: (r[0], r[4], r[1], r[2]))  # child, order, parent, relation
+    edges = [
+        Edge(child_id=a, parent_id=b, relation=c, weight=weight, ord=order, params=from_json(params))
+        for a, b, c, weight, order, params, _, _ in edge_rows
+        if (a in up and b in up) or (a in down and b in down)
+    ]
+    for links in batches.values():
+        if len(links) > 1:
+            links.sort(key=lambda link: (link["role"] != "train", link["role"], link["batch_id"]))
+    return Lineage(root=root, ancestors=ancestors, descendants=descendants, nodes=nodes, edges=edges, batches=batches)
 
 
-def load_lineage(con: duckdb.DuckDBPyConnection, root: Adapter, *, max_depth: int = 1_000_000) -> Lineage:
-    """The whole answer in four statements: an index check, both walks into a temp table, the nodes
-    with their depth, and the edges with the batch links."""
-    walks = _WALK.format(root=int(root.id), max_depth=int(max_depth))
-    _ensure_index(con)
-    lin = Lineage(root=root)
-    # a temp table belongs to this short-lived cursor and goes with it; OR REPLACE covers re-use
-    con.execute("CREATE OR REPLACE TEMP TABLE _walk AS " + walks)
-    for values in con.execute(_NODES).fetchall():
-        node = adapter_from_summary(values[2:])
-        (lin.ancestors if values[1] == "up" else lin.descendants)[node.id] = int(values[0])
-        lin.nodes[node.id] = node
-    lin.nodes[root.id] = root  # the root keeps its full record
-    up = {root.id, *lin.ancestors}
-    down = {root.id, *lin.descendants}
-    for kind, a, b, c, weight, order, extra, sha, num_rows in con.execute(
-        _EDGES_AND_BATCHES, {"root": root.id}
-    ).fetchall():
-        if kind == "b":
-            lin.batches.setdefault(a, []).append({"batch_id": c, "role": extra, "sha256": sha, "num_rows": num_rows})
-        elif (a in up and b in up) or (a in down and b in down):
-            lin.edges.append(Edge(child_id=a, parent_id=b, relation=c, weight=weight, ord=order,
-                                  params=from_json(extra)))
-    return lin
+_HEAVY_COL = 3 + len(SUMMARY_COLUMNS) + 3  # k, depth, dir, the summary, created/updated/aliases
+_FIRST_EDGE_COL = _HEAVY_COL + len(_HEAVY)
 
 
-_NODES = ADAPTER_SUMMARY_SELECT.replace("FROM adapters a", "FROM _walk w JOIN adapters a ON a.id = w.id", 1).replace(
-    "SELECT ", "SELECT w.depth, w.dir, ", 1)
+def _with_heavy_columns(node: Adapter, heavy: tuple[Any, ...]) -> Adapter:
+    """The root's full record: the summary plus the columns that summaries leave out."""
+    for name, value in zip(_HEAVY, heavy, strict=True):
+        setattr(node, name, from_json(value) if name in JSON_COLUMNS else value)
+    return node

@@ -96,16 +96,18 @@ def index_node(con: duckdb.DuckDBPyConnection, node_id: int, parent_ids: list[in
         )
 
 
-def is_current(con: duckdb.DuckDBPyConnection) -> bool:
-    """True when every node has a place and every edge is a continuation or a hop.
+# Whole-table counts come from DuckDB's metadata, so this costs about a millisecond even at 100k
+# adapters; heads (``pos = 0``) equal nodes minus continuation edges. One boolean, so lineage
+# queries can carry it as a column instead of paying a statement for it.
+IS_CURRENT_SQL = """
+SELECT adapters = placed AND edges = placed - heads + hops FROM (
+    SELECT (SELECT count(*) FROM adapters) AS adapters, count(*) AS placed, count(*) FILTER (WHERE pos = 0) AS heads,
+           (SELECT count(*) FROM lineage) AS edges, (SELECT count(*) FROM lineage_hops) AS hops
+    FROM lineage_chain)
+"""
 
-    Whole-table counts come from DuckDB's metadata, so this costs about a millisecond even at 100k
-    adapters; heads (``pos = 0``) equal nodes minus continuation edges.
-    """
-    row = con.execute(
-        "SELECT (SELECT count(*) FROM adapters), count(*), count(*) FILTER (WHERE pos = 0), "
-        "(SELECT count(*) FROM lineage), (SELECT count(*) FROM lineage_hops) FROM lineage_chain"
-    ).fetchone()
-    assert row is not None
-    adapters, placed, heads, edges, hops = (int(x) for x in row)
-    return adapters == placed and edges == (placed - heads) + hops
+
+def is_current(con: duckdb.DuckDBPyConnection) -> bool:
+    """True when every node has a place and every edge is a continuation or a hop."""
+    row = con.execute(IS_CURRENT_SQL).fetchone()
+    return bool(row and row[0])

@@ -21,7 +21,7 @@ STATUSES = ("active", "deleted", "missing", "corrupt")
 
 Ref = int | str
 
-_JSON_COLS = ("peft_config", "target_modules", "hyperparams", "metrics")
+JSON_COLUMNS = ("peft_config", "target_modules", "hyperparams", "metrics")
 
 
 def check_name(name: str) -> str:
@@ -82,7 +82,7 @@ class Adapter:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Adapter:
         data = {k: v for k, v in row.items() if k in _FIELDS}
-        for col in _JSON_COLS:
+        for col in JSON_COLUMNS:
             if col in data:
                 data[col] = from_json(data[col])
         for col in ("created_at", "updated_at"):
@@ -117,7 +117,7 @@ TIME_FORMAT_PY = "%Y-%m-%dT%H:%M:%S.%f+00:00"
 TIME_FORMAT_SQL = "%Y-%m-%dT%H:%M:%S.%f+00:00"
 
 # Aliases are joined as one grouped relation: a correlated sub-query per row costs ~3x more.
-_ALIASES_JOIN = (
+ALIASES_JOIN = (
     "LEFT JOIN (SELECT adapter_id, list(name ORDER BY name) AS names FROM aliases GROUP BY adapter_id) al "
     "ON al.adapter_id = a.id"
 )
@@ -126,7 +126,7 @@ ADAPTER_SELECT = f"""
 SELECT a.* EXCLUDE (created_at, updated_at),
        epoch_us(a.created_at) AS created_at_us, epoch_us(a.updated_at) AS updated_at_us,
        coalesce(al.names, []) AS aliases
-FROM adapters a {_ALIASES_JOIN}
+FROM adapters a {ALIASES_JOIN}
 """
 
 # Lineage nodes carry a summary: the graph needs names, kinds, statuses and metrics, not configs or
@@ -138,7 +138,7 @@ ADAPTER_SUMMARY_SELECT = f"""
 SELECT {', '.join('a.' + c for c in SUMMARY_COLUMNS)},
        epoch_us(a.created_at) AS created_at_us, epoch_us(a.updated_at) AS updated_at_us,
        coalesce(al.names, []) AS aliases
-FROM adapters a {_ALIASES_JOIN}
+FROM adapters a {ALIASES_JOIN}
 """
 
 # The same rows rendered to JSON by DuckDB itself (``ls --json`` on 10k adapters: ~40 ms instead
@@ -147,7 +147,7 @@ ADAPTER_JSON_ROW = f"""
 SELECT a.* REPLACE (strftime(a.created_at::TIMESTAMP, '{TIME_FORMAT_SQL}') AS created_at,
                     strftime(a.updated_at::TIMESTAMP, '{TIME_FORMAT_SQL}') AS updated_at),
        coalesce(al.names, []) AS aliases
-FROM adapters a {_ALIASES_JOIN}
+FROM adapters a {ALIASES_JOIN}
 """
 
 
