@@ -228,30 +228,77 @@ def _node_label(node: Any, batches: list[dict[str, Any]] | None = None) -> str:
     return label
 
 
-def lineage_tree(lin: Any) -> Tree:
-    """Rich tree: the node, its ancestors (what it came from) and descendants (what came from it)."""
+# A linear run longer than this is shown as its first and last few lines around a count.
+RUN_HEAD, RUN_TAIL = 8, 4
+
+
+def lineage_tree(lin: Any, *, full: bool = False) -> Tree:
+    """Rich tree: the node, its ancestors (what it came from) and descendants (what came from it).
+
+    Why not one nesting level per generation: a 1,000-deep warm-start chain would indent past any
+    terminal width (and recurse past Python's limit). A *linear run* (each node with exactly one
+    parent, or one child, in that direction) is listed at one level, one line per generation,
+    and only branch points (merges, stacks, forks) nest. Runs longer than
+    ``RUN_HEAD + RUN_TAIL`` lines show their ends around a count unless ``full``. A node reached
+    twice in a DAG is expanded once and marked "shown above" after that. Built without recursion.
+    """
     tree = Tree(_node_label(lin.root, lin.batches.get(lin.root.id)))
-
-    def grow(branch: Tree, node_id: int, up: bool, seen: set[int]) -> None:
-        edges = lin.parents_of(node_id) if up else lin.children_of(node_id)
-        for edge in edges:
-            other = edge.parent_id if up else edge.child_id
-            node = lin.nodes.get(other)
-            if node is None:
+    for up, title, count in ((True, "ancestors", len(lin.ancestors)), (False, "descendants", len(lin.descendants))):
+        if not count:
+            continue
+        order = "each line is a parent of the line above" if up else "each line is a child of the line above"
+        section = tree.add(f"[bold]{title}[/] [dim]({count}; {order})[/]")
+        expanded: set[int] = set()  # pre-order, the order lines are printed: a repeat is always below
+        todo = [(section, lin.root.id)]  # (where to add lines, node whose edges to follow)
+        while todo:
+            branch, node_id = todo.pop()
+            if node_id in expanded:
+                branch.label = f"{branch.label} [dim](shown above)[/]"
                 continue
-            arrow = "←" if up else "→"
-            weight = f" w={edge.weight:g}" if edge.weight is not None else ""
-            text = f"[magenta]{edge.relation}{weight}[/] {arrow} " + _node_label(node, lin.batches.get(other))
-            if other in seen:
-                branch.add(text + " [dim](shown above)[/]")
-                continue
-            grow(branch.add(text), other, up, seen | {other})
-
-    if lin.ancestors:
-        grow(tree.add("[bold]ancestors[/]"), lin.root.id, True, {lin.root.id})
-    if lin.descendants:
-        grow(tree.add("[bold]descendants[/]"), lin.root.id, False, {lin.root.id})
+            expanded.add(node_id)
+            run: list[str] = []  # the linear run starting below node_id
+            current = node_id
+            while True:
+                edges = _lineage_edges(lin, current, up)
+                if len(edges) != 1 or _other_end(edges[0], up) in expanded:
+                    break
+                current = _other_end(edges[0], up)
+                expanded.add(current)
+                run.append(_edge_line(lin, edges[0], up))
+            branch = _add_run(branch, run, full)
+            subtrees = [(branch.add(_edge_line(lin, edge, up)), _other_end(edge, up)) for edge in edges]
+            todo.extend(reversed(subtrees))  # the first edge is expanded (and printed) first
     return tree
+
+
+def _lineage_edges(lin: Any, node_id: int, up: bool) -> list[Any]:
+    edges = lin.parents_of(node_id) if up else lin.children_of(node_id)
+    return [e for e in edges if _other_end(e, up) in lin.nodes]
+
+
+def _other_end(edge: Any, up: bool) -> int:
+    return edge.parent_id if up else edge.child_id
+
+
+def _edge_line(lin: Any, edge: Any, up: bool) -> str:
+    other = _other_end(edge, up)
+    weight = f" w={edge.weight:g}" if edge.weight is not None else ""
+    arrow = "←" if up else "→"
+    return f"[magenta]{edge.relation}{weight}[/] {arrow} " + _node_label(lin.nodes[other], lin.batches.get(other))
+
+
+def _add_run(branch: Tree, lines: list[str], full: bool) -> Tree:
+    """Add a linear run's lines as siblings; return where the run's end continues (its last line)."""
+    if not lines:
+        return branch
+    if not full and len(lines) > RUN_HEAD + RUN_TAIL + 1:
+        hidden = len(lines) - RUN_HEAD - RUN_TAIL
+        lines = [*lines[:RUN_HEAD], f"[dim]… {hidden} more generations in this run (--full shows them)[/]",
+                 *lines[-RUN_TAIL:]]
+    last = branch
+    for text in lines:
+        last = branch.add(text)
+    return last
 
 
 @app.command()
@@ -260,6 +307,7 @@ def lineage(
     ref: Annotated[str, typer.Argument(help="Id, NAME@VERSION or alias.")],
     depth: Annotated[int | None, typer.Option(help="Stop after this many generations each way.")] = None,
     output_format: Annotated[str, typer.Option("--format", help="tree, json or mermaid.")] = "tree",
+    full: Annotated[bool, typer.Option("--full", help="Tree: list every generation of long linear runs.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Ancestors and descendants of a node with relations, data batches and metrics."""
@@ -271,7 +319,7 @@ def lineage(
     elif output_format == "mermaid":
         sys.stdout.write(lin.to_mermaid() + "\n")
     else:
-        console.print(lineage_tree(lin))
+        console.print(lineage_tree(lin, full=full))
 
 
 @alias_app.callback(invoke_without_command=True)

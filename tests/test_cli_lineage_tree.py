@@ -1,0 +1,72 @@
+"""The lineage tree stays readable (and renders at all) for deep chains and DAGs."""
+
+from __future__ import annotations
+
+import re
+
+from adapters_mgr.catalog import lineage_index
+from adapters_mgr.catalog.db import utcnow
+from adapters_mgr.cli import RUN_HEAD, RUN_TAIL
+from tests.conftest import lora_model, tiny_bert
+from tests.test_cli import run
+
+
+def _deep_chain(mgr, depth: int) -> None:
+    """``depth`` warm-started generations written by plain SQL (registering 1,000 adapters is slow)."""
+    now = utcnow()
+    with mgr.catalog.transaction() as con:
+        con.execute("INSERT INTO base_models VALUES ('b', 'b', '/x', 'f00d', 'BertModel', '{}', 1, ?)", [now])
+        con.execute(
+            f"""
+            INSERT INTO adapters (id, name, version, kind, task, base_id, status, created_at, updated_at)
+            SELECT i, 'deep', i, 'trained', 'ranker', 'b', 'active', ?::TIMESTAMPTZ, ?::TIMESTAMPTZ
+            FROM range(1, {depth} + 1) t(i)
+            """,
+            [now, now],
+        )
+        con.execute(f"INSERT INTO lineage SELECT i, i - 1, 'warm_start', NULL, 0, NULL FROM range(2, {depth} + 1) t(i)")
+        lineage_index.rebuild(con)
+
+
+def _ids(text: str) -> set[int]:
+    return {int(m) for m in re.findall(r"#(\d+) trained", text)}
+
+
+def test_a_1000_deep_chain_renders_flat_with_its_middle_elided(capsys, root, mgr):
+    _deep_chain(mgr, 1000)
+    code, out, err = run(capsys, root, "lineage", "1000")
+    assert code == 0, err
+    hidden = 999 - RUN_HEAD - RUN_TAIL
+    assert f"… {hidden} more generations" in out
+    shown = _ids(out)
+    assert shown == {1000, *range(1000 - RUN_HEAD, 1000), *range(1, RUN_TAIL + 1)}
+    # flat: no line is indented deeper than the section's children
+    assert max(len(line) - len(line.lstrip("│ ├└─")) for line in out.splitlines()) <= 8
+
+    code, out, err = run(capsys, root, "lineage", "1000", "--full")
+    assert code == 0, err
+    assert _ids(out) == set(range(1, 1001)) and "more generations" not in out
+
+    code, out, err = run(capsys, root, "lineage", "500")  # both directions
+    assert code == 0, err
+    assert "ancestors (499;" in out and "descendants (500;" in out
+
+
+def test_branch_points_nest_and_a_shared_ancestor_is_expanded_once(capsys, root, mgr, base_id):
+    model = lora_model(tiny_bert(0), seed=1)
+    a = mgr.register(model, name="a")
+    b = mgr.register(model, name="b", parents=[(a, "warm_start")])
+    c = mgr.register(model, name="c", parents=[(a, "warm_start")])
+    m = mgr.register(model, name="m", parents=[(b, "merged_from"), (c, "merged_from")])
+    code, out, err = run(capsys, root, "lineage", str(m))
+    assert code == 0, err
+    lines = out.splitlines()
+    b_line = next(i for i, line in enumerate(lines) if f"#{b} " in line)
+    c_line = next(i for i, line in enumerate(lines) if f"#{c} " in line)
+    a_lines = [i for i, line in enumerate(lines) if f"#{a} " in line]
+    assert len(a_lines) == 2 and "(shown above)" in lines[a_lines[1]]  # expanded under b, referenced under c
+    indent = {i: len(lines[i]) - len(lines[i].lstrip("│ ├└─")) for i in (b_line, c_line, *a_lines)}
+    assert indent[b_line] == indent[c_line] < indent[a_lines[0]]  # the merge's parents are siblings; a nests
+    code, out, err = run(capsys, root, "lineage", str(a))
+    assert code == 0, err
+    assert "descendants (3;" in out and "(shown above)" in out  # m is reached through b and through c
