@@ -16,7 +16,17 @@ from typing import Annotated, Any
 import typer
 from rich.tree import Tree
 
-from adapters_mgr.cli_support import CliState, console, err_console, fmt, print_json, print_table
+from adapters_mgr.cli_support import (
+    TABLE_ROWS,
+    CliState,
+    cap_rows,
+    console,
+    err_console,
+    fmt,
+    print_json,
+    print_table,
+    table_fetch_limit,
+)
 from adapters_mgr.errors import AdaptersMgrError, InvalidInput
 
 app = typer.Typer(
@@ -170,20 +180,22 @@ def ls(
     base: Annotated[str | None, typer.Option(help="Base id or name.")] = None,
     task: Annotated[str | None, typer.Option(help="ranker, retriever ...")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+    show_all: Annotated[bool, typer.Option("--all", help=f"Table: every row (default: newest {TABLE_ROWS}).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """List adapters, newest first."""
-    filters = dict(name=name, kind=kind, alias=alias, status=status, base=base, task=task, limit=limit)
+    """List adapters, newest first (--json lists every match unless --limit)."""
+    filters = dict(name=name, kind=kind, alias=alias, status=status, base=base, task=task)
     if json_out:
-        sys.stdout.write(_mgr(ctx).list_json(**filters) + "\n")
+        sys.stdout.write(_mgr(ctx).list_json(**filters, limit=limit) + "\n")
         return
-    adapters = _mgr(ctx).list(**filters)
+    adapters = _mgr(ctx).list(**filters, limit=table_fetch_limit(limit, show_all))
+    adapters, note = cap_rows(adapters, limit, show_all)
     rows = [
         {"id": a.id, "adapter": a.ref, "kind": a.kind, "task": a.task, "status": a.status,
          "aliases": a.aliases, "metrics": _primary_metric(a.metrics), "created": a.created_at.strftime("%m-%d %H:%M")}
         for a in adapters
     ]
-    print_table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)")
+    print_table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)" + (f" ({note})" if note else ""))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from adapters_mgr.catalog import lineage_index
@@ -70,3 +71,23 @@ def test_branch_points_nest_and_a_shared_ancestor_is_expanded_once(capsys, root,
     code, out, err = run(capsys, root, "lineage", str(a))
     assert code == 0, err
     assert "descendants (3;" in out and "(shown above)" in out  # m is reached through b and through c
+
+
+def _ls_ids(text: str) -> set[int]:
+    return {int(m) for m in re.findall(r"^│ (\d+)\s", text, re.M)}
+
+
+def test_ls_table_is_capped_json_and_all_are_not(capsys, root, mgr):
+    from adapters_mgr.cli_support import TABLE_ROWS
+
+    _deep_chain(mgr, TABLE_ROWS + 10)
+    code, out, err = run(capsys, root, "ls")
+    assert code == 0, err
+    assert f"{TABLE_ROWS} adapter(s) (first {TABLE_ROWS} shown; more exist" in out
+    assert _ls_ids(out) == set(range(11, TABLE_ROWS + 11))  # the newest
+    code, out, _ = run(capsys, root, "ls", "--all")
+    assert _ls_ids(out) == set(range(1, TABLE_ROWS + 11)) and "more exist" not in out
+    code, out, _ = run(capsys, root, "ls", "--json")
+    assert len(json.loads(out)) == TABLE_ROWS + 10
+    code, out, _ = run(capsys, root, "ls", "--limit", "3")
+    assert _ls_ids(out) == {TABLE_ROWS + 8, TABLE_ROWS + 9, TABLE_ROWS + 10} and "more exist" not in out

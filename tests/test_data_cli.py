@@ -43,3 +43,28 @@ def test_cli_add_sync_batches_show_quarantine(tmp_path):
     assert q[0]["row"]["stars"] == "9"
     assert "nothing new" in run("sync")
     assert "ev" in run("sources")
+
+
+def test_quarantine_table_is_capped_json_and_all_are_not(tmp_path):
+    from adapters_mgr.cli_support import TABLE_ROWS
+
+    n_bad = TABLE_ROWS + 7
+    f = tmp_path / "ev.csv"
+    f.write_text("uid,movie,stars,time\nu0,i0,4,1000\n" + "".join(f"u{i},i{i},9,{1000 + i}\n" for i in range(n_bad)))
+    runner = CliRunner()
+    obj = _obj(tmp_path / "root")
+
+    def run(*args: str) -> str:
+        result = runner.invoke(data_app, list(args), obj=obj, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("add-source", "ev", str(f), "--mapping", '{"user_id": "uid", "item_id": "movie", "rating": "stars", '
+        '"ts": "time"}', "--ts-format", "epoch_s")
+    run("sync")
+    assert len(json.loads(run("quarantine", "--json"))) == n_bad
+    assert len(json.loads(run("quarantine", "--json", "--limit", "3"))) == 3
+    capped = run("quarantine")
+    assert f"quarantine ({TABLE_ROWS} rows; first {TABLE_ROWS} shown; more exist" in capped
+    assert f"quarantine ({n_bad} rows)" in run("quarantine", "--all")
+    assert "quarantine (5 rows)" in run("quarantine", "--limit", "5")

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from adapters_mgr.cli_support import console, print_json, print_table
+from adapters_mgr.cli_support import TABLE_ROWS, cap_rows, console, print_json, print_table, table_fetch_limit
 from adapters_mgr.errors import InvalidInput
 
 data_app = typer.Typer(help="Data sources, sync into immutable batches, quarantine, MovieLens.", no_args_is_help=True)
@@ -132,15 +132,18 @@ def quarantine_cmd(
     batch: str = typer.Option(None, "--batch", help="only this batch"),
     rule: str = typer.Option(None, "--rule", help="only this rule, e.g. bad_timestamp"),
     limit: int = typer.Option(None, help="at most this many rows"),
-    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+    show_all: bool = typer.Option(False, "--all", help=f"table: every row (default: the first {TABLE_ROWS})"),
+    as_json: bool = typer.Option(False, "--json", help="JSON output (every row unless --limit)"),
 ) -> None:
     """Rows a cleaning rule rejected, with the rule and the source row."""
-    rows = _api(ctx).quarantine(batch=batch, rule=rule, limit=limit)
     if as_json:
-        print_json(rows)
-    else:
-        print_table(rows, ["batch_id", "source", "rule", "detail", "row"], title=f"quarantine ({len(rows)} rows)",
-                    formatters={"row": lambda v: json.dumps(v)})
+        print_json(_api(ctx).quarantine(batch=batch, rule=rule, limit=limit))
+        return
+    rows = _api(ctx).quarantine(batch=batch, rule=rule, limit=table_fetch_limit(limit, show_all))
+    rows, note = cap_rows(rows, limit, show_all)
+    print_table(rows, ["batch_id", "source", "rule", "detail", "row"],
+                title=f"quarantine ({len(rows)} rows{'; ' + note if note else ''})",
+                formatters={"row": lambda v: json.dumps(v)})
 
 
 @fetch_app.command("movielens")
