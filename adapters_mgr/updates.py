@@ -22,6 +22,7 @@ import numpy as np
 
 from adapters_mgr.base import HeadSpec
 from adapters_mgr.catalog.db import log_event, to_json
+from adapters_mgr.data.texts import load_templates
 from adapters_mgr.errors import Conflict, InvalidInput, NotFound
 from adapters_mgr.faults import maybe_crash
 
@@ -217,12 +218,12 @@ class EvalData:
 
     @staticmethod
     def build(mgr: AdapterManager, task: str, rows: list[dict[str, Any]], history_before: list[str],
-              cutoff: Any, extra_seen: list[dict[str, Any]] = ()) -> Any:
+              cutoff: Any, extra_seen: list[dict[str, Any]] = (), templates: dict[str, str] | None = None) -> Any:
         """Ranker: the rows. Retriever: positives, the item catalog's text as of ``cutoff``, and what
         each user interacted with before it (excluded from ranking, as in full-catalog evaluation)."""
         if task == "ranker":
             return rows
-        catalog = mgr.data.item_texts(as_of=cutoff)
+        catalog = mgr.data.item_texts(as_of=cutoff, templates=templates)
         seen: dict[str, set[str]] = {}
         history = mgr.data.interactions(history_before) if history_before else []
         for r in [*history, *extra_seen]:
@@ -231,7 +232,7 @@ class EvalData:
 
 
 def _replay_rows(mgr: AdapterManager, planner: UpdatePlanner, train: list[str], new_rows: list[dict[str, Any]],
-                 cfg: UpdateConfig) -> tuple[list[dict[str, Any]], list[str]]:
+                 cfg: UpdateConfig, templates: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Seeded replay: DuckDB draws a candidate pool (recency window), training's ``replay_mix`` picks
     the final rows weighted by recency half-life and relevance to the new batch's users/items."""
     from adapters_mgr.training import replay_mix
@@ -245,7 +246,7 @@ def _replay_rows(mgr: AdapterManager, planner: UpdatePlanner, train: list[str], 
     if want == 0:
         return new_rows, []
     candidates = mgr.data.replay_sample(first, ratio=1.0, recency=cfg.replay_recency, seed=cfg.seed,
-                                        max_rows=3 * want, with_text=True)
+                                        max_rows=3 * want, with_text=True, templates=templates)
     first_seq = planner.seq[first]
     history = [{**r, "batch_age": first_seq - 1 - planner.seq.get(r.get("batch_id"), first_seq - 1)}
                for r in candidates]
@@ -295,12 +296,14 @@ def run_update(
     task = get_task(cfg.task)
 
     # -- data (no model yet) ---------------------------------------------------------------------
-    rows = mgr.data.training_rows(train_ids)
+    # the texts' templates are part of the recipe: recorded with the adapter, reused by ``reproduce``
+    templates = load_templates(mgr.data.catalog)
+    rows = mgr.data.training_rows(train_ids, templates=templates)
     rows = _subsample(rows, cfg.max_train_rows, cfg.seed)
     if not rows:
         raise InvalidInput(f"training batches {train_ids} hold no rows")
     if eval_ids:
-        eval_rows = mgr.data.training_rows(eval_ids)
+        eval_rows = mgr.data.training_rows(eval_ids, templates=templates)
         first_eval = min(planner._batch(b)["ts_min"] for b in eval_ids)
         history = [b["id"] for b in planner.batches if b["seq"] < min(planner.seq[e] for e in eval_ids)]
     else:  # no later batch: hold out the newest tail of the training rows
@@ -311,13 +314,15 @@ def run_update(
         first_eval = eval_rows[0]["ts"]
         history = [b["id"] for b in planner.batches if b["seq"] < min(planner.seq[t] for t in train_ids)]
     eval_rows = _subsample(eval_rows, cfg.max_eval_rows, cfg.seed + 1)
-    train_rows, replay_ids = _replay_rows(mgr, planner, train_ids, rows, cfg)
+    train_rows, replay_ids = _replay_rows(mgr, planner, train_ids, rows, cfg, templates)
     if cfg.task == "ranker" and len({r["label"] for r in eval_rows}) < 2:
         raise InvalidInput("evaluation rows hold a single label class; AUC is undefined (choose other eval batches)")
     if eval_ids:  # everything before the eval batch counts as seen
-        eval_examples = EvalData.build(mgr, cfg.task, eval_rows, history, first_eval - timedelta(microseconds=1))
+        eval_examples = EvalData.build(mgr, cfg.task, eval_rows, history, first_eval - timedelta(microseconds=1),
+                                       templates=templates)
     else:  # held-out tail: earlier batches plus the training part of this one
-        eval_examples = EvalData.build(mgr, cfg.task, eval_rows, history, first_eval, extra_seen=rows)
+        eval_examples = EvalData.build(mgr, cfg.task, eval_rows, history, first_eval, extra_seen=rows,
+                                       templates=templates)
 
     # -- parents on disk ---------------------------------------------------------------------------
     members: list[tuple[Adapter, float]] = []
@@ -410,6 +415,7 @@ def run_update(
         "versions": _library_versions(),
         "policy": cfg.policy,
         "parent": parent_node.id if parent_node is not None else None,
+        "templates": templates,
     }
     links = [(b, "train") for b in train_ids] + [(b, "eval") for b in eval_ids] + [(b, "replay") for b in replay_ids]
     adapter_parents: list[ParentSpec] = []
@@ -474,10 +480,13 @@ def reproduce(mgr: AdapterManager, ref: Any, *, progress: bool = False) -> dict[
     train_ids = [b["batch_id"] for b in links if b["role"] == "train"]
     replay_ids = [b["batch_id"] for b in links if b["role"] == "replay"]
     planner = UpdatePlanner(mgr, cfg)
-    rows = _subsample(mgr.data.training_rows(train_ids), cfg.max_train_rows, cfg.seed)
+    # adapters registered before templates were recorded: the catalog's current templates
+    templates = hp.get("templates") or load_templates(mgr.data.catalog)
+    rows = _subsample(mgr.data.training_rows(train_ids, templates=templates), cfg.max_train_rows, cfg.seed)
     if hp.get("eval") == "holdout_tail":
         rows = rows[: -max(1, int(len(rows) * HOLDOUT_FRACTION))]
-    train_rows, _ = _replay_rows(mgr, planner, train_ids, rows, cfg) if replay_ids or cfg.replay_ratio else (rows, [])
+    train_rows, _ = (_replay_rows(mgr, planner, train_ids, rows, cfg, templates) if replay_ids or cfg.replay_ratio
+                     else (rows, []))
     parent_edges = lin.parents_of(node.id)
     folders: list[tuple[str, float]] = []
     if parent_edges:

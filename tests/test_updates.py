@@ -183,3 +183,23 @@ def test_warmup_ratio_is_used_recorded_and_reproduced(stream):
     assert mgr.get(plain.adapter_id).hyperparams["warmup_ratio"] == 0.0
     assert mgr.get(warm.adapter_id).weights_sha256 != mgr.get(plain.adapter_id).weights_sha256
     assert mgr.reproduce(warm.adapter_id)["identical"]
+
+
+def test_text_templates_are_recorded_and_reused_by_reproduce(stream):
+    """The texts are part of the recipe: a later template change must not break reproduction."""
+    from adapters_mgr.data.texts import load_templates, set_template
+
+    mgr, b = stream
+    before = load_templates(mgr.data.catalog)
+    custom = "{item_stats} Item {item_id}: {title}."
+    set_template(mgr.data.catalog, "item", custom)
+    try:
+        r = mgr.train_update([b[1]], task="ranker", name="tpl", lr=5e-3, replay_ratio=0.5, **FAST)
+        assert r.extra["replay_batches"]  # the replayed rows' texts come from the recorded templates too
+        assert mgr.get(r.adapter_id).hyperparams["templates"] == {**before, "item": custom}
+        set_template(mgr.data.catalog, "item", before["item"])  # the catalog moves on
+        assert mgr.reproduce(r.adapter_id)["identical"]
+        other = mgr.train_update([b[1]], task="ranker", name="tpl", lr=5e-3, replay_ratio=0.5, **FAST)
+        assert mgr.get(other.adapter_id).weights_sha256 != mgr.get(r.adapter_id).weights_sha256  # texts matter
+    finally:
+        set_template(mgr.data.catalog, "item", before["item"])

@@ -201,6 +201,7 @@ class DataAPI:
         max_rows: int | None = None,
         columns: bool = False,
         with_text: bool = False,
+        templates: dict[str, str] | None = None,
     ) -> Any:
         """A seeded sample of kept rows for replay, reproducible from (seed, batch ids).
 
@@ -213,7 +214,7 @@ class DataAPI:
         rows = sampling.replay_sample(self.catalog, pool, ratio=ratio, seed=seed, max_rows=max_rows,
                                       columns=columns and not with_text)
         if with_text:
-            return texts.attach_texts(self, rows, columns=columns)
+            return texts.attach_texts(self, rows, columns=columns, templates=templates)
         return rows
 
     def negative_samples(
