@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import RESULTS, machine  # noqa: E402
 
-SCRIPTS = ["bench_catalog", "bench_data", "bench_serving", "bench_incremental"]
+SCRIPTS = ["bench_catalog", "bench_data", "bench_serving", "bench_incremental", "bench_templates"]
 
 
 def _result_name(script: str, quick: bool) -> str:
@@ -32,7 +32,8 @@ def _result_name(script: str, quick: bool) -> str:
 
 def _targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Targets in the shapes the scripts write them (a list, a dict of verdicts, or flat keys)."""
-    raw = data.get("targets") or data.get("verdicts") or (data.get("summary") or {}).get("targets")
+    summary = data.get("summary")
+    raw = data.get("targets") or data.get("verdicts") or (summary.get("targets") if isinstance(summary, dict) else None)
     out: list[dict[str, Any]] = []
     if isinstance(raw, list):
         for t in raw:

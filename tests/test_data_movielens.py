@@ -44,7 +44,8 @@ def test_prepared_fixture_syncs_with_text(tmp_path):
     assert sum(api.batch(i)["rows_kept"] for i in ids) == 4
     rows = api.training_rows(ids)
     last = rows[-1]
-    assert last["item_text"].startswith("Cinema Paradiso (1988). Genres: Drama, Romance.")
+    assert last["item_text"].endswith("Cinema Paradiso (1988). Genres: Drama, Romance.")
+    assert last["item_text"].startswith(("Rated ", "Not rated before.", "1 interactions before."))  # stats first
     assert "age 53, gender F, occupation other" in last["user_text"]
 
 

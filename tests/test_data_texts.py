@@ -43,7 +43,7 @@ def test_text_reflects_only_earlier_events(api, tmp_path):
     assert "Has rated 1 items before, mean rating 5.00" in probe["user_text"]
     assert "Recently liked: Alpha." in probe["user_text"]
     assert "Gamma" not in probe["user_text"] and "Horror" not in probe["user_text"]
-    assert probe["item_text"] == "Beta (1991). Genres: Comedy, Drama. Not rated before."
+    assert probe["item_text"] == "Not rated before. Beta (1991). Genres: Comedy, Drama."
     first = rows[("u1", "i1")]
     assert "No ratings yet" in first["user_text"] and "Not rated before" in first["item_text"]
     assert "Rated 1 times before, mean rating 5.00" in rows[("u2", "i1")]["item_text"]
