@@ -19,17 +19,22 @@ def _obj(root: Path) -> SimpleNamespace:
     return SimpleNamespace(manager=lambda: manager)
 
 
-def test_cli_add_sync_batches_show_quarantine(tmp_path):
-    f = tmp_path / "ev.csv"
-    f.write_text("uid,movie,stars,time\nu1,i1,5,1000\nu2,i2,9,2000\nu3,i3,4,900000\n")
-    runner = CliRunner()
-    obj = _obj(tmp_path / "root")
+def _cli(root: Path):
+    """``run(*args) -> output`` for the data app on a catalog under ``root``; asserts exit code 0."""
+    runner, obj = CliRunner(), _obj(root)
 
     def run(*args: str) -> str:
         result = runner.invoke(data_app, list(args), obj=obj, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         return result.output
 
+    return run
+
+
+def test_cli_add_sync_batches_show_quarantine(tmp_path):
+    f = tmp_path / "ev.csv"
+    f.write_text("uid,movie,stars,time\nu1,i1,5,1000\nu2,i2,9,2000\nu3,i3,4,900000\n")
+    run = _cli(tmp_path / "root")
     run("add-source", "ev", str(f), "--mapping", '{"user_id": "uid", "item_id": "movie", "rating": "stars", '
         '"ts": "time"}', "--ts-format", "epoch_s")
     assert json.loads(run("sources", "--json"))[0]["name"] == "ev"
@@ -51,14 +56,7 @@ def test_quarantine_table_is_capped_json_and_all_are_not(tmp_path):
     n_bad = TABLE_ROWS + 7
     f = tmp_path / "ev.csv"
     f.write_text("uid,movie,stars,time\nu0,i0,4,1000\n" + "".join(f"u{i},i{i},9,{1000 + i}\n" for i in range(n_bad)))
-    runner = CliRunner()
-    obj = _obj(tmp_path / "root")
-
-    def run(*args: str) -> str:
-        result = runner.invoke(data_app, list(args), obj=obj, catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.output
-
+    run = _cli(tmp_path / "root")
     run("add-source", "ev", str(f), "--mapping", '{"user_id": "uid", "item_id": "movie", "rating": "stars", '
         '"ts": "time"}', "--ts-format", "epoch_s")
     run("sync")
