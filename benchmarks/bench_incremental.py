@@ -41,6 +41,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
 import sys
 import tempfile
@@ -770,7 +771,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload: dict[str, Any] = {
         "machine": machine(), "model": model_name, "data": data_name, "config": config,
-        "command": "python benchmarks/bench_incremental.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/bench_incremental.py",
+                               *(argv if argv is not None else sys.argv[1:])]),
         "base_bytes": base_b,
         "initial_batches": bench.ids[: args.init_weeks],
         "initial_rows_total": int(sum(b["num_rows"] for b in bench.batches[: args.init_weeks])),

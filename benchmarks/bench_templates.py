@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default=None, help="results file name (default bench_templates[_quick])")
     ap.add_argument("--quick", action="store_true",
                     help="synthetic stream + tiny random BERT, 200 rows, one seed (CI; figures meaningless)")
     args = ap.parse_args()
@@ -125,7 +126,8 @@ def main() -> None:
     md += (f"\nStats first wins on AUC in {wins} of {len(seeds)} seeds; mean paired AUC gain "
            f"{payload['mean_auc_gain']:+.4f}. Seeds differ a lot at this training size (under-trained: "
            f"~{args.rows // 32} steps), which is why the comparison is paired.\n")
-    json_path, md_path = write_results("bench_templates_quick" if args.quick else "bench_templates", payload, md)
+    name = args.name or ("bench_templates_quick" if args.quick else "bench_templates")
+    json_path, md_path = write_results(name, payload, md)
     print(md)
     print(f"wrote {json_path} and {md_path}")
 
