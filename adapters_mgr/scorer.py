@@ -41,6 +41,7 @@ class Scorer:
         self._engines: dict[tuple[str, str], HotSwapModel] = {}
         self._refs: dict[str, Any] = {}  # task -> the ref (alias or id) that task follows
         self._nodes: dict[str, Adapter] = {}  # task -> active node
+        self._templates: dict[str, dict[str, str] | None] = {}  # task -> the texts' templates it was trained on
         self._lock = threading.RLock()
         self._poller: threading.Thread | None = None
         self._stop = threading.Event()
@@ -83,11 +84,29 @@ class Scorer:
             raise InvalidInput(f"adapter {node.id} is {node.status}; it cannot be served")
         engine = self._engine(node.base_id, node.task)
         prepared = engine.prepare(self.node_spec(node))  # reads and checks outside the switch
+        templates = self.recorded_templates(node)
         with self._lock:
             engine.activate(prepared)
             self._refs[node.task] = node_or_alias
             self._nodes[node.task] = node
+            self._templates[node.task] = templates
         return node.id
+
+    def recorded_templates(self, node: Adapter) -> dict[str, str] | None:
+        """The text templates the node's newest trained adapter recorded (None: the catalog's current).
+
+        Why: a model reads text rendered the way it was trained; after ``data set-template`` the
+        catalog renders differently, but a node trained before keeps its own templates.
+        """
+        from adapters_mgr.updates import node_members
+
+        members, _ = node_members(self.mgr, node)
+        for member, _ in sorted(members, key=lambda mw: mw[0].id, reverse=True):
+            full = member if member.hyperparams is not None else self.mgr.get(member.id)
+            recorded = (full.hyperparams or {}).get("templates")
+            if recorded:
+                return dict(recorded)
+        return None
 
     @property
     def active(self) -> int | None:
@@ -154,8 +173,9 @@ class Scorer:
         """Catalog ids in: texts rendered from the catalog (as of ``as_of``, default now), then scored."""
         users = [str(u) for u in users]
         items = [str(i) for i in items]
-        user_text = self.mgr.data.user_texts(sorted(set(users)), as_of)
-        item_text = self.mgr.data.item_texts(as_of)
+        templates = self._templates.get(self._primary_task())
+        user_text = self.mgr.data.user_texts(sorted(set(users)), as_of, templates=templates)
+        item_text = self.mgr.data.item_texts(as_of, templates=templates)
         missing = [i for i in items if i not in item_text]
         if missing:
             raise NotFound(f"unknown item {missing[0]!r}; it has no interactions or attributes in the catalog")
@@ -166,7 +186,7 @@ class Scorer:
         engine = self._engine_for("retriever")
         key = (self._nodes["retriever"].id, str(as_of))
         if key not in self._item_cache:
-            texts = self.mgr.data.item_texts(as_of)
+            texts = self.mgr.data.item_texts(as_of, templates=self._templates.get("retriever"))
             ids = sorted(texts)
             self._item_cache = {key: (ids, engine.encode([texts[i] for i in ids]))}
         return self._item_cache[key]
@@ -186,7 +206,7 @@ class Scorer:
             raise InvalidInput(f"k must be positive, got {k}")
         users = [str(u) for u in users]
         ids, item_emb = self.item_embeddings(as_of)
-        user_text = self.mgr.data.user_texts(users, as_of)
+        user_text = self.mgr.data.user_texts(users, as_of, templates=self._templates.get("retriever"))
         unknown = [u for u in users if u not in user_text]
         if unknown:
             raise NotFound(f"unknown user {unknown[0]!r}; it has no interactions or attributes in the catalog")
@@ -197,7 +217,10 @@ class Scorer:
         first = top_k(user_emb @ item_emb.T, ids, users, seen, max(k, top_m) if ranker else k)
         if not ranker:
             return first
-        item_text = self.mgr.data.item_texts(as_of)
+        rank_templates = self._templates.get("ranker")
+        if rank_templates != self._templates.get("retriever"):  # each stage reads its own training texts
+            user_text = self.mgr.data.user_texts(users, as_of, templates=rank_templates)
+        item_text = self.mgr.data.item_texts(as_of, templates=rank_templates)
         out: dict[str, list[dict[str, Any]]] = {}
         rank_engine = self._engine_for("ranker")
         for n, user in enumerate(users):

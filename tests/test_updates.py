@@ -203,3 +203,28 @@ def test_text_templates_are_recorded_and_reused_by_reproduce(stream):
         assert mgr.get(other.adapter_id).weights_sha256 != mgr.get(r.adapter_id).weights_sha256  # texts matter
     finally:
         set_template(mgr.data.catalog, "item", before["item"])
+
+
+def test_serving_renders_texts_with_the_templates_the_node_was_trained_on(stream):
+    from adapters_mgr.data.texts import load_templates, set_template
+
+    mgr, b = stream
+    before = load_templates(mgr.data.catalog)
+    trained_on = {**before, "item": "{item_stats} Item {item_id}: {title}."}
+    set_template(mgr.data.catalog, "item", trained_on["item"])
+    try:
+        r = mgr.train_update([b[0]], task="ranker", name="tplserve", **FAST)
+        set_template(mgr.data.catalog, "item", before["item"])  # the catalog moves on
+        scorer = mgr.scorer(r.node_id)
+        assert scorer.recorded_templates(mgr.get(r.node_id)) == trained_on
+        pair = mgr.data.training_rows([b[1]])[0]
+        u, i = pair["user_id"], pair["item_id"]
+
+        def by_texts(templates):
+            return scorer.score_texts([mgr.data.user_texts([u], templates=templates)[u]],
+                                      [mgr.data.item_texts(templates=templates)[i]])[0]
+
+        served = scorer.score([u], [i])[0]
+        assert served == by_texts(trained_on) and served != by_texts(before)
+    finally:
+        set_template(mgr.data.catalog, "item", before["item"])
