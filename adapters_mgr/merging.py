@@ -82,6 +82,7 @@ def merge_to_folder(mgr: AdapterManager, plan: MergePlan, method: str, out_dir: 
 def register_merged(mgr: AdapterManager, plan: MergePlan, result: Any, folder: Path, *, name: str,
                     metrics: dict[str, Any] | None = None) -> int:
     from adapters_mgr.manager import ParentSpec
+    from adapters_mgr.updates import newest_templates
 
     prepared = mgr._store_adapter(folder, base=plan.base_id)
     recipe = dict(result.recipe)
@@ -93,7 +94,10 @@ def register_merged(mgr: AdapterManager, plan: MergePlan, result: Any, folder: P
     with mgr.catalog.transaction() as con:
         node_id = mgr._insert_node_in(
             con, name=name, kind="merged", task=plan.task, base_id=plan.base_id, parents=parents, links=[],
-            columns={**prepared.columns, "hyperparams": to_json({"merge": recipe}), "metrics": to_json(record)},
+            columns={**prepared.columns, "metrics": to_json(record),
+                     # the merged adapter reads texts as its newest source was trained to (see Scorer)
+                     "hyperparams": to_json({"merge": recipe, "templates": newest_templates(
+                         mgr, [m for m, _ in plan.members])})},
         )
         log_event(con, "merge", {"sources": recipe["source_nodes"], "method": recipe["method"]},
                   detail={"id": node_id, "reconstruction_error": result.reconstruction_error})

@@ -98,15 +98,10 @@ class Scorer:
         Why: a model reads text rendered the way it was trained; after ``data set-template`` the
         catalog renders differently, but a node trained before keeps its own templates.
         """
-        from adapters_mgr.updates import node_members
+        from adapters_mgr.updates import newest_templates, node_members
 
         members, _ = node_members(self.mgr, node)
-        for member, _ in sorted(members, key=lambda mw: mw[0].id, reverse=True):
-            full = member if member.hyperparams is not None else self.mgr.get(member.id)
-            recorded = (full.hyperparams or {}).get("templates")
-            if recorded:
-                return dict(recorded)
-        return None
+        return newest_templates(self.mgr, [m for m, _ in members])
 
     @property
     def active(self) -> int | None:

@@ -204,6 +204,16 @@ def node_members(mgr: AdapterManager, node: Adapter) -> tuple[list[tuple[Adapter
     return members, node.stack_mode or "weights"
 
 
+def newest_templates(mgr: AdapterManager, adapters: list[Adapter]) -> dict[str, str] | None:
+    """The text templates recorded by the newest of ``adapters`` that recorded any (None: none did)."""
+    for adapter in sorted(adapters, key=lambda a: a.id, reverse=True):
+        full = adapter if adapter.hyperparams is not None else mgr.get(adapter.id)
+        recorded = (full.hyperparams or {}).get("templates")
+        if recorded:
+            return dict(recorded)
+    return None
+
+
 def _subsample(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
     """A seeded subsample that keeps time order (so training stays reproducible and honest)."""
     if limit is None or len(rows) <= limit:

@@ -226,5 +226,7 @@ def test_serving_renders_texts_with_the_templates_the_node_was_trained_on(stream
 
         served = scorer.score([u], [i])[0]
         assert served == by_texts(trained_on) and served != by_texts(before)
+        merged = mgr.merge([r.node_id], "cat", name="tplserve-merged")  # a merge keeps its source's templates
+        assert scorer.recorded_templates(mgr.get(merged)) == trained_on
     finally:
         set_template(mgr.data.catalog, "item", before["item"])
