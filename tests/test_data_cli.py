@@ -66,3 +66,30 @@ def test_quarantine_table_is_capped_json_and_all_are_not(tmp_path):
     assert f"quarantine ({TABLE_ROWS} rows; first {TABLE_ROWS} shown; more exist" in capped
     assert f"quarantine ({n_bad} rows)" in run("quarantine", "--all")
     assert "quarantine (5 rows)" in run("quarantine", "--limit", "5")
+
+
+def test_templates_cli_show_set_reset_and_bad_input(capsys, tmp_path):
+    from adapters_mgr.data.texts import DEFAULT_TEMPLATES
+    from tests.test_cli import run as run_main
+
+    root = tmp_path / "root"
+
+    def shown() -> dict:
+        code, out, err = run_main(capsys, root, "data", "templates", "--json")
+        assert code == 0, err
+        return {r["kind"]: r for r in json.loads(out)}
+
+    assert {k: r["template"] for k, r in shown().items()} == DEFAULT_TEMPLATES
+    assert all(r["default"] for r in shown().values())
+    custom = "{item_stats} Film {title}."
+    code, out, err = run_main(capsys, root, "data", "set-template", "item", custom)
+    assert code == 0, err
+    assert shown()["item"] == {"kind": "item", "template": custom, "default": False}
+    assert shown()["user"]["default"]
+    code, out, err = run_main(capsys, root, "data", "set-template", "item", "--reset")
+    assert code == 0, err
+    assert shown()["item"]["template"] == DEFAULT_TEMPLATES["item"]
+    for args in (["item", "{title"], ["movie", "x"], ["item"], ["item", "x", "--reset"]):
+        code, out, err = run_main(capsys, root, "data", "set-template", *args)
+        assert code != 0 and len(err.strip().splitlines()) == 1, (args, err)
+    assert shown()["item"]["template"] == DEFAULT_TEMPLATES["item"]  # nothing stored by the failures

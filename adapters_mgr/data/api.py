@@ -252,7 +252,12 @@ class DataAPI:
         """Store a user or item text template (Python format syntax; see texts.FIELDS)."""
         texts.set_template(self.catalog, kind, template)
 
+    def reset_template(self, kind: str) -> None:
+        """Go back to the default template of ``kind`` ('user' or 'item')."""
+        texts.reset_template(self.catalog, kind)
+
     def templates(self) -> dict[str, str]:
+        """The templates texts are rendered with now: the stored ones, else the defaults."""
         return texts.load_templates(self.catalog)
 
     def item_texts(

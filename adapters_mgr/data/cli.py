@@ -146,6 +146,38 @@ def quarantine_cmd(
                 formatters={"row": lambda v: json.dumps(v)})
 
 
+@data_app.command("templates")
+def templates_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """The user and item text templates in use (stored, else the defaults)."""
+    from adapters_mgr.data.texts import DEFAULT_TEMPLATES
+
+    current = _api(ctx).templates()
+    rows = [{"kind": kind, "template": tpl, "default": tpl == DEFAULT_TEMPLATES.get(kind)}
+            for kind, tpl in sorted(current.items())]
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(rows, ["kind", "default", "template"], title="text templates")
+
+
+@data_app.command("set-template")
+def set_template_cmd(
+    ctx: typer.Context,
+    kind: str = typer.Argument(..., help="user or item"),
+    template: str = typer.Argument(None, help="Python format string, e.g. '{item_stats} {title} ({year}).'"),
+    reset: bool = typer.Option(False, "--reset", help="go back to the default template"),
+) -> None:
+    """Store the template new trainings render KIND texts with (trained adapters keep theirs)."""
+    api = _api(ctx)
+    if reset == (template is not None):
+        raise InvalidInput("give either a TEMPLATE or --reset")
+    if reset:
+        api.reset_template(kind)
+    else:
+        api.set_template(kind, template)
+    console.print(f"{kind} template: {api.templates()[kind]}")
+
+
 @fetch_app.command("movielens")
 def fetch_movielens_cmd(
     ctx: typer.Context,

@@ -110,6 +110,14 @@ def set_template(catalog: Catalog, kind: str, template: str) -> None:
         log_event(con, "data.set_template", {"kind": kind, "template": template})
 
 
+def reset_template(catalog: Catalog, kind: str) -> None:
+    """Drop a stored template so the default applies again (adapters keep the ones they recorded)."""
+    check_template(kind, DEFAULT_TEMPLATES.get(kind, ""))
+    with catalog.transaction() as con:
+        con.execute("DELETE FROM data_templates WHERE kind = ?", [kind])
+        log_event(con, "data.reset_template", {"kind": kind})
+
+
 def load_templates(catalog: Catalog, override: dict[str, str] | None = None) -> dict[str, str]:
     out = dict(DEFAULT_TEMPLATES)
     out.update({r["kind"]: r["template"] for r in catalog.query("SELECT kind, template FROM data_templates")})
