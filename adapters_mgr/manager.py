@@ -37,6 +37,7 @@ from adapters_mgr.catalog.records import (
     check_name,
     fetch_adapter,
     fetch_ref,
+    ref_id,
     resolve,
 )
 from adapters_mgr.errors import AdaptersMgrError, Conflict, IntegrityError, InvalidInput, Locked, NotFound
@@ -770,8 +771,7 @@ class AdapterManager:
         if depth is not None and depth < 0:
             raise InvalidInput(f"depth must be >= 0, got {depth}")
         with self.catalog.connect() as con:
-            root_id = ref if isinstance(ref, int) and not isinstance(ref, bool) else resolve(con, ref)
-            return load_lineage(con, root_id, max_depth=depth if depth is not None else 1_000_000)
+            return load_lineage(con, ref_id(con, ref), max_depth=depth if depth is not None else 1_000_000)
 
     def events(self, *, limit: int = 50, operation: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM events"

@@ -69,22 +69,28 @@ class Scorer:
 
     def node_spec(self, node: Adapter) -> NodeSpec:
         """The adapters (verified folders) and combination a catalog node activates."""
-        from adapters_mgr.serving import NodeSpec
         from adapters_mgr.updates import node_members
 
-        members, mode = node_members(self.mgr, node)
+        return self._spec(node, *node_members(self.mgr, node))
+
+    def _spec(self, node: Adapter, members: list[tuple[Adapter, float]], mode: str) -> NodeSpec:
+        from adapters_mgr.serving import NodeSpec
+
         return NodeSpec(tuple((str(self.mgr.adapter_folder(m.id)), float(w)) for m, w in members), mode, node.id)
 
     def activate(self, node_or_alias: Any) -> int:
         """Activate a node (id, NAME@VERSION) or follow an alias; returns the node id now active."""
+        from adapters_mgr.updates import newest_templates, node_members
+
         node = self.mgr.get(node_or_alias)
         if node.task not in ("ranker", "retriever"):
             raise InvalidInput(f"adapter {node.id} is for task {node.task!r}; the scorer serves ranker or retriever")
         if node.status != "active":
             raise InvalidInput(f"adapter {node.id} is {node.status}; it cannot be served")
         engine = self._engine(node.base_id, node.task)
-        prepared = engine.prepare(self.node_spec(node))  # reads and checks outside the switch
-        templates = self.recorded_templates(node)
+        members, mode = node_members(self.mgr, node)  # once: a lineage query for stack nodes
+        prepared = engine.prepare(self._spec(node, members, mode))  # reads and checks outside the switch
+        templates = newest_templates(self.mgr, [m for m, _ in members])
         with self._lock:
             engine.activate(prepared)
             self._refs[node.task] = node_or_alias

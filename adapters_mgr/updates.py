@@ -22,7 +22,6 @@ import numpy as np
 
 from adapters_mgr.base import HeadSpec
 from adapters_mgr.catalog.db import log_event, to_json
-from adapters_mgr.data.texts import load_templates
 from adapters_mgr.errors import Conflict, InvalidInput, NotFound
 from adapters_mgr.faults import maybe_crash
 
@@ -307,7 +306,7 @@ def run_update(
 
     # -- data (no model yet) ---------------------------------------------------------------------
     # the texts' templates are part of the recipe: recorded with the adapter, reused by ``reproduce``
-    templates = load_templates(mgr.data.catalog)
+    templates = mgr.data.templates()
     rows = mgr.data.training_rows(train_ids, templates=templates)
     rows = _subsample(rows, cfg.max_train_rows, cfg.seed)
     if not rows:
@@ -491,7 +490,7 @@ def reproduce(mgr: AdapterManager, ref: Any, *, progress: bool = False) -> dict[
     replay_ids = [b["batch_id"] for b in links if b["role"] == "replay"]
     planner = UpdatePlanner(mgr, cfg)
     # adapters registered before templates were recorded: the catalog's current templates
-    templates = hp.get("templates") or load_templates(mgr.data.catalog)
+    templates = hp.get("templates") or mgr.data.templates()
     rows = _subsample(mgr.data.training_rows(train_ids, templates=templates), cfg.max_train_rows, cfg.seed)
     if hp.get("eval") == "holdout_tail":
         rows = rows[: -max(1, int(len(rows) * HOLDOUT_FRACTION))]

@@ -8,7 +8,7 @@ depth: a 1,000-deep chain is neither 1,000 recursion steps nor several round tri
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import duckdb
@@ -61,7 +61,9 @@ GROUP BY m.adapter_id, h.dir
 # one 'c' row says whether the chain index is current (:data:`lineage_index.IS_CURRENT_SQL`).
 # No ORDER BY: sorting the ~3,000 mixed rows cost ~4 ms in DuckDB; Python sorts the edge list and
 # each node's batch links instead (well under a millisecond).
-_HEAVY = ("peft_config", "lora_alpha", "target_modules", "store_key", "config_sha256", "hyperparams", "description")
+# the Adapter columns a summary leaves out (the root's node row carries them)
+_HEAVY = tuple(f.name for f in fields(Adapter)
+               if f.name not in (*SUMMARY_COLUMNS, "created_at", "updated_at", "aliases"))
 _PAD_NODE = ", ".join(["NULL"] * (2 + len(SUMMARY_COLUMNS) + 3 + len(_HEAVY)))
 _QUERY = _WALK.replace("\nSELECT m.adapter_id", ",\nwalk AS MATERIALIZED (\nSELECT m.adapter_id", 1) + f"""
     UNION ALL SELECT {{root}}, 0, 'root'

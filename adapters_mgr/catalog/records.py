@@ -158,11 +158,17 @@ def fetch_adapter(con: duckdb.DuckDBPyConnection, adapter_id: int) -> Adapter:
     return Adapter.from_row(rows[0])
 
 
+def ref_id(con: duckdb.DuckDBPyConnection, ref: Ref) -> int:
+    """``resolve(ref)`` without a query when ``ref`` already is an id (the common case); the caller's
+    own fetch of that id says NotFound if there is no such adapter."""
+    if isinstance(ref, int) and not isinstance(ref, bool):
+        return ref
+    return resolve(con, ref)
+
+
 def fetch_ref(con: duckdb.DuckDBPyConnection, ref: Ref) -> Adapter:
     """``fetch_adapter(resolve(ref))`` in one query when ``ref`` is already an id (the common case)."""
-    if isinstance(ref, int) and not isinstance(ref, bool):
-        return fetch_adapter(con, ref)
-    return fetch_adapter(con, resolve(con, ref))
+    return fetch_adapter(con, ref_id(con, ref))
 
 
 def adapter_status(con: duckdb.DuckDBPyConnection, adapter_id: int) -> str:
