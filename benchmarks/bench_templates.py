@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters_mgr import AdapterManager  # noqa: E402
-from adapters_mgr.base import HeadSpec, embedded_model_path, load_base_model, load_tokenizer  # noqa: E402
+from adapters_mgr.base import HeadSpec  # noqa: E402
 from adapters_mgr.data.texts import DEFAULT_TEMPLATES  # noqa: E402
 from adapters_mgr.training import train_adapter  # noqa: E402
 from benchmarks._common import machine, md_table, write_results  # noqa: E402
+from benchmarks.bench_incremental import Clock, make_manager  # noqa: E402
 
 TEMPLATES = {
     "stats last (before)": {**DEFAULT_TEMPLATES, "item": "{title} ({year}). Genres: {genres}. {item_stats}"},
@@ -67,25 +67,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        mgr = AdapterManager(Path(tmp) / "root")
-        mgr.init()
-        if args.quick:  # offline and fast, as CI needs: the synthetic stream and a tiny random BERT
-            from adapters_mgr.data import synthetic
-            from adapters_mgr.training.testing import tiny_base_folder
-
-            synthetic.generate(Path(tmp) / "stream", rows=3000, users=40, items=30, seed=0).register(mgr.data)
-            mgr.data.sync(window="10m")
-            path = str(tiny_base_folder(Path(tmp) / "tiny-base"))
-        else:
-            from adapters_mgr.data.movielens import fetch, register_movielens
-
-            register_movielens(mgr.data, fetch())
-            mgr.data.sync(window="7d")
-            path = str(embedded_model_path())
+        # the incremental benchmark's data and base: ML-100K weekly batches on the embedded MiniLM, or
+        # (--quick, offline, as CI needs) the synthetic stream on a tiny random BERT
+        setup = argparse.Namespace(quick=args.quick, synthetic_rows=3000, window="10m" if args.quick else "7d")
+        mgr, base_id, _, _ = make_manager(setup, Path(tmp), Clock())
         ids = [b["id"] for b in mgr.data.batches()]
         train_ids, eval_id = (ids[: len(ids) // 2], ids[len(ids) // 2]) if args.quick else (ids[:20], ids[20])
-        tokenizer = load_tokenizer(path)
-        base = load_base_model(path, HeadSpec("seq_cls", 2))
+        tokenizer = mgr.tokenizer(base_id)
+        base = mgr.base_model(base_id, HeadSpec("seq_cls", 2))
         per_seed: list[dict] = []
         survival = {}
         for name, templates in TEMPLATES.items():
