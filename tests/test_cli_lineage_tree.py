@@ -91,3 +91,28 @@ def test_ls_table_is_capped_json_and_all_are_not(capsys, root, mgr):
     assert len(json.loads(out)) == TABLE_ROWS + 10
     code, out, _ = run(capsys, root, "ls", "--limit", "3")
     assert _ls_ids(out) == {TABLE_ROWS + 8, TABLE_ROWS + 9, TABLE_ROWS + 10} and "more exist" not in out
+
+
+def test_edge_lookups_keep_their_order_and_follow_added_edges():
+    from datetime import UTC, datetime
+
+    from adapters_mgr.catalog.lineage import Edge, Lineage
+    from adapters_mgr.catalog.records import Adapter
+
+    now = datetime.now(UTC)
+    nodes = {i: Adapter(id=i, name="n", version=i, kind="merged", task=None, base_id="b", status="active",
+                        created_at=now, updated_at=now) for i in range(1, 6)}
+    lin = Lineage(root=nodes[5], ancestors={1: 2, 2: 2, 3: 1, 4: 1}, nodes=nodes, edges=[
+        Edge(child_id=5, parent_id=4, relation="merged_from", weight=0.5, ord=1),
+        Edge(child_id=5, parent_id=3, relation="merged_from", weight=0.5, ord=0),
+        Edge(child_id=4, parent_id=1, relation="warm_start", weight=None, ord=0),
+        Edge(child_id=3, parent_id=1, relation="warm_start", weight=None, ord=0),
+    ])
+    assert [e.parent_id for e in lin.parents_of(5)] == [3, 4]  # merge order, not insertion order
+    assert [e.child_id for e in lin.children_of(1)] == [3, 4]
+    assert lin.parents_of(1) == [] and lin.children_of(5) == []
+    lin.parents_of(5).clear()  # a caller's list: the lineage is not changed through it
+    assert len(lin.parents_of(5)) == 2
+    lin.edges.append(Edge(child_id=3, parent_id=2, relation="warm_start", weight=None, ord=1))
+    assert [e.parent_id for e in lin.parents_of(3)] == [1, 2]
+    assert [e.child_id for e in lin.children_of(2)] == [3]

@@ -113,11 +113,32 @@ class Lineage:
     edges: list[Edge] = field(default_factory=list)
     batches: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # adapter id -> batch links
 
+    _adjacency: tuple[int, dict[int, list[Edge]], dict[int, list[Edge]]] | None = field(
+        default=None, init=False, repr=False, compare=False)
+
     def parents_of(self, node_id: int) -> list[Edge]:
-        return sorted((e for e in self.edges if e.child_id == node_id), key=lambda e: (e.ord, e.parent_id))
+        """The node's parent edges, in merge/stack order."""
+        return list(self._edge_index()[1].get(node_id, ()))
 
     def children_of(self, node_id: int) -> list[Edge]:
-        return sorted((e for e in self.edges if e.parent_id == node_id), key=lambda e: e.child_id)
+        """The node's child edges, by child id."""
+        return list(self._edge_index()[2].get(node_id, ()))
+
+    def _edge_index(self) -> tuple[int, dict[int, list[Edge]], dict[int, list[Edge]]]:
+        """Edges by child and by parent, built once. Why: a tree walk asks for every node's edges,
+        and scanning the edge list each time made printing a 5,000-node lineage take ~0.8 s."""
+        if self._adjacency is None or self._adjacency[0] != len(self.edges):  # rebuilt if edges were added
+            by_child: dict[int, list[Edge]] = {}
+            by_parent: dict[int, list[Edge]] = {}
+            for edge in self.edges:
+                by_child.setdefault(edge.child_id, []).append(edge)
+                by_parent.setdefault(edge.parent_id, []).append(edge)
+            for group in by_child.values():
+                group.sort(key=lambda e: (e.ord, e.parent_id))
+            for group in by_parent.values():
+                group.sort(key=lambda e: e.child_id)
+            self._adjacency = (len(self.edges), by_child, by_parent)
+        return self._adjacency
 
     def to_dict(self) -> dict[str, Any]:
         return {
