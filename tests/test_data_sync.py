@@ -171,11 +171,13 @@ def test_resync_is_idempotent_and_watermark_advances(api, tmp_path):
     os.utime(f, ns=(0, 0))  # touched, not changed: still nothing new
     assert api.sync() == []
     assert api.sources()[0]["watermark"] == datetime.fromtimestamp(2000, UTC)
-    # rows appended to a seen file: only those newer than the watermark are taken
+    # rows appended to a seen file: those at or after the watermark are read; the one already
+    # kept at the watermark's time is recognised as an earlier batch's row
     with f.open("a") as fh:
         fh.write("u3,i2,4,3000\n")
     [second] = api.sync()
-    assert api.batch(second)["rows_in"] == 1
+    b2 = api.batch(second)
+    assert (b2["rows_in"], b2["rows_kept"], b2["duplicates_by_kind"]) == (2, 1, {"earlier_batch": 1})
     assert api.sources()[0]["watermark"] == datetime.fromtimestamp(3000, UTC)
     # a new file matching the glob is read in full
     write(tmp_path / "logs" / "day2.csv", "user_id,item_id,rating,ts\nu4,i3,4,500\n")
@@ -183,6 +185,52 @@ def test_resync_is_idempotent_and_watermark_advances(api, tmp_path):
     assert api.batch(third)["rows_kept"] == 1
     events = api.catalog.query("SELECT count(*) AS n FROM events WHERE operation = 'data.sync'")
     assert events[0]["n"] == 5  # one event per sync, no-op syncs included
+
+
+def test_rows_appended_to_a_seen_file_are_all_accounted_and_none_twice(api, tmp_path):
+    f = write(tmp_path / "ev.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\nu2,i1,3,2000\nu9,i9,5,9999999999\n")
+    api.add_source("ev", f, ts_format="epoch_s")
+    [first] = api.sync()
+    assert api.batch(first)["quarantined_by_rule"] == {"future_timestamp": 1}
+    os.utime(f, ns=(0, 0))  # touched: the future row is read again but is no new batch
+    assert api.sync() == []
+    # appended: an unparseable time, a time equal to the watermark, an empty time, a plain new row
+    with f.open("a") as fh:
+        fh.write("u3,i3,5,garbage\nu4,i4,5,2000\nu5,i5,5,\nu6,i6,4,3000\n")
+    [second] = api.sync()
+    b = api.batch(second)
+    assert b["quarantined_by_rule"] == {"bad_timestamp": 1, "missing_key": 1}
+    assert b["rows_kept"] == 2  # u4 (at the watermark, new) and u6
+    assert b["duplicates_by_kind"] == {"earlier_batch": 2}  # u2 (kept before) and u9 (quarantined before)
+    assert b["rows_in"] == b["rows_kept"] + b["rows_quarantined"] + b["rows_duplicate"] == 6
+    assert sorted(r["user_id"] for r in api.interactions(second)) == ["u4", "u6"]
+    assert [q["row"] for q in api.quarantine(batch=second, rule="bad_timestamp")] == [
+        {"user_id": "u3", "item_id": "i3", "rating": "5", "ts": "garbage"}]
+    assert len(api.quarantine(rule="future_timestamp")) == 1  # not quarantined a second time
+    os.utime(f, ns=(1, 1))  # touched again: everything read is known
+    assert api.sync() == []
+
+
+def test_quarantine_keeps_the_whole_source_row(api, tmp_path):
+    f = write(tmp_path / "ev.csv", "user_id,item_id,rating,ts,comment,device\nu1,i1,9,1000,too high,phone\n")
+    api.add_source("ev", f, ts_format="epoch_s")
+    api.sync()
+    [q] = api.quarantine()
+    assert q["rule"] == "rating_out_of_range"
+    assert q["row"] == {"user_id": "u1", "item_id": "i1", "rating": "9", "ts": "1000", "comment": "too high",
+                        "device": "phone"}
+
+
+def test_noise_rule_counts_any_60_seconds_not_calendar_minutes(api, tmp_path):
+    # 4 events of one user from 118 s to 121 s straddle a minute boundary; 3 more a minute apart are fine
+    lines = ["user_id,item_id,rating,ts"] + [f"bot,i{k},5,{118 + k}" for k in range(4)]
+    lines += [f"u1,i{k},5,{1000 + 60 * k}" for k in range(3)] + ["u2,i1,5,1000", "u2,i2,5,1060"]
+    write(tmp_path / "ev.csv", "\n".join(lines) + "\n")
+    api.add_source("ev", tmp_path / "ev.csv", ts_format="epoch_s", max_events_per_minute=3)
+    [bid] = api.sync()
+    assert api.batch(bid)["quarantined_by_rule"] == {"noise_burst": 4}
+    assert {q["row"]["user_id"] for q in api.quarantine(rule="noise_burst")} == {"bot"}
+    assert sorted(r["user_id"] for r in api.interactions(bid)) == ["u1", "u1", "u1", "u2", "u2"]
 
 
 def test_window_cuts_history_into_consecutive_batches(api, tmp_path):

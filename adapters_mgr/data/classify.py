@@ -50,20 +50,33 @@ def entity_checks(con: duckdb.DuckDBPyConnection) -> tuple[bool, bool]:
 
 
 def apply_noise_rules(con: duckdb.DuckDBPyConnection, sources: list[Source]) -> None:
-    """Noise rule: a user with more than N events in one minute (per source) is a bot or a replay."""
+    """Noise rule: a user with more than N events within any 60 seconds (per source) is a bot or a replay.
+
+    Any 60 seconds, not calendar minutes: a burst of N+1 events from 12:00:58 to 12:01:01 is one.
+    ``c`` counts each event's trailing 60 s ((t - 60 s, t]); an event is in a burst when some event
+    in the 60 s from it on ends a window with more than N, so every event of a burst is flagged.
+    """
+    window = "INTERVAL 59999999 MICROSECOND"  # a 60 s window holds t .. t + 59.999999 s
     for sidx, src in enumerate(sources):
         limit = src.option("max_events_per_minute")
         if not limit:
             continue
         con.execute(
-            """
+            f"""
             UPDATE _stage SET rule = 'noise_burst',
-                detail = 'more than ' || CAST(? AS VARCHAR) || ' events of user ' || user_id || ' in one minute'
-            WHERE rule IS NULL AND sidx = ? AND (user_id, date_trunc('minute', ts)) IN (
-                SELECT (user_id, date_trunc('minute', ts)) FROM _stage
-                WHERE rule IS NULL AND sidx = ? GROUP BY ALL HAVING count(*) > ?)
+                detail = 'more than ' || CAST($limit AS VARCHAR) || ' events of user ' || user_id || ' within 60 s'
+            WHERE rowid IN (
+                SELECT rid FROM (
+                    SELECT rid, max(c) OVER (PARTITION BY user_id ORDER BY ts
+                                             RANGE BETWEEN CURRENT ROW AND {window} FOLLOWING) AS burst
+                    FROM (
+                        SELECT rowid AS rid, user_id, ts,
+                               count(*) OVER (PARTITION BY user_id ORDER BY ts
+                                              RANGE BETWEEN {window} PRECEDING AND CURRENT ROW) AS c
+                        FROM _stage WHERE rule IS NULL AND sidx = $sidx))
+                WHERE burst > $limit)
             """,
-            [int(limit), sidx, sidx, int(limit)],
+            {"limit": int(limit), "sidx": sidx},
         )
 
 
@@ -261,3 +274,28 @@ def classify(
         [lo, hi],
     )
     return keys
+
+
+def mark_seen_quarantined(con: duckdb.DuckDBPyConnection, sources: list[Source]) -> None:
+    """Add to ``_dup`` (as ``earlier_batch``) the staged rule-breaking rows an earlier sync already
+    quarantined: the same source row, from the same source, breaking the same rule.
+
+    Why: rows without a usable time cannot be compared with the watermark, so a changed file's
+    such rows are read again on every sync; without this they would be quarantined (and counted)
+    once per re-read, and a merely touched file would make a new batch.
+    """
+    if not con.execute("SELECT EXISTS (SELECT 1 FROM quarantine WHERE batch_id IS NOT NULL)").fetchone()[0]:
+        return
+    source, _ = _source_columns(sources)
+    con.execute(
+        f"""
+        INSERT INTO _dup
+        SELECT s.rid, 'earlier_batch' FROM (
+            SELECT rowid AS rid, {source} AS source, rule, raw_row FROM _stage
+            WHERE rule IS NOT NULL AND raw_row IS NOT NULL) s
+        SEMI JOIN (SELECT source, rule, CAST("row" AS VARCHAR) AS raw_row FROM quarantine
+                   WHERE batch_id IS NOT NULL) q
+            ON q.source = s.source AND q.rule = s.rule AND q.raw_row = s.raw_row
+        """
+    )
+

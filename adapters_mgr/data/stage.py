@@ -21,8 +21,7 @@ _TRUE = "['1', '1.0', 'true', 't', 'yes', 'y']"
 _FALSE = "['0', '0.0', 'false', 'f', 'no', 'n']"
 
 STAGE_COLUMNS = (
-    "sidx", "fidx", "user_id", "item_id", "ts", "rating", "label", "source_event_id", "rule", "detail",
-    "ts_raw", "rating_raw", "label_raw",
+    "sidx", "fidx", "user_id", "item_id", "ts", "rating", "label", "source_event_id", "rule", "detail", "raw_row",
 )
 
 
@@ -78,10 +77,15 @@ def interaction_sql(
     One pass decides every row rule, including unknown users / items (``check_users`` /
     ``check_items``: the entity table is non-empty and the source checks). The row keeps only what
     later steps need: ``sidx`` (position of the source in this sync) and ``fidx`` (1-based position
-    of the file in ``new_files + changed_files``) stand for the names, and the raw text of the
-    ts / rating / label columns is kept only for quarantined rows (or for every row of a source with
-    a noise rule, which can still quarantine later). Why: each byte kept here is written and read
-    again by every later step, and at 10M rows that is most of a sync's time.
+    of the file in ``new_files + changed_files``) stand for the names, and the source row as read
+    (every column, as JSON: what the quarantine keeps) is built only for quarantined rows (or for
+    every row of a source with a noise rule, which can still quarantine later). Why: each byte kept
+    here is written and read again by every later step, and at 10M rows that is most of a sync's time.
+
+    Rows of a changed file are taken when they are at or after the watermark, or have no usable
+    time (which cannot be compared with it): rows seen before are then recognised by dedup (kept
+    ones as ``earlier_batch`` duplicates, quarantined ones against the quarantine), so nothing
+    appended is skipped unaccounted and nothing seen before is counted twice.
     """
     files = new_files + changed_files
     types = describe(con, src.format, files, src.option("read"))
@@ -163,9 +167,13 @@ def interaction_sql(
     fidx = "1" if len(files) == 1 else f"list_position({sql_literal([str(f) for f in files])}, filename)"
     where = ""
     if changed_files and watermark is not None:
-        where = f"WHERE fidx <= {len(new_files)} OR ts > {sql_literal(watermark.isoformat())}::TIMESTAMPTZ"
+        where = (f"WHERE fidx <= {len(new_files)} OR ts IS NULL "
+                 f"OR ts >= {sql_literal(watermark.isoformat())}::TIMESTAMPTZ")
     passthrough = "".join(f", {q(col)} AS {alias}" for col, alias in ((ts_col, raw_ts), (rating_col, raw_rating),
                                                                    (label_col, raw_label)) if col is not None)
+    # the source row as read, every column under its own name (a struct is cheap: it references
+    # the columns; the JSON text is only built for the rows that keep it)
+    passthrough += ", {" + ", ".join(f"{sql_literal(col)}: {q(col)}" for col in types) + "} AS _src"
     inner = f"""
         SELECT CAST({fidx} AS INTEGER) AS fidx,
                {_text(m['user_id'], numeric('user_id'))} AS user_id,
@@ -183,24 +191,6 @@ def interaction_sql(
     """
     return f"""
         SELECT CAST({int(sidx)} AS UTINYINT) AS sidx, fidx, user_id, item_id, ts, rating, label, source_event_id,
-               rule, {detail} AS detail,
-               CASE WHEN {keep_raw} THEN {ts_raw} END AS ts_raw,
-               CASE WHEN {keep_raw} THEN {rating_raw} END AS rating_raw,
-               CASE WHEN {keep_raw} THEN {label_raw} END AS label_raw
+               rule, {detail} AS detail, CASE WHEN {keep_raw} THEN CAST(to_json(_src) AS VARCHAR) END AS raw_row
         FROM ({ruled})
     """
-
-
-def raw_row_json(sources: list[Source]) -> str:
-    """SQL for the quarantined row as read (keyed by the source's own column names), per ``sidx``."""
-    cases = []
-    for sidx, src in enumerate(sources):
-        m = src.mapping
-        pairs = []
-        for canonical, raw in (("user_id", "user_id"), ("item_id", "item_id"), ("ts", "ts_raw"),
-                               ("rating", "rating_raw"), ("label", "label_raw"),
-                               ("source_event_id", "source_event_id")):
-            if canonical in m:
-                pairs.append(f"{sql_literal(m[canonical])}, {raw}")
-        cases.append(f"WHEN {sidx} THEN json_object({', '.join(pairs)})")
-    return "CASE sidx " + " ".join(cases) + " END"

@@ -24,7 +24,7 @@ from adapters_mgr.data import classify, digest
 from adapters_mgr.data.entities import sync_entities
 from adapters_mgr.data.registry import load_sources
 from adapters_mgr.data.sources import Source, sql_literal
-from adapters_mgr.data.stage import detect_source_ts, interaction_sql, raw_row_json
+from adapters_mgr.data.stage import detect_source_ts, interaction_sql
 from adapters_mgr.data.timeparse import parse_duration
 from adapters_mgr.errors import InvalidInput, NotFound
 from adapters_mgr.faults import maybe_crash
@@ -151,6 +151,7 @@ def run_sync(
                 # the dedup scan also hands back each clean row's batch number and digest hash
                 clean = classify.classify(con, tolerance=tol, multi_source=multi, sources=srcs,
                                           also={"h": "_h", **({"bno": bno.sql} if win is not None else {})})
+                classify.mark_seen_quarantined(con, srcs)
                 _fault("classified")
                 say("writing batches")
                 restore["disabled_compression_methods"] = _cheap_string_compression(con)
@@ -291,8 +292,7 @@ def _write_batches(
     per_all = {
         r[0]: r for r in con.execute(
             f"""
-            SELECT {bno.sql} AS bno, count(*) AS rows_in, count(*) FILTER (rule IS NOT NULL) AS quarantined,
-                   list(DISTINCT sidx) AS sidx
+            SELECT {bno.sql} AS bno, count(*) AS rows_in, list(DISTINCT sidx) AS sidx
             FROM _stage GROUP BY 1
             """
         ).fetchall()
@@ -307,8 +307,6 @@ def _write_batches(
     total_new = sum(r[1] - dups.get(b, 0) for b, r in per_all.items())
     if total_new == 0:  # everything was already in earlier batches (a copied or touched file): no batch
         return [], read
-    by_rule = _counts(con, f"SELECT {bno.sql} AS bno, rule, count(*) FROM _stage WHERE rule IS NOT NULL "
-                           "GROUP BY ALL ORDER BY ALL")
     bnos = sorted(per_all)
     ids, start = _next_ids(con, len(bnos))
     con.execute("CREATE OR REPLACE TEMP TABLE _bmap (bno INTEGER, batch_id VARCHAR)")
@@ -325,6 +323,9 @@ def _write_batches(
     # The duplicates are recorded: drop them from the stage, so the kept rows are simply the clean
     # ones (a filter) instead of an anti-join against ``_dup`` in each of the three scans below.
     con.execute("DELETE FROM _stage WHERE rowid IN (SELECT rid FROM _dupb)")
+    # after the delete: a rule-breaking row quarantined by an earlier sync is a duplicate now
+    by_rule = _counts(con, f"SELECT {bno.sql} AS bno, rule, count(*) FROM _stage WHERE rule IS NOT NULL "
+                           "GROUP BY ALL ORDER BY ALL")
     kept_rows = f"SELECT {bno.sql} AS bno, * FROM _stage WHERE rule IS NULL"
     kept = {
         r[0]: r for r in con.execute(
@@ -349,7 +350,7 @@ def _write_batches(
     con.execute(
         f"""
         INSERT INTO quarantine
-        SELECT ?, m.batch_id, {names}[sidx + 1], rule, detail, f.path, {raw_row_json(sources)}
+        SELECT ?, m.batch_id, {names}[sidx + 1], rule, detail, f.path, raw_row
         FROM (SELECT {bno.sql} AS bno, * FROM _stage WHERE rule IS NOT NULL) q
         JOIN _bmap m USING (bno) LEFT JOIN _files f USING (sidx, fidx)
         """,
@@ -365,10 +366,10 @@ def _write_batches(
         row = {
             "id": bid, "sha256": digests.get(b, digest.EMPTY), "num_rows": int(k[1]), "created_at": now,
             "seq": start + i, "kind": "interactions", "sync_id": sync_id,
-            "sources": to_json(sorted(sources[x].name for x in r[3])),
+            "sources": to_json(sorted(sources[x].name for x in r[2])),
             "ts_min": k[2], "ts_max": k[3], "window_start": w_start,
             "window_end": w_start + win if w_start is not None else None,
-            "rows_in": int(r[1]), "rows_kept": int(k[1]), "rows_quarantined": int(r[2]),
+            "rows_in": int(r[1]), "rows_kept": int(k[1]), "rows_quarantined": sum(by_rule.get(b, {}).values()),
             "rows_duplicate": int(dups.get(b, 0)),
             "quarantined_by_rule": to_json(by_rule.get(b, {})), "duplicates_by_kind": to_json(by_kind.get(b, {})),
             "num_users": int(k[4]), "num_items": int(k[5]), "digest_method": digest.METHOD,
