@@ -233,6 +233,33 @@ def test_noise_rule_counts_any_60_seconds_not_calendar_minutes(api, tmp_path):
     assert sorted(r["user_id"] for r in api.interactions(bid)) == ["u1", "u1", "u1", "u2", "u2"]
 
 
+def test_a_source_added_before_its_files_gets_its_mapping_from_the_first_files(api, tmp_path):
+    api.add_source("drop", str(tmp_path / "in" / "*.csv"), ts_format="epoch_s",  # nothing matches yet
+                   mapping={"user_id": "uid", "item_id": "item_id", "ts": "timestamp"})
+    assert api.sync() == []
+    write(tmp_path / "in" / "1.csv", "uid,item_id,stars,timestamp\nu1,i1,5,1000\n")
+    [bid] = api.sync()
+    assert api.batch(bid)["rows_kept"] == 1
+    assert api.sources()[0]["mapping"] == {"user_id": "uid", "item_id": "item_id", "ts": "timestamp",
+                                           "rating": "stars"}  # completed from the file, and stored
+    assert api.interactions(bid)[0]["rating"] == 5
+
+
+def test_a_new_file_that_does_not_fit_the_mapping_stops_the_sync_and_names_it(api, tmp_path):
+    write(tmp_path / "g" / "1.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\n")
+    api.add_source("g", str(tmp_path / "g" / "*.csv"), ts_format="epoch_s")
+    [first] = api.sync()
+    bad = write(tmp_path / "g" / "2.csv", "who,what,stars,when\nu2,i2,4,2000\n")
+    with pytest.raises(InvalidInput, match=r"source 'g', file .*2\.csv: .*no such column") as err:
+        api.sync()
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    assert [b["id"] for b in api.batches()] == [first]  # nothing stored by the failed sync
+    bad.unlink()
+    write(tmp_path / "g" / "3.csv", "user_id,item_id,rating,ts\nu3,i3,4,3000\n")
+    [second] = api.sync()
+    assert api.batch(second)["rows_kept"] == 1
+
+
 def test_window_cuts_history_into_consecutive_batches(api, tmp_path):
     day = 86400
     lines = ["user_id,item_id,rating,ts"] + [f"u{k},i{k},4,{k * day + 3600}" for k in range(20)]

@@ -23,7 +23,7 @@ from adapters_mgr.catalog.db import Catalog, log_event, to_json, utcnow
 from adapters_mgr.data import classify, digest
 from adapters_mgr.data.entities import sync_entities
 from adapters_mgr.data.registry import load_sources
-from adapters_mgr.data.sources import Source, sql_literal
+from adapters_mgr.data.sources import Source, describe, resolve_mapping, sql_literal
 from adapters_mgr.data.stage import detect_source_ts, interaction_sql
 from adapters_mgr.data.timeparse import parse_duration
 from adapters_mgr.errors import InvalidInput, NotFound
@@ -64,6 +64,31 @@ def plan_files(con: duckdb.DuckDBPyConnection, src: Source) -> FilePlan:
         elif seen[str(path)] != stats[path]:
             changed.append(path)
     return FilePlan(src, new, changed, wm[0] if wm else None, stats)
+
+
+def _settle_mapping(con: duckdb.DuckDBPyConnection, plan: FilePlan, now: datetime) -> None:
+    """Check the source's mapping against each file about to be read, completing it if need be.
+
+    A source added while its glob matched nothing holds only the mapping the user gave; it is
+    completed from the first files' columns here (and stored, in the sync's transaction). A file
+    whose columns do not fit the mapping stops the sync with one line naming the file: read with
+    the others, its rows would come in with empty keys (or DuckDB would fail to bind the query).
+    """
+    src = plan.source
+    mapping = src.mapping
+    for path in plan.files:
+        columns = list(describe(con, src.format, [path], src.option("read")))
+        try:
+            mapping = resolve_mapping(src.kind, mapping, columns)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                f"source {src.name!r}, file {path}: {exc}; fix or move the file, re-add the source with "
+                "a mapping that fits (add-source --replace), or sync the other sources with --source"
+            ) from exc
+    if mapping != src.mapping:
+        src.mapping = mapping
+        con.execute("UPDATE data_sources SET mapping = ?, updated_at = ? WHERE name = ?",
+                    [to_json(mapping), now, src.name])
 
 
 def _next_ids(con: duckdb.DuckDBPyConnection, count: int) -> tuple[list[str], int]:
@@ -112,6 +137,9 @@ def run_sync(
             if not chosen:
                 raise InvalidInput("no sources are registered; add one with add_source(name, uri, ...) first")
             plans = [plan_files(con, s) for s in chosen]
+            for plan in plans:
+                if plan.files:
+                    _settle_mapping(con, plan, started)
             entity_stats: dict[str, Any] = {}
             for plan in plans:
                 if plan.source.kind != "interactions" and plan.files:
