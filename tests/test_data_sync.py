@@ -53,6 +53,44 @@ def test_every_rule_and_dedup_kind_matches_injected_truth(api, tmp_path):
     assert api.verify(bid)["ok"]
 
 
+def test_injected_bot_bursts_are_all_caught_by_the_noise_rule_and_nothing_else_is(api, tmp_path):
+    syn = synthetic.generate(tmp_path / "syn", rows=4000, users=50, items=40, seed=4, bursts=6)
+    syn.register(api)
+    [bid] = api.sync()
+    b = api.batch(bid)
+    assert syn.truth["noise"] == 6 * synthetic.BURST_SIZE and b["rows_in"] == syn.truth["rows"] == 4000
+    assert b["quarantined_by_rule"] == syn.truth["bad_by_rule"]  # noise_burst included, every other rule exact
+    bots = {q["row"]["user_id"] for q in api.quarantine(rule="noise_burst")}
+    assert bots == {50 + k for k in range(6)}  # the bot users, and no regular user
+    assert b["duplicates_by_kind"] == syn.truth["duplicates_by_kind"] and accounted(b)
+
+
+def test_generator_drift_moves_tastes_and_the_second_source_can_be_jsonl(tmp_path):
+    import duckdb
+
+    def in_first_group(drift: float) -> tuple[float, float]:
+        syn = synthetic.generate(tmp_path / f"d{drift}", rows=20_000, users=100, items=50, groups=5, drift=drift,
+                                 dup_rate=0, bad_rate=0, share_a=1.0, seed=7)
+        # share of a user's liked (rating >= 4) events in the item group it starts in, first vs last fifth
+        early, late = duckdb.sql(
+            f"""SELECT avg((item_id % 5 = user_id % 5)::INT) FILTER (WHERE q = 0),
+                       avg((item_id % 5 = user_id % 5)::INT) FILTER (WHERE q = 4)
+                FROM (SELECT *, ntile(5) OVER (ORDER BY ts) - 1 AS q FROM '{syn.files['a']}') WHERE rating >= 4"""
+        ).fetchall()[0]
+        return early, late
+
+    early, late = in_first_group(0.9)
+    assert early > 0.85 and late < 0.35  # by the last fifth most users have moved on to the next group
+    assert in_first_group(0.0) == (1.0, 1.0)  # no drift: every liked event stays in the first group
+    syn = synthetic.generate(tmp_path / "j", rows=2000, users=20, items=15, seed=2, b_format="json")
+    assert syn.files["b"].suffix == ".jsonl"
+    api = DataAPI(Catalog(tmp_path / "j" / "catalog.duckdb"), tmp_path / "j")
+    syn.register(api)
+    [bid] = api.sync()
+    b = api.batch(bid)
+    assert b["quarantined_by_rule"] == syn.truth["bad_by_rule"] and b["rows_in"] == syn.truth["rows"]
+
+
 def test_each_timestamp_form_becomes_utc(api, tmp_path):
     want = datetime(2021, 3, 4, 5, 6, 7, tzinfo=UTC)
     s = int(want.timestamp())

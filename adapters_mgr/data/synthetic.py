@@ -9,6 +9,9 @@ event_id string. Source B (``events_b.csv``): uid / mid strings, stars, liked (0
 ISO strings (a third each with 'Z', with '+02:00' and without a zone), event_ref.
 Drift: each user prefers one item group, and with probability ``drift * t`` (t = fraction of the
 time span elapsed) has moved on to the next group; ratings are high inside the current group.
+Noise (``bursts``, off by default like the rule it tests): bot users, known to the user table but
+with no other events, each firing ``BURST_SIZE`` events one second apart into source A, which is
+then registered with ``max_events_per_minute=BURST_LIMIT`` so the noise rule must catch them all.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ BAD_KINDS = ("missing_user", "missing_item", "bad_timestamp", "future_timestamp"
              "label_out_of_range", "unknown_user", "unknown_item")
 RULE_OF = {"missing_user": "missing_key", "missing_item": "missing_key"}
 STEP_MS = 2000  # events are >= 1.5 s apart, so only injected duplicates fall within a 1 s tolerance
+BURST_SIZE = 8  # events per injected bot burst, one second apart ...
+BURST_LIMIT = 5  # ... against a noise rule allowing 5 events a minute
 
 
 @dataclass
@@ -61,14 +66,18 @@ def generate(
     seed: int = 0,
     start: datetime = datetime(2024, 1, 1, tzinfo=UTC),
     b_format: str = "csv",
+    bursts: int = 0,
 ) -> SyntheticData:
-    """Write a two-source stream of about ``rows`` rows (clean + duplicates + bad) into ``folder``."""
+    """Write a two-source stream of ``rows`` rows (clean + duplicates + bad + bot bursts) into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n_dup = int(round(rows * dup_rate))
     n_bad = int(round(rows * bad_rate))
-    n = rows - n_dup - n_bad
+    n_noise = bursts * BURST_SIZE
+    n = rows - n_dup - n_bad - n_noise
+    if n < 1:
+        raise ValueError(f"rows={rows} leaves no clean rows after duplicates, bad rows and {bursts} bursts")
     start_ms = int(start.timestamp() * 1000)
 
     # clean events, evenly spaced in time with jitter, user tastes drifting between groups
@@ -99,20 +108,26 @@ def generate(
     b_only = np.isin(bad_kind, [BAD_KINDS.index("label_out_of_range"), BAD_KINDS.index("bad_timestamp")])
     bad_in_a = np.where(b_only, False, rng.random(n_bad) < share_a)  # only B has labels and free-text times
 
+    # bot bursts: users `users`, `users + 1`, ... (in the user table, no other events), BURST_SIZE
+    # events one second apart from a random moment of the span
+    bot_user = users + np.repeat(np.arange(bursts), BURST_SIZE)
+    bot_ts = (np.repeat(ts[rng.integers(0, n, bursts)], BURST_SIZE)
+              + np.tile(np.arange(BURST_SIZE, dtype=np.int64) * 1000, bursts))
     cols = {
-        "user": np.concatenate([user, user[src_idx], user[bad_idx]]),
-        "item": np.concatenate([item, item[src_idx], item[bad_idx]]),
-        "rating": np.concatenate([rating, rating[src_idx], rating[bad_idx]]),
-        "ts": np.concatenate([ts, ts[src_idx] + dup_jitter, ts[bad_idx] + STEP_MS // 2]),
+        "user": np.concatenate([user, user[src_idx], user[bad_idx], bot_user]),
+        "item": np.concatenate([item, item[src_idx], item[bad_idx], rng.integers(0, items, n_noise)]),
+        "rating": np.concatenate([rating, rating[src_idx], rating[bad_idx],
+                                  rng.integers(1, 6, n_noise).astype(np.float64)]),
+        "ts": np.concatenate([ts, ts[src_idx] + dup_jitter, ts[bad_idx] + STEP_MS // 2, bot_ts]),
         "event": np.concatenate([event, np.where(dup_same_id, event[src_idx], n + np.arange(n_dup)),
-                                 n + n_dup + np.arange(n_bad)]),
-        "in_a": np.concatenate([in_a, dup_in_a, bad_in_a]),
-        "bad": np.concatenate([np.full(n + n_dup, -1), bad_kind]).astype(np.int64),
-        "tz": rng.integers(0, 3, n + n_dup + n_bad),
+                                 n + n_dup + np.arange(n_bad), n + n_dup + n_bad + np.arange(n_noise)]),
+        "in_a": np.concatenate([in_a, dup_in_a, bad_in_a, np.ones(n_noise, dtype=bool)]),
+        "bad": np.concatenate([np.full(n + n_dup, -1), bad_kind, np.full(n_noise, -1)]).astype(np.int64),
+        "tz": rng.integers(0, 3, n + n_dup + n_bad + n_noise),
     }
     order = rng.permutation(len(cols["user"]))
     cols = {k: v[order] for k, v in cols.items()}
-    files = _write(folder, cols, users, items, groups, b_format)
+    files = _write(folder, cols, users + bursts, items, groups, b_format)
 
     # truth (what a correct sync must find): cross copies of a row whose original landed in the
     # same source cannot happen (they go to the other source by construction)
@@ -120,8 +135,11 @@ def generate(
     by_rule: dict[str, int] = {}
     for k, v in per_bad.items():
         by_rule[RULE_OF.get(k, k)] = by_rule.get(RULE_OF.get(k, k), 0) + v
+    if n_noise:
+        by_rule["noise_burst"] = int(n_noise)
     truth = {
         "rows": int(len(order)), "clean": int(n), "duplicates": int(n_dup), "bad": int(n_bad),
+        "noise": int(n_noise),
         "duplicates_by_kind": {"exact": int(n_exact), "cross_source": int(n_dup - n_exact)},
         "bad_by_rule": by_rule, "users": users, "items": items, "groups": groups, "seed": seed,
         "rows_a": int(cols["in_a"].sum()), "rows_b": int((~cols["in_a"]).sum()),
@@ -131,7 +149,8 @@ def generate(
         "syn_users": {"uri": str(files["users"]), "kind": "users"},
         "syn_items": {"uri": str(files["items"]), "kind": "items", "list_attrs": {"genres": "|"}},
         "events_a": {"uri": str(files["a"]), "mapping": {"user_id": "user_id", "item_id": "item_id",
-                     "rating": "rating", "ts": "ts", "source_event_id": "event_id"}, "ts_format": "epoch_ms"},
+                     "rating": "rating", "ts": "ts", "source_event_id": "event_id"}, "ts_format": "epoch_ms",
+                     **({"max_events_per_minute": BURST_LIMIT} if bursts else {})},
         "events_b": {"uri": str(files["b"]), "mapping": {"user_id": "uid", "item_id": "mid", "rating": "stars",
                      "label": "liked", "ts": "time", "source_event_id": "event_ref"}, "ts_format": "iso"},
     }
