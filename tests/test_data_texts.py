@@ -125,3 +125,26 @@ def test_negative_sampling_never_picks_a_positive(api, tmp_path):
     assert negs != api.negative_samples(ids, per_positive=3, seed=12)
     rows = api.training_rows(ids, negatives=1, seed=3)
     assert sum(r["label"] == 0 for r in rows) == len(pos) and all(r["item_text"] for r in rows)
+
+
+def test_item_and_user_text_use_the_attributes_valid_at_the_event(api, tmp_path):
+    # two versions of each entity: the second valid from t=3500 (epoch seconds)
+    (tmp_path / "items.csv").write_text("item_id,title,year,genres,since\ni1,Old Title,1990,Drama,0\n"
+                                        "i1,New Title,1990,Horror,3500\n")
+    (tmp_path / "users.csv").write_text("user_id,age,gender,occupation,since\nu1,30,F,student,0\n"
+                                        "u1,30,F,doctor,3500\n")
+    (tmp_path / "ev.csv").write_text("user_id,item_id,rating,ts\nu1,i1,5,3000\nu1,i1,4,4000\n")
+    api.add_source("items", tmp_path / "items.csv", kind="items", list_attrs={"genres": "|"},
+                   mapping={"item_id": "item_id", "valid_from": "since", "title": "title", "year": "year",
+                            "genres": "genres"}, ts_format="epoch_s")
+    api.add_source("users", tmp_path / "users.csv", kind="users", ts_format="epoch_s",
+                   mapping={"user_id": "user_id", "valid_from": "since", "age": "age", "gender": "gender",
+                            "occupation": "occupation"})
+    api.add_source("ev", tmp_path / "ev.csv", ts_format="epoch_s")
+    ids = api.sync()
+    before, after = sorted(api.training_rows(ids), key=lambda r: r["ts"])
+    assert "Old Title" in before["item_text"] and "Drama" in before["item_text"]
+    assert "New Title" not in before["item_text"] and "Horror" not in before["item_text"]
+    assert "New Title" in after["item_text"] and "Horror" in after["item_text"]
+    assert "student" in before["user_text"] and "doctor" not in before["user_text"]
+    assert "doctor" in after["user_text"]
