@@ -72,3 +72,46 @@ def test_real_ml100k_weekly_batches_cover_every_rating(tmp_path):
     users = api.catalog.query("SELECT count(DISTINCT user_id) AS n FROM users")[0]["n"]
     items = api.catalog.query("SELECT count(DISTINCT item_id) AS n FROM items")[0]["n"]
     assert (users, items) == (943, 1682)
+
+
+def test_fetch_command_and_script_prepare_the_cache_and_fail_in_one_line(tmp_path, monkeypatch, capsys):
+    """The two entry points, offline: the 'download' writes the GroupLens fixture; then both fail."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_cli import run
+
+    calls = []
+
+    def fake_grouplens(raw: Path, timeout: float) -> bool:
+        calls.append("grouplens")
+        shutil.copytree(FIXTURES / "grouplens", raw)
+        return True
+
+    monkeypatch.setattr(movielens, "_from_grouplens", fake_grouplens)
+    cache = tmp_path / "cache"
+    root = tmp_path / "root"
+    code, out, err = run(capsys, root, "data", "fetch", "movielens", "--cache", str(cache), "--register", "--json")
+    assert code == 0, err
+    import json
+    got = json.loads(out)
+    assert Path(got["folder"]) == cache / "ml-100k" / "prepared" and len(got["sources"]) == 3
+    assert {p.name for p in Path(got["folder"]).iterdir()} >= {"ratings.csv", "items.csv", "users.csv"}
+    # cached: a second fetch downloads nothing
+    code, out, err = run(capsys, root, "data", "fetch", "movielens", "--cache", str(cache))
+    assert code == 0 and calls == ["grouplens"] and "ML-100K ready in" in out
+    # the script reads the same cache (a separate process: no download needed, it is cached)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fetch_movielens.py"
+    done = subprocess.run([sys.executable, str(script), "--cache", str(cache)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith(str(cache / "ml-100k" / "prepared"))
+    # nothing reachable: one line naming both ways and what to do, non-zero exit, nothing half-written
+    monkeypatch.setattr(movielens, "_from_grouplens", lambda raw, timeout: False)
+    monkeypatch.setattr(movielens, "_from_recbole_wheel", lambda raw, timeout: False)
+    empty = tmp_path / "empty"
+    code, out, err = run(capsys, root, "data", "fetch", "movielens", "--cache", str(empty))
+    assert code != 0 and "Traceback" not in out + err
+    [line] = err.strip().splitlines()  # progress lines go to stdout; the error is one line
+    assert "cannot fetch MovieLens-100K" in line and "place u.data" in line
+    assert not (empty / "ml-100k" / "prepared").exists()
