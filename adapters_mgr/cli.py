@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.tree import Tree
 
 from adapters_mgr.cli_support import (
@@ -27,7 +28,17 @@ from adapters_mgr.cli_support import (
     print_table,
     table_fetch_limit,
 )
-from adapters_mgr.errors import AdaptersMgrError, InvalidInput
+from adapters_mgr.errors import AdaptersMgrError, InvalidInput, NotFound
+
+try:  # Typer >= 0.2x carries its own copy of Click; older Typer raises click's own exceptions
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed Typer
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+# A group called bare (e.g. `adapters-mgr data`) raises this to show its help; Click < 8.2 has none.
+_NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
+    c for c in [getattr(click_exceptions, "NoArgsIsHelpError", None)] if c is not None
+)
 
 app = typer.Typer(
     name="adapters-mgr",
@@ -40,6 +51,23 @@ alias_app = typer.Typer(help="List, set or remove aliases (movable pointers such
 app.add_typer(alias_app, name="alias")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+def _escaped(value: Any) -> str:
+    """A table cell: :func:`fmt` with rich markup escaped (names, aliases, batch ids, metric keys
+    and reasons are user text; rich would read ``[production]`` as a tag and drop it)."""
+    return escape(fmt(value))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], *, title: str | None = None) -> None:
+    """:func:`print_table` with every cell and the title printed literally, never as markup."""
+    print_table(rows, columns, title=escape(title) if title else title,
+                formatters=dict.fromkeys(columns, _escaped))
+
+
+def _say(text: str) -> None:
+    """A one-line message for people; what it quotes (names, paths, aliases) is printed literally."""
+    console.print(text, markup=False, emoji=False)
 
 
 def _mgr(ctx: typer.Context):
@@ -86,7 +114,7 @@ def init(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(info)
     else:
-        console.print(f"initialised {info['root']} (catalog {info['catalog']})")
+        _say(f"initialised {info['root']} (catalog {info['catalog']})")
 
 
 @app.command("register-base")
@@ -105,7 +133,7 @@ def register_base(
     if json_out:
         print_json(row)
     else:
-        console.print(f"base {base_id} ({row['name']}, {row['num_parameters']:,} parameters)")
+        _say(f"base {base_id} ({row['name']}, {row['num_parameters']:,} parameters)")
 
 
 @app.command()
@@ -115,7 +143,7 @@ def bases(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(rows)
     else:
-        print_table(rows, ["id", "name", "architecture", "num_parameters", "source", "created_at"], title="bases")
+        _table(rows, ["id", "name", "architecture", "num_parameters", "source", "created_at"], title="bases")
 
 
 @app.command()
@@ -167,7 +195,7 @@ def _print_node(node: Any, json_out: bool, verb: str | None = None) -> None:
     if json_out:
         print_json(node.to_dict())
     elif verb:
-        console.print(f"{verb} adapter {node.id} ({node.ref}, {node.kind}, {node.bytes or 0:,} bytes)")
+        _say(f"{verb} adapter {node.id} ({node.ref}, {node.kind}, {node.bytes or 0:,} bytes)")
 
 
 @app.command("ls")
@@ -179,7 +207,7 @@ def ls(
     status: Annotated[str, typer.Option(help="active, deleted, missing, corrupt or all.")] = "active",
     base: Annotated[str | None, typer.Option(help="Base id or name.")] = None,
     task: Annotated[str | None, typer.Option(help="ranker, retriever ...")] = None,
-    limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+    limit: Annotated[int | None, typer.Option(min=0, help="At most this many rows.")] = None,
     show_all: Annotated[bool, typer.Option("--all", help=f"Table: every row (default: newest {TABLE_ROWS}).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -195,7 +223,7 @@ def ls(
          "aliases": a.aliases, "metrics": _primary_metric(a.metrics), "created": a.created_at.strftime("%m-%d %H:%M")}
         for a in adapters
     ]
-    print_table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)" + (f" ({note})" if note else ""))
+    _table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)" + (f" ({note})" if note else ""))
 
 
 @app.command()
@@ -221,22 +249,23 @@ def show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Id, NAME@V
     rows += [{"field": "child", "value": f"#{e['child_id']} {e['relation']}"} for e in data["children"]]
     rows += [{"field": f"batch ({b['role']})", "value": f"{b['batch_id']} rows={fmt(b['num_rows'])}"}
              for b in data["batches"]]
-    print_table(rows, ["field", "value"], title=f"adapter {node.id} ({node.ref})")
+    _table(rows, ["field", "value"], title=f"adapter {node.id} ({node.ref})")
 
 
 def _node_label(node: Any, batches: list[dict[str, Any]] | None = None) -> str:
-    label = f"[bold]{node.name}@{node.version}[/] #{node.id} {node.kind}"
+    """One tree line in rich markup; every piece of catalog text in it is escaped."""
+    label = f"[bold]{escape(f'{node.name}@{node.version}')}[/] #{node.id} {escape(str(node.kind))}"
     if node.task:
-        label += f" {node.task}"
+        label += f" {escape(str(node.task))}"
     if node.aliases:
-        label += " [green][" + ", ".join(node.aliases) + "][/]"
+        label += " [green]" + escape("[" + ", ".join(node.aliases) + "]") + "[/]"
     if node.status != "active":
-        label += f" [red]({node.status})[/]"
+        label += f" [red]{escape(f'({node.status})')}[/]"
     metric = _primary_metric(node.metrics)
     if metric != "-":
-        label += f" [cyan]{metric}[/]"
+        label += f" [cyan]{escape(metric)}[/]"
     if batches:
-        label += " [dim]batches: " + ", ".join(f"{b['batch_id']}({b['role']})" for b in batches) + "[/]"
+        label += " [dim]batches: " + escape(", ".join(f"{b['batch_id']}({b['role']})" for b in batches)) + "[/]"
     return label
 
 
@@ -296,7 +325,8 @@ def _edge_line(lin: Any, edge: Any, up: bool) -> str:
     other = _other_end(edge, up)
     weight = f" w={edge.weight:g}" if edge.weight is not None else ""
     arrow = "←" if up else "→"
-    return f"[magenta]{edge.relation}{weight}[/] {arrow} " + _node_label(lin.nodes[other], lin.batches.get(other))
+    relation = escape(f"{edge.relation}{weight}")
+    return f"[magenta]{relation}[/] {arrow} " + _node_label(lin.nodes[other], lin.batches.get(other))
 
 
 def _add_run(branch: Tree, lines: list[str], full: bool) -> Tree:
@@ -343,7 +373,7 @@ def alias_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(rows)
     else:
-        print_table(rows, ["alias", "adapter_id", "ref", "status", "updated_at"], title="aliases")
+        _table(rows, ["alias", "adapter_id", "ref", "status", "updated_at"], title="aliases")
 
 
 @alias_app.command("set")
@@ -362,14 +392,14 @@ def alias_rm(ctx: typer.Context, alias: str, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json({"alias": alias, "removed": True, "was": previous})
     else:
-        console.print(f"removed alias {alias} (was #{previous})")
+        _say(f"removed alias {alias} (was #{previous})")
 
 
 def _moved(alias: str, target: int, json_out: bool, verb: str = "now points at") -> None:
     if json_out:
         print_json({"alias": alias, "adapter_id": target})
     else:
-        console.print(f"{alias} {verb} adapter {target}")
+        _say(f"{alias} {verb} adapter {target}")
 
 
 @app.command()
@@ -395,14 +425,16 @@ def history(ctx: typer.Context, alias: Annotated[str | None, typer.Argument(help
             json_out: JsonOpt = False) -> None:
     """Every move of an alias: set, promote, rollback, remove."""
     rows = _mgr(ctx).alias_history(alias)
+    if alias is not None and not rows:  # never set, promoted or removed: as unknown as `rollback` finds it
+        raise NotFound(f"no alias {alias!r} has ever existed; list them with `adapters-mgr alias`")
     if json_out:
         print_json(rows)
     else:
-        print_table(rows, ["id", "alias", "action", "from_id", "to_id", "reason", "moved_at"], title="alias history")
+        _table(rows, ["id", "alias", "action", "from_id", "to_id", "reason", "moved_at"], title="alias history")
 
 
 @app.command()
-def events(ctx: typer.Context, limit: Annotated[int, typer.Option(help="Newest N events.")] = 30,
+def events(ctx: typer.Context, limit: Annotated[int, typer.Option(min=0, help="Newest N events.")] = 30,
            operation: Annotated[str | None, typer.Option(help="Only this operation.")] = None,
            json_out: JsonOpt = False) -> None:
     """The append-only event log of mutating operations."""
@@ -410,7 +442,7 @@ def events(ctx: typer.Context, limit: Annotated[int, typer.Option(help="Newest N
     if json_out:
         print_json(rows)
     else:
-        print_table(rows, ["id", "ts", "operation", "outcome", "args", "detail"], title="events")
+        _table(rows, ["id", "ts", "operation", "outcome", "args", "detail"], title="events")
 
 
 @app.command()
@@ -423,7 +455,7 @@ def delete(ctx: typer.Context, ref: str,
     if json_out:
         print_json({"id": node_id, "status": "deleted"})
     else:
-        console.print(f"deleted adapter {node_id} (soft; `adapters-mgr restore {node_id}` undoes it)")
+        _say(f"deleted adapter {node_id} (soft; `adapters-mgr restore {node_id}` undoes it)")
 
 
 @app.command()
@@ -433,7 +465,7 @@ def restore(ctx: typer.Context, ref: str, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json({"id": node_id, "status": "active"})
     else:
-        console.print(f"restored adapter {node_id}")
+        _say(f"restored adapter {node_id}")
 
 
 @app.command()
@@ -443,9 +475,9 @@ def verify(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(report)
     elif report["ok"]:
-        console.print(f"ok: {report['adapters_checked']} adapter(s), {report['folders']} folder(s) verified")
+        _say(f"ok: {report['adapters_checked']} adapter(s), {report['folders']} folder(s) verified")
     else:
-        print_table(report["problems"], ["kind", "adapter_id", "store_key", "detail"], title="problems")
+        _table(report["problems"], ["kind", "adapter_id", "store_key", "detail"], title="problems")
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -458,10 +490,10 @@ def gc(ctx: typer.Context, dry_run: Annotated[bool, typer.Option(help="Only say 
     if json_out:
         print_json(report)
     elif not report["actions"]:
-        console.print("nothing to clean")
+        _say("nothing to clean")
     else:
-        print_table(report["actions"], ["action", "adapter_id", "store_key", "path"],
-                    title="would do" if dry_run else "done")
+        _table(report["actions"], ["action", "adapter_id", "store_key", "path"],
+               title="would do" if dry_run else "done")
 
 
 @app.command()
@@ -471,7 +503,7 @@ def export(ctx: typer.Context, ref: str, folder: Path, json_out: JsonOpt = False
     if json_out:
         print_json({"ref": ref, "folder": str(dest)})
     else:
-        console.print(f"exported {ref} to {dest}")
+        _say(f"exported {ref} to {dest}")
 
 
 @app.command("import")
@@ -550,7 +582,7 @@ def train(
         line += f" vs {alias} #{result.baseline['node_id']} {fmt(result.baseline.get(metric))}"
     if result.decision:
         line += f"; {'promoted to ' + alias if result.promoted else 'kept ' + alias}"
-    console.print(line)
+    _say(line)
 
 
 @app.command()
@@ -561,8 +593,8 @@ def reproduce(ctx: typer.Context, ref: str, json_out: JsonOpt = False) -> None:
         print_json(report)
     else:
         verdict = "identical" if report["identical"] else "DIFFERENT"
-        console.print(f"adapter {report['adapter_id']}: reproduced weights are {verdict} "
-                      f"({report['reproduced_sha256'][:12]}… vs recorded {report['recorded_sha256'][:12]}…)")
+        _say(f"adapter {report['adapter_id']}: reproduced weights are {verdict} "
+             f"({report['reproduced_sha256'][:12]}… vs recorded {report['recorded_sha256'][:12]}…)")
     if not report["identical"]:
         raise typer.Exit(1)
 
@@ -586,7 +618,7 @@ def merge(
         print_json(node.to_dict())
     else:
         err = (node.metrics or {}).get("reconstruction_error")
-        console.print(f"merged into adapter {node.id} ({node.ref}, {method}, reconstruction error {fmt(err)})")
+        _say(f"merged into adapter {node.id} ({node.ref}, {method}, reconstruction error {fmt(err)})")
 
 
 def _parse_weights(weights: str | None) -> list[float] | None:
@@ -603,7 +635,7 @@ def fold(ctx: typer.Context, ref: str, folder: Path, json_out: JsonOpt = False) 
     if json_out:
         print_json({"ref": ref, "folder": str(out)})
     else:
-        console.print(f"folded {ref} into {out} (loads with transformers from_pretrained, no peft needed)")
+        _say(f"folded {ref} into {out} (loads with transformers from_pretrained, no peft needed)")
 
 
 @app.command()
@@ -623,11 +655,11 @@ def compact(
     if json_out:
         print_json(report)
     elif not report["compacted"]:
-        console.print(f"nothing to do: {report['reason']}")
+        _say(f"nothing to do: {report['reason']}")
     else:
         verdict = f"{alias} moved to {report['merged']}" if report["moved"] else f"{alias} kept on {report['stack']}"
-        console.print(f"compacted stack {report['stack']} into adapter {report['merged']}: {report['metric']} "
-                      f"{fmt(report['merged_metric'])} vs {fmt(report['stack_metric'])}; {verdict}")
+        _say(f"compacted stack {report['stack']} into adapter {report['merged']}: {report['metric']} "
+             f"{fmt(report['merged_metric'])} vs {fmt(report['stack_metric'])}; {verdict}")
 
 
 @app.command()
@@ -656,7 +688,7 @@ def recommend(
     if json_out:
         print_json({"user": user, "nodes": nodes, "items": recs})
     else:
-        print_table(recs, ["rank", "item_id", "title", "score"], title=f"user {user} (nodes {nodes})")
+        _table(recs, ["rank", "item_id", "title", "score"], title=f"user {user} (nodes {nodes})")
 
 
 def _titles(mgr: Any, item_ids: list[str]) -> dict[str, str]:
@@ -685,9 +717,9 @@ def recompute(
     if json_out:
         print_json(report)
     else:
-        console.print(f"run {report['run_id']}: {report['users']} user(s), {report['rows']} rows from node "
-                      f"{report['node_id']}" + (f" reranked by {report['ranker_node_id']}" if report["ranker_node_id"]
-                                                else "") + f" in {report['wall_s']:.1f}s")
+        _say(f"run {report['run_id']}: {report['users']} user(s), {report['rows']} rows from node "
+             f"{report['node_id']}" + (f" reranked by {report['ranker_node_id']}" if report["ranker_node_id"]
+                                       else "") + f" in {report['wall_s']:.1f}s")
 
 
 @app.command()
@@ -764,6 +796,15 @@ def _mount_optional_apps() -> None:
 _mount_optional_apps()
 
 
+def _click_error_line(exc: click_exceptions.ClickException) -> str:
+    """Click's error as one line, instead of its Usage/Try/Error block: the message and where help is."""
+    message = " ".join(exc.format_message().split())
+    if not isinstance(exc, click_exceptions.UsageError):
+        return f"error: {message}"
+    command = exc.ctx.command_path if exc.ctx is not None else "adapters-mgr"
+    return f"error: {message} (see '{command} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning our errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -775,21 +816,26 @@ def main(argv: list[str] | None = None) -> None:
     except AdaptersMgrError as exc:
         if debug:
             raise
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, emoji=False)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted", markup=False)
         sys.exit(130)
-    except Exception as exc:  # click usage errors and anything unexpected
-        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):  # a Click usage error
-            exc.show()
-            sys.exit(exc.exit_code)
+    except _NO_ARGS_IS_HELP as exc:  # a group called bare: its help is the answer
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except click_exceptions.ClickException as exc:  # bad option value, missing argument, unknown command ...
+        err_console.print(_click_error_line(exc), markup=False, highlight=False, soft_wrap=True, emoji=False)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # anything unexpected
         if debug:
             raise
-        err_console.print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                          markup=False, highlight=False, soft_wrap=True)
+        # the first line only: e.g. DuckDB adds the failing query and a caret line after it
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        err_console.print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True, emoji=False)
         sys.exit(1)
 
 

@@ -131,7 +131,7 @@ class Catalog:
                 if time.monotonic() >= deadline:
                     raise Locked(
                         f"catalog {self.path} is locked by another process for more than "
-                        f"{self.lock_timeout:.0f}s; retry later or raise ADAPTERS_MGR_LOCK_TIMEOUT"
+                        f"{self.lock_timeout:g}s; retry later or raise ADAPTERS_MGR_LOCK_TIMEOUT"
                     ) from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.25)
