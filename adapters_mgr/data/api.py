@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from adapters_mgr.catalog.db import Catalog, fetch_dicts, from_json
 from adapters_mgr.data import digest, registry, sampling, texts
+from adapters_mgr.data.classify import RULES
 from adapters_mgr.data.sync import run_sync
 from adapters_mgr.errors import IntegrityError, InvalidInput, NotFound
 
@@ -25,6 +27,19 @@ BATCH_COLUMNS = (
     "rows_kept", "rows_quarantined", "rows_duplicate", "quarantined_by_rule", "duplicates_by_kind", "num_users",
     "num_items", "num_rows", "sha256", "digest_method", "created_at",
 )
+
+
+def check_limit(limit: Any, what: str = "limit") -> int | None:
+    """None (no limit) or a whole number >= 0."""
+    if limit is None:
+        return None
+    try:
+        n = None if isinstance(limit, bool) else operator.index(limit)
+    except TypeError:
+        n = None
+    if n is None or n < 0:
+        raise InvalidInput(f"{what} {limit!r} must be a whole number >= 0 (or left out for every row)")
+    return n
 
 
 def _batch_dict(row: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +81,9 @@ class DataAPI:
         ``mapping`` maps canonical fields (user_id, item_id, rating, label, ts, source_event_id, or
         entity attributes) to source columns; unmapped canonical fields fall back to same-named
         columns. ``ts_format`` is epoch_s | epoch_ms | epoch_us | iso | a strptime pattern, or None
-        to detect it at the first sync (the detection is recorded on the source).
+        to detect it at the first sync (the detection is recorded on the source); a strptime pattern
+        is tried once here, so a bad one is refused now. A plain path must exist; a glob may match
+        nothing yet (a folder filled later).
         Registering the same definition twice is a no-op; a different one needs ``replace=True``.
         """
         options = {
@@ -157,7 +174,13 @@ class DataAPI:
     def quarantine(
         self, batch: str | None = None, rule: str | None = None, *, source: str | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:
-        """Quarantined rows (rule, detail, source, file, the source row), filtered as asked."""
+        """Quarantined rows (rule, detail, source, file, the source row), filtered as asked.
+
+        ``rule`` must be one of :data:`adapters_mgr.data.classify.RULES`; ``limit`` a whole number >= 0.
+        """
+        if rule is not None and rule not in RULES:
+            raise InvalidInput(f"rule {rule!r} is unknown; use one of {', '.join(RULES)}")
+        limit = check_limit(limit)
         if batch is not None:
             self.batch(batch)
         where, params = [], []
@@ -170,7 +193,7 @@ class DataAPI:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY sync_id, batch_id, rule"
         if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+            sql += f" LIMIT {limit}"
         rows = self.catalog.query(sql, params)
         for r in rows:
             r["row"] = from_json(r["row"])

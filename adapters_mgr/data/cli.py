@@ -12,10 +12,19 @@ from typing import Any
 
 import typer
 
-from adapters_mgr.cli_support import TABLE_ROWS, cap_rows, console, print_json, print_table, table_fetch_limit
+from adapters_mgr.cli_support import (
+    TABLE_ROWS,
+    OneLineErrorsGroup,
+    cap_rows,
+    console,
+    print_json,
+    print_table,
+    table_fetch_limit,
+)
 from adapters_mgr.errors import InvalidInput
 
-data_app = typer.Typer(help="Data sources, sync into immutable batches, quarantine, MovieLens.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sources, sync into immutable batches, quarantine, MovieLens.", no_args_is_help=True,
+                       cls=OneLineErrorsGroup)
 fetch_app = typer.Typer(help="Fetch real data sets into the cache folder.", no_args_is_help=True)
 data_app.add_typer(fetch_app, name="fetch")
 
@@ -71,10 +80,16 @@ def add_source_cmd(
         read=_json_arg(read, "read"), label_threshold=label_threshold, rating_range=rr,
         max_events_per_minute=max_events_per_minute, list_attrs=_json_arg(list_attrs, "list_attrs"), replace=replace,
     )
+    from adapters_mgr.data.sources import list_files
+
+    matched = len(list_files(src["uri"]))
     if as_json:
-        print_json(src)
-    else:
-        console.print(f"source [bold]{src['name']}[/bold] ({src['kind']}, {src['format']}) -> {src['mapping']}")
+        print_json({**src, "files_matched": matched})
+        return
+    console.print(f"source [bold]{src['name']}[/bold] ({src['kind']}, {src['format']}) -> {src['mapping']}")
+    if not matched:
+        console.print(f"no file matches {src['uri']!r} yet; a sync reads the files that appear there later",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 @data_app.command("sync")
@@ -136,6 +151,9 @@ def quarantine_cmd(
     as_json: bool = typer.Option(False, "--json", help="JSON output (every row unless --limit)"),
 ) -> None:
     """Rows a cleaning rule rejected, with the rule and the source row."""
+    from adapters_mgr.data.api import check_limit
+
+    check_limit(limit, "--limit")
     if as_json:
         print_json(_api(ctx).quarantine(batch=batch, rule=rule, limit=limit))
         return

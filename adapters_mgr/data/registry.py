@@ -11,7 +11,9 @@ from adapters_mgr.data.sources import (
     DEFAULT_OPTIONS,
     Source,
     check_kind,
+    check_mapping,
     check_name,
+    check_uri,
     describe,
     infer_format,
     list_files,
@@ -49,6 +51,9 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
         parse_duration(options["future_skew"], what="future_skew")
     if not isinstance(options.get("read", {}), dict):
         raise InvalidInput("read= must be a dict of DuckDB reader options, e.g. {'delim': '\\t', 'header': False}")
+    la = options.get("list_attrs", {})
+    if not isinstance(la, dict) or not all(isinstance(v, str) and v for v in la.values()):
+        raise InvalidInput(f"list_attrs {la!r} must map attribute names to a separator, e.g. {{'genres': '|'}}")
     return options
 
 
@@ -69,6 +74,7 @@ def add_source(
     check_name(name)
     check_kind(kind)
     check_ts_format(ts_format)
+    check_mapping(kind, mapping)
     fmt = infer_format(uri, format)
     options = _check_options({k: v for k, v in options.items() if v is not None})
     files = list_files(uri)
@@ -87,6 +93,8 @@ def add_source(
             raise Conflict(
                 f"source {name!r} already exists with uri {existing[1]!r}; pick another name or pass replace=True"
             )
+    check_uri(uri, files)  # after the name check: a taken name is the first thing to report
+    if existing:
         con.execute(
             "UPDATE data_sources SET kind=?, uri=?, format=?, mapping=?, ts_format=?, ts_detected=NULL, options=?, "
             "priority=?, updated_at=? WHERE name=?",

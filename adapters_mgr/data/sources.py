@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from adapters_mgr.errors import InvalidInput
+from adapters_mgr.errors import InvalidInput, NotFound
 
 KINDS = ("interactions", "users", "items")
 FORMATS = ("csv", "json", "parquet")
@@ -98,6 +98,54 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def check_mapping(kind: str, mapping: Any) -> dict[str, str] | None:
+    """A mapping must be an object of canonical field -> source column name (both non-empty strings).
+
+    Interactions sources take only the canonical fields; users / items sources take their key,
+    ``valid_from`` and any attribute name (the attributes are free-form).
+    """
+    if mapping is None:
+        return None
+    example = '{"user_id": "uid", "ts": "time"}' if kind == "interactions" else '{"title": "name"}'
+    if not isinstance(mapping, dict):
+        raise InvalidInput(
+            f"mapping {mapping!r} must be an object of canonical field -> source column, e.g. {example}"
+        )
+    for canonical, column in mapping.items():
+        if not isinstance(canonical, str) or not canonical.strip():
+            raise InvalidInput(f"mapping key {canonical!r} must be a non-empty field name, e.g. {example}")
+        if kind == "interactions" and canonical not in INTERACTION_FIELDS:
+            raise InvalidInput(
+                f"mapping key {canonical!r} is not a field of interactions sources; use "
+                f"{', '.join(INTERACTION_FIELDS)}"
+            )
+        if not isinstance(column, str) or not column:
+            raise InvalidInput(f"mapping for {canonical!r} must be a source column name, got {column!r}")
+    return mapping
+
+
+def is_glob(uri: str) -> bool:
+    """Whether ``uri`` is a pattern (may match nothing yet) rather than the path of one file."""
+    return glob.has_magic(os.path.expanduser(uri))
+
+
+def check_uri(uri: str, files: list[Path]) -> None:
+    """A plain path must name an existing file; a glob may match nothing yet (a landing folder)."""
+    if files or is_glob(uri):
+        return
+    path = Path(os.path.expanduser(uri))
+    if path.is_dir():
+        raise InvalidInput(
+            f"source uri {uri!r} is a folder; name its files with a glob, e.g. '{uri.rstrip('/')}/*.csv'"
+        )
+    raise NotFound(f"source file {uri!r} does not exist; check the path, or use a glob to watch a folder filled later")
+
+
+def error_line(exc: BaseException) -> str:
+    """The first non-empty line of an error message (DuckDB appends the query and a ^^^ caret)."""
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+
+
 def list_files(uri: str) -> list[Path]:
     expanded = os.path.expanduser(uri)
     if glob.has_magic(expanded):
@@ -158,7 +206,8 @@ def describe(
     try:
         rows = con.execute(f"DESCRIBE SELECT * FROM {reader_sql(fmt, files, read_options)}").fetchall()
     except duckdb.Error as exc:
-        raise InvalidInput(f"cannot read {files[0]} as {fmt}: {exc}; check format= and the read= options") from exc
+        reason = re.sub(r"^[A-Za-z ]*Error: ", "", error_line(exc)).rstrip(". ")
+        raise InvalidInput(f"cannot read {files[0]} as {fmt}: {reason}; check format= and the read= options") from exc
     return {r[0]: r[1] for r in rows if r[0] != "filename"}
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+import duckdb
+
 from adapters_mgr.errors import InvalidInput
 
 TS_FORMATS = ("epoch_s", "epoch_ms", "epoch_us", "iso")
@@ -36,13 +38,30 @@ def parse_duration(text: str | int | float | timedelta, *, what: str = "duration
 
 
 def check_ts_format(ts_format: str | None) -> str | None:
-    """Accept the named forms or a strptime pattern (anything containing '%')."""
-    if ts_format is None or ts_format in TS_FORMATS or "%" in ts_format:
+    """Accept the named forms or a strptime pattern (containing '%') that DuckDB can parse with.
+
+    The pattern is tried once here, on a sample string in a throw-away connection, so a bad one
+    ('%Q', a trailing '%') is refused when the source is added rather than failing every sync.
+    """
+    if ts_format is None or ts_format in TS_FORMATS:
         return ts_format
-    raise InvalidInput(
-        f"ts_format {ts_format!r} is unknown; use one of {', '.join(TS_FORMATS)}, a strptime pattern "
-        "such as '%d/%m/%Y %H:%M', or leave it out to detect it"
-    )
+    if not isinstance(ts_format, str) or "%" not in ts_format:
+        raise InvalidInput(
+            f"ts_format {ts_format!r} is unknown; use one of {', '.join(TS_FORMATS)}, a strptime pattern "
+            "such as '%d/%m/%Y %H:%M', or leave it out to detect it"
+        )
+    try:
+        with duckdb.connect() as con:
+            con.execute(f"SELECT try_strptime('2000-01-31 12:00:00', {_quote(ts_format)})").fetchone()
+    except duckdb.Error as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        marker = f"specifier {ts_format}: "  # "Invalid Input Error: Failed to parse format specifier P: why"
+        reason = first.split(marker, 1)[1] if marker in first else re.sub(r"^[A-Za-z ]*Error: ", "", first)
+        raise InvalidInput(
+            f"ts_format {ts_format!r} is not a valid strptime pattern ({reason}); use directives such as "
+            "%Y %m %d %H %M %S %z, e.g. '%d/%m/%Y %H:%M'"
+        ) from exc
+    return ts_format
 
 
 def _quote(text: str) -> str:
