@@ -29,6 +29,7 @@ from adapters_mgr.cli_support import (
     table_fetch_limit,
 )
 from adapters_mgr.errors import AdaptersMgrError, InvalidInput, NotFound
+from adapters_mgr.store import GC_GRACE_SECONDS
 
 try:  # Typer >= 0.2x carries its own copy of Click; older Typer raises click's own exceptions
     from typer._click import exceptions as click_exceptions
@@ -484,9 +485,12 @@ def verify(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 
 @app.command()
 def gc(ctx: typer.Context, dry_run: Annotated[bool, typer.Option(help="Only say what would be done.")] = False,
+       grace: Annotated[float, typer.Option(
+           min=0, help="Keep orphan/staging folders changed less than this many seconds ago: they may belong "
+                       "to a registration still running in another process. 0 after a crash.")] = GC_GRACE_SECONDS,
        json_out: JsonOpt = False) -> None:
     """Remove orphans and staging leftovers; mark missing/corrupt rows (rows are never deleted)."""
-    report = _mgr(ctx).gc(dry_run=dry_run)
+    report = _mgr(ctx).gc(dry_run=dry_run, grace=grace)
     if json_out:
         print_json(report)
     elif not report["actions"]:

@@ -42,7 +42,16 @@ from adapters_mgr.catalog.records import (
 )
 from adapters_mgr.errors import AdaptersMgrError, Conflict, IntegrityError, InvalidInput, Locked, NotFound
 from adapters_mgr.faults import maybe_crash
-from adapters_mgr.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, StagedAdapter, export_folder
+from adapters_mgr.store import (
+    CONFIG_FILE,
+    GC_GRACE_SECONDS,
+    WEIGHTS_FILE,
+    AdapterStore,
+    StagedAdapter,
+    age_seconds,
+    check_peft_folder,
+    export_folder,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -132,13 +141,17 @@ def _safetensors_summary(path: Path) -> tuple[int, dict[str, list[int]]]:
     with safe_open(str(path), framework="pt") as fh:
         for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
             shapes[key] = list(fh.get_slice(key).get_shape())
+    return _param_count(shapes), shapes
+
+
+def _param_count(shapes: dict[str, list[int]]) -> int:
     total = 0
     for shape in shapes.values():
         n = 1
         for dim in shape:
             n *= dim
         total += n
-    return total, shapes
+    return total
 
 
 def stack_columns(
@@ -157,12 +170,21 @@ def stack_columns(
 def _provenance(folder: Path) -> dict[str, Any]:
     """The ``adapters_mgr.json`` an export writes beside the PEFT files, if any."""
     prov_file = folder / "adapters_mgr.json"
-    if not prov_file.exists():
+    if not prov_file.is_file():
         return {}
     try:
-        return json.loads(prov_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{prov_file} is not valid JSON: {exc}") from exc
+        provenance = json.loads(prov_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{prov_file} is not valid JSON: {exc}; fix or remove it") from exc
+    bad = not isinstance(provenance, dict) or any(
+        not isinstance(provenance.get(k, {}), dict) for k in ("adapter", "base")
+    )
+    if bad:
+        raise InvalidInput(
+            f"{prov_file} is not an adapters_mgr provenance file (expected a JSON object with 'adapter' and "
+            "'base' objects); fix or remove it"
+        )
+    return provenance
 
 
 def head_for(peft_config: dict[str, Any], shapes: dict[str, list[int]]) -> base_mod.HeadSpec:
@@ -332,8 +354,14 @@ class AdapterManager:
                         row = self.base(self.register_base(str(resolved)))
             if row is not None:
                 return row
+        config = Path(source) / CONFIG_FILE if isinstance(source, str | os.PathLike) else CONFIG_FILE
+        fix = "pass base= (CLI: --base) a registered base id or name (list them with `adapters-mgr bases`)"
+        if not named:
+            raise NotFound(f"cannot tell which base the adapter belongs to: {config} names no base_model_name_or_path; "
+                           f"{fix}")
         raise NotFound(
-            f"cannot tell which base adapter belongs to (config names {named!r}); pass base= a registered base"
+            f"the adapter's base {named!r} (base_model_name_or_path in {config}) is not registered and is not a "
+            f"local folder; register it first (`adapters-mgr register-base`) or {fix}"
         )
 
     # ------------------------------------------------------------------ register
@@ -386,7 +414,9 @@ class AdapterManager:
     def _store_adapter(self, source: Any, *, base: Any = None, adapter_name: str | None = None) -> PreparedAdapter:
         """Stage, identify the base, and commit the adapter's bytes to the store (not yet cataloged).
 
-        A crash after this leaves an orphan folder that ``verify`` reports and ``gc`` removes.
+        The source is validated (LoRA config, safetensors header) before anything is written to the
+        store. A crash after the commit leaves an orphan folder that ``verify`` reports and ``gc``
+        removes once it is older than gc's ``grace``.
         """
         if isinstance(source, str | os.PathLike):
             staged = self.store.stage_folder(Path(source))
@@ -396,13 +426,13 @@ class AdapterManager:
             raise InvalidInput(f"cannot register {type(source).__name__}: pass a PeftModel or a PEFT folder path")
         try:
             base_row = self._base_for_source(source, staged, base)
+            trainable = _param_count(staged.shapes)  # from the header validated at staging, not the stored copy
             maybe_crash("register:staged")
             key = self.store.commit(staged)
         except BaseException:
             self.store.discard(staged)
             raise
         maybe_crash("register:renamed")
-        trainable, _ = _safetensors_summary(self.store.path(key) / WEIGHTS_FILE)
         pc = staged.peft_config
         targets = pc.get("target_modules")
         task_type = pc.get("task_type")
@@ -921,6 +951,7 @@ class AdapterManager:
         """Register an outside PEFT folder as an ``imported`` node. If it was exported from a catalog
         (``adapters_mgr.json``) and those bytes are known here, an ``imported`` edge links the two."""
         folder = Path(folder)
+        check_peft_folder(folder)  # a file, a missing folder or bad contents: one clear error before anything else
         provenance = _provenance(folder)
         prov_adapter = provenance.get("adapter", {})
         name = name or prov_adapter.get("name") or folder.name
@@ -974,7 +1005,8 @@ class AdapterManager:
         if not force:
             raise IntegrityError(
                 f"{context}: weights sha256 {actual[:12]}… differ from the registered {row['weights_sha256'][:12]}…; "
-                "refusing to load adapters onto a different base (force=True / --force overrides)"
+                "refusing to load adapters onto a different base; use the base the adapter was registered "
+                "with (only the Python API's AdapterManager.load(..., force=True) overrides this, and logs it)"
             )
         with self.catalog.transaction() as con:
             log_event(con, "load", {"base": row["id"], "context": context}, outcome="forced",
@@ -1066,21 +1098,50 @@ class AdapterManager:
                 "problems": problems}
 
     @_logs_failures("gc")
-    def gc(self, *, dry_run: bool = False) -> dict[str, Any]:
+    def gc(self, *, dry_run: bool = False, grace: float = GC_GRACE_SECONDS) -> dict[str, Any]:
         """Remove orphan folders and staging leftovers; mark rows whose files are gone ``missing`` and
         rows whose bytes changed ``corrupt`` (their folder moves to ``store/quarantine``). Rows are
-        never deleted: lineage must keep its nodes."""
+        never deleted: lineage must keep its nodes.
+
+        ``grace`` (seconds, like git prune's expiry): an orphan or staging folder that changed less than
+        ``grace`` ago may belong to a register still in flight (renamed into the store, not yet in the
+        catalog), so it is kept and reported as an action ``skip`` ("skipped (younger than grace)")
+        and in ``skipped``. The default (:data:`GC_GRACE_SECONDS`, an hour) is safe while other
+        processes write; ``grace=0`` removes every orphan at once, e.g. right after a crash, when
+        nothing else is writing.
+        """
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+            raise InvalidInput(f"grace must be a number of seconds >= 0, got {grace!r}")
         report = self.verify()
         actions: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
         marks: list[tuple[int, str]] = []
         quarantined: set[str] = set()
+
+        def young(kind: str, path: Path, where: dict[str, Any]) -> bool:
+            if grace <= 0:
+                return False
+            age = age_seconds(path)
+            if age is None or age >= grace:
+                return False
+            entry = {"action": "skip", "kind": kind, **where, "age_s": round(age, 1),
+                     "reason": "skipped (younger than grace)"}
+            actions.append(entry)
+            skipped.append(entry)
+            return True
+
         for problem in report["problems"]:
             kind = problem["kind"]
             if kind == "orphan_folder":
-                actions.append({"action": "remove_folder", "store_key": problem["store_key"]})
+                key = problem["store_key"]
+                if young(kind, self.store.path(key), {"store_key": key}):
+                    continue
+                actions.append({"action": "remove_folder", "store_key": key})
                 if not dry_run:
-                    self.store.remove(problem["store_key"])
+                    self.store.remove(key)
             elif kind == "staging_leftover":
+                if young(kind, Path(problem["path"]), {"path": problem["path"]}):
+                    continue
                 actions.append({"action": "remove_staging", "path": problem["path"]})
                 if not dry_run:
                     shutil.rmtree(problem["path"], ignore_errors=True)
@@ -1103,8 +1164,9 @@ class AdapterManager:
                 for adapter_id, status in marks:
                     con.execute("UPDATE adapters SET status = ?, updated_at = ? WHERE id = ?",
                                 [status, utcnow(), adapter_id])
-                log_event(con, "gc", {"dry_run": dry_run}, detail={"actions": actions})
-        return {"dry_run": dry_run, "actions": actions, "problems_before": len(report["problems"])}
+                log_event(con, "gc", {"dry_run": dry_run, "grace": grace}, detail={"actions": actions})
+        return {"dry_run": dry_run, "grace": grace, "actions": actions, "skipped": skipped,
+                "problems_before": len(report["problems"])}
 
     # ------------------------------------------------------------------ internals
     def _log_failure(self, operation: str, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> None:

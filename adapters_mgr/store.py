@@ -9,25 +9,43 @@ Layout under ``<root>/store``::
 
 Folders are immutable once renamed into ``objects``. Two registrations of the same bytes share one
 folder, so nothing is stored twice. Only safetensors is accepted: a pickle ``.bin`` can run code.
+A source folder is validated (config is a LoRA config, weights open as safetensors) before anything
+is written under ``store``, so a refused adapter leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from adapters_mgr.errors import IntegrityError, InvalidInput, NotFound
 
+# gc's default grace (git prune's idea): an orphan or staging folder younger than this may belong to
+# a register in another process, between its store rename and its catalog insert.
+GC_GRACE_SECONDS = 3600.0
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# torch.save writes a zip archive; a plain pickle (protocol >= 2) starts with PROTO 0x80 + version.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = tuple(bytes([0x80, proto]) for proto in range(2, 6))
+RESAVE_HINT = "re-save it with save_pretrained(..., safe_serialization=True)"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
 
 
 def sha256_file(path: Path) -> str:
@@ -44,6 +62,12 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _touch(path: Path) -> None:
+    """Set a folder's mtime to now (gc measures a folder's age by it); a vanished folder is ignored."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,19 +87,102 @@ class StagedAdapter:
     config_sha256: str
     bytes: int
     peft_config: dict[str, Any]
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # tensor name -> shape, from the header
 
     @property
     def key(self) -> str:
         return hashlib.sha256(f"{self.config_sha256}:{self.weights_sha256}".encode()).hexdigest()
 
 
-def check_peft_folder(folder: Path) -> None:
-    """Refuse anything that is not a safetensors PEFT folder, naming what is wrong."""
+def read_lora_config(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` after checking that PEFT reads it as a LoRA config."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{path} holds binary data, not JSON; it must be a PEFT LoRA config") from exc
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror or _one_line(exc)}") from exc
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InvalidInput(
+            f"{path} must hold a JSON object (a PEFT LoRA config), not a JSON {type(config).__name__}"
+        )
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        what = "has no peft_type" if peft_type is None else f"has peft_type {peft_type!r}"
+        raise InvalidInput(f"{path} {what}; only LoRA adapters (peft_type \"LORA\") are accepted")
+    rank = config.get("r")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise InvalidInput(f"{path}: LoRA rank r must be a positive integer, got {rank!r}")
+    alpha = config.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, int | float)):
+        raise InvalidInput(f"{path}: lora_alpha must be a number, got {alpha!r}")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    ):
+        raise InvalidInput(f"{path}: target_modules must be a module name or a list of names, got {targets!r}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise InvalidInput(f"{path}: base_model_name_or_path must be a string, got {base!r}")
+    from peft import LoraConfig, PeftConfig
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown keys from newer PEFT versions are dropped, as PEFT does
+            PeftConfig.from_peft_type(**LoraConfig.check_kwargs(**config))
+    except Exception as exc:  # noqa: BLE001 - whatever PEFT rejects, the user gets one line naming the file
+        raise InvalidInput(f"{path} is not a LoRA config PEFT can read: {_one_line(exc)}") from exc
+    return config
+
+
+def read_safetensors_header(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from the safetensors header of ``path`` (no tensor is loaded).
+
+    Anything else is refused naming the file; a pickle or ``torch.save`` zip (which can run code
+    when loaded) is recognised by its first bytes, whatever the file is called.
+    """
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[key] = list(fh.get_slice(key).get_shape())
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError...: all mean "not usable"
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+        except OSError:
+            head = b""
+        if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
+            raise InvalidInput(
+                f"{path} is not a safetensors file (pickle .bin adapters are refused: loading one can run "
+                f"code); {RESAVE_HINT}"
+            ) from exc
+        raise InvalidInput(f"{path} is not a valid safetensors file ({_one_line(exc)}); {RESAVE_HINT}") from exc
+    if not shapes:
+        raise InvalidInput(f"{path} holds no tensors; an adapter needs its LoRA weights")
+    return shapes
+
+
+def check_peft_folder(folder: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Refuse anything that is not a safetensors LoRA PEFT folder, naming what is wrong.
+
+    Reads only: nothing is written anywhere. Returns the config and the weights' tensor shapes.
+    """
+    folder = Path(folder)
+    hint = f"pass the folder that holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInput(f"{folder} is a file, not a PEFT adapter folder; {hint}")
     if not folder.is_dir():
-        raise NotFound(f"adapter folder {folder} does not exist")
-    if not (folder / CONFIG_FILE).exists():
+        raise NotFound(f"adapter folder {folder} does not exist; {hint}")
+    if not (folder / CONFIG_FILE).is_file():
         raise InvalidInput(f"{folder} is not a PEFT adapter folder: {CONFIG_FILE} is missing")
-    if not (folder / WEIGHTS_FILE).exists():
+    if not (folder / WEIGHTS_FILE).is_file():
         pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise InvalidInput(
@@ -83,6 +190,33 @@ def check_peft_folder(folder: Path) -> None:
                 "(re-save with save_pretrained(..., safe_serialization=True))"
             )
         raise InvalidInput(f"{folder} has no {WEIGHTS_FILE}")
+    config = read_lora_config(folder / CONFIG_FILE)
+    shapes = read_safetensors_header(folder / WEIGHTS_FILE)
+    return config, shapes
+
+
+def newest_mtime(path: Path) -> float | None:
+    """The newest mtime of a folder and its direct entries (a file still being written counts);
+    None when the folder is gone."""
+    try:
+        newest = path.lstat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        for entry in os.scandir(path):
+            try:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except FileNotFoundError:
+                continue
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return newest
+
+
+def age_seconds(path: Path, now: float | None = None) -> float | None:
+    """Seconds since ``path`` (or anything directly in it) last changed; None when it is gone."""
+    mtime = newest_mtime(path)
+    return None if mtime is None else max(0.0, (time.time() if now is None else now) - mtime)
 
 
 class AdapterStore:
@@ -107,12 +241,19 @@ class AdapterStore:
 
     # -- staging --------------------------------------------------------------------------
     def stage_folder(self, folder: Path) -> StagedAdapter:
-        """Copy a PEFT folder's two files into staging (other files are ignored)."""
+        """Copy a PEFT folder's two files into staging (other files are ignored).
+
+        The folder is validated first, so a refused one writes nothing under the store.
+        """
         folder = Path(folder)
         check_peft_folder(folder)
         tmp = self.new_tmp_dir()
-        shutil.copyfile(folder / CONFIG_FILE, tmp / CONFIG_FILE)
-        shutil.copyfile(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+        try:
+            shutil.copyfile(folder / CONFIG_FILE, tmp / CONFIG_FILE)
+            shutil.copyfile(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return self.finish_staging(tmp)
 
     def stage_model(self, peft_model: Any, adapter_name: str | None = None) -> StagedAdapter:
@@ -122,47 +263,65 @@ class AdapterStore:
             raise InvalidInput(f"model has several active adapters {name}; pass adapter_name=")
         if name not in getattr(peft_model, "peft_config", {}):
             raise InvalidInput(f"model has no adapter named {name!r}; it has {list(peft_model.peft_config)}")
+        peft_type = getattr(peft_model.peft_config[name], "peft_type", None)
+        if str(getattr(peft_type, "value", peft_type)) != "LORA":
+            raise InvalidInput(f"adapter {name!r} is a {peft_type} adapter; only LoRA adapters are accepted")
         tmp = self.new_tmp_dir()
-        save_dir = tmp / "_save"
-        peft_model.save_pretrained(str(save_dir), selected_adapters=[name], safe_serialization=True)
-        # peft writes non-default adapters into a sub-folder named after the adapter.
-        src = save_dir if name == "default" else save_dir / name
-        for fname in (CONFIG_FILE, WEIGHTS_FILE):
-            os.replace(src / fname, tmp / fname)
-        shutil.rmtree(save_dir)
+        try:
+            save_dir = tmp / "_save"
+            peft_model.save_pretrained(str(save_dir), selected_adapters=[name], safe_serialization=True)
+            # peft writes non-default adapters into a sub-folder named after the adapter.
+            src = save_dir if name == "default" else save_dir / name
+            for fname in (CONFIG_FILE, WEIGHTS_FILE):
+                os.replace(src / fname, tmp / fname)
+            shutil.rmtree(save_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return self.finish_staging(tmp)
 
     def finish_staging(self, tmp: Path) -> StagedAdapter:
-        for fname in (CONFIG_FILE, WEIGHTS_FILE):
-            _fsync_file(tmp / fname)
-        _fsync_dir(tmp)
-        config_text = (tmp / CONFIG_FILE).read_text()
+        """Fsync, re-validate and hash the staged copy (the source may have changed since it was
+        checked); on any failure the staging folder is removed."""
         try:
-            peft_config = json.loads(config_text)
-        except json.JSONDecodeError as exc:
+            for fname in (CONFIG_FILE, WEIGHTS_FILE):
+                _fsync_file(tmp / fname)
+            _fsync_dir(tmp)
+            peft_config = read_lora_config(tmp / CONFIG_FILE)
+            shapes = read_safetensors_header(tmp / WEIGHTS_FILE)
+            return StagedAdapter(
+                path=tmp,
+                weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
+                config_sha256=sha256_file(tmp / CONFIG_FILE),
+                bytes=(tmp / WEIGHTS_FILE).stat().st_size + (tmp / CONFIG_FILE).stat().st_size,
+                peft_config=peft_config,
+                shapes=shapes,
+            )
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise InvalidInput(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
-        return StagedAdapter(
-            path=tmp,
-            weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
-            config_sha256=sha256_file(tmp / CONFIG_FILE),
-            bytes=(tmp / WEIGHTS_FILE).stat().st_size + (tmp / CONFIG_FILE).stat().st_size,
-            peft_config=peft_config,
-        )
+            raise
 
     def commit(self, staged: StagedAdapter) -> str:
-        """Make staged content visible under its key (atomic rename); dedupe identical content."""
+        """Make staged content visible under its key (atomic rename); dedupe identical content.
+
+        The folder's mtime is set to now at the rename (and when an existing folder is reused), so
+        until the catalog row is inserted it is a *young* orphan that ``gc`` leaves alone during its
+        grace period.
+        """
         self.ensure()
         final = self.path(staged.key)
         if final.exists():
+            _touch(final)
             shutil.rmtree(staged.path, ignore_errors=True)
             return staged.key
+        _touch(staged.path)
         try:
             os.rename(staged.path, final)
         except OSError:
             if not final.exists():
                 raise
             shutil.rmtree(staged.path, ignore_errors=True)  # a concurrent writer won the race
+        _touch(final)
         _fsync_dir(self.objects)
         return staged.key
 
@@ -214,20 +373,35 @@ class AdapterStore:
 def export_folder(src: Path, dest: Path, provenance: dict[str, Any]) -> Path:
     """Copy a stored adapter to ``dest`` atomically, with a provenance file beside the PEFT files."""
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise InvalidInput(f"export destination {dest} is a file, not a folder; choose a new folder path")
     if dest.exists() and any(dest.iterdir()):
         raise InvalidInput(f"export destination {dest} exists and is not empty; choose a new folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    blocker = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InvalidInput(f"cannot export to {dest}: {blocker} is a file, not a folder; choose another path")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot create export folder {dest}: {exc.strerror or _one_line(exc)}; choose a folder you can write"
+        ) from exc
     try:
         for fname in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copyfile(src / fname, tmp / fname)
         (tmp / "adapters_mgr.json").write_text(json.dumps(provenance, indent=2, default=str))
         for f in tmp.iterdir():
             _fsync_file(f)
-        if dest.exists():
-            dest.rmdir()
-        os.rename(tmp, dest)
+        try:
+            os.rename(tmp, dest)  # replaces an empty folder; refuses a non-empty one
+        except OSError as exc:
+            if dest.exists() and any(dest.iterdir()):
+                raise InvalidInput(
+                    f"export destination {dest} was filled by someone else meanwhile; choose a new folder"
+                ) from exc
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

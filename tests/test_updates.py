@@ -171,7 +171,7 @@ def test_crash_mid_training_leaves_no_visible_adapter(stream, point, tmp_path):
                           env={**os.environ, "ADAPTERS_MGR_FAULT": point}, timeout=300)
     assert proc.returncode == 137, proc.stderr[-2000:]
     assert {a.id for a in mgr.list(status="all")} == before
-    mgr.gc()
+    mgr.gc(grace=0)  # right after: no other writer
     assert mgr.verify()["ok"]
 
 
