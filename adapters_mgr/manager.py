@@ -234,6 +234,38 @@ class AdapterManager:
             self._data = DataAPI(self.catalog, self.root)
         return self._data
 
+    # ------------------------------------------------------------------ data, on the manager
+    # The data side lives in DataAPI (``mgr.data``, with everything else it offers: interactions,
+    # training rows, texts, templates ...). These are its everyday calls, on the manager itself so
+    # one object covers an update from new data to a promoted adapter.
+    def add_source(self, name: str, uri: str | Path, **options: Any) -> dict[str, Any]:
+        """Register a file or glob as a source of interactions, users or items (options: see
+        :meth:`adapters_mgr.data.api.DataAPI.add_source`: format, mapping, ts_format, kind, ...)."""
+        return self.data.add_source(name, uri, **options)
+
+    def sync(self, *, sources: list[str] | str | None = None, window: str | None = None,
+             **options: Any) -> list[str]:
+        """Take in what is new since each source's watermark as immutable batches; the new batch ids
+        (none when nothing is new). ``window='7d'`` cuts a historic log into weekly batches."""
+        return self.data.sync(sources=sources, window=window, **options)
+
+    def batches(self) -> list[dict[str, Any]]:
+        """Every interaction batch, oldest first, with its counts per rule and per duplicate kind."""
+        return self.data.batches()
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """One batch (NotFound for an unknown id)."""
+        return self.data.batch(batch_id)
+
+    def quarantine(self, batch: str | None = None, rule: str | None = None, **filters: Any) -> list[dict[str, Any]]:
+        """Quarantined rows with their rule, detail, source, file and the source row as read."""
+        return self.data.quarantine(batch, rule, **filters)
+
+    def replay_sample(self, batch_ids_or_before: str | list[str], *, ratio: float, seed: int,
+                      **options: Any) -> Any:
+        """A seeded sample of earlier kept rows for replay, reproducible from (seed, batch ids)."""
+        return self.data.replay_sample(batch_ids_or_before, ratio=ratio, seed=seed, **options)
+
     # ------------------------------------------------------------------ bases
     @_logs_failures("register_base")
     def register_base(self, source: Any = None, *, name: str | None = None) -> str:

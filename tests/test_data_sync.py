@@ -535,3 +535,21 @@ def test_failed_sync_restores_duckdb_settings_and_writes_nothing(api, tmp_path, 
     monkeypatch.undo()
     [bid] = api.sync()
     assert api.batch(bid)["rows_kept"] == 2
+
+
+def test_the_data_calls_are_on_the_manager_too(tmp_path):
+    from adapters_mgr import AdapterManager
+
+    mgr = AdapterManager(tmp_path / "root")
+    write(tmp_path / "ev.csv", "user_id,item_id,rating,ts\nu1,i1,5,1000\nu2,i1,9,2000\nu1,i2,4,700000\n")
+    src = mgr.add_source("ev", tmp_path / "ev.csv", ts_format="epoch_s")
+    assert src["name"] == "ev"
+    ids = mgr.sync(window="7d")
+    assert len(ids) == 2 and [b["id"] for b in mgr.batches()] == ids
+    assert mgr.batch(ids[0])["quarantined_by_rule"] == {"rating_out_of_range": 1}
+    assert [q["rule"] for q in mgr.quarantine(ids[0])] == ["rating_out_of_range"]
+    assert mgr.quarantine(rule="rating_out_of_range", limit=0) == []
+    a = mgr.replay_sample(ids[1], ratio=1.0, seed=3)
+    assert a == mgr.replay_sample([ids[0]], ratio=1.0, seed=3) and len(a) == 1
+    with pytest.raises(NotFound):
+        mgr.batch("b999999")
