@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 
@@ -137,6 +138,11 @@ def test_lineage_root_is_the_full_record_and_nodes_match_get(mgr, base_id):
         for name in ("id", "name", "version", "kind", "status", "metrics", "aliases", "created_at",
                      "weights_sha256", "bytes", "lora_rank"):
             assert getattr(node, name) == getattr(expected, name), (node_id, name)
+        # summaries are built without the constructor: every field must still be there
+        assert set(vars(node)) == {f.name for f in dataclasses.fields(expected)}, node_id
+        if node_id != root:  # what a summary leaves out is None, not missing
+            assert node.peft_config is None and node.hyperparams is None and node.store_key is None
+    assert any(node.metrics == {"auc": 0.7} for node in lin.nodes.values())
     with pytest.raises(NotFound, match="no adapter with id 999999"):
         mgr.lineage(999999)
     with pytest.raises(NotFound):

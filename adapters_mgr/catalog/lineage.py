@@ -20,7 +20,7 @@ from adapters_mgr.catalog.records import (
     JSON_COLUMNS,
     SUMMARY_COLUMNS,
     Adapter,
-    adapter_from_summary,
+    adapters_from_summaries,
 )
 from adapters_mgr.errors import NotFound
 
@@ -189,17 +189,17 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root_id: int, *, max_depth: int
     descendants: dict[int, int] = {}
     edge_rows = []
     batches: dict[int, list[dict[str, Any]]] = {}
+    node_rows = [values for values in rows if values[0] == "n"]
+    for values, node in zip(node_rows, adapters_from_summaries(node_rows, 3), strict=True):
+        direction = values[2]
+        if direction == "root":
+            root = _with_heavy_columns(node, values[_HEAVY_COL:_FIRST_EDGE_COL])
+        else:
+            (ancestors if direction == "up" else descendants)[node.id] = values[1]
+            nodes[node.id] = node
     for values in rows:
         kind = values[0]
-        if kind == "n":
-            node = adapter_from_summary(values[3:_HEAVY_COL])
-            direction = values[2]
-            if direction == "root":
-                root = _with_heavy_columns(node, values[_HEAVY_COL:_FIRST_EDGE_COL])
-            else:
-                (ancestors if direction == "up" else descendants)[node.id] = int(values[1])
-                nodes[node.id] = node
-        elif kind == "e":
+        if kind == "e":
             edge_rows.append(values[_FIRST_EDGE_COL:])
         elif kind == "b":
             a, _, batch_id, _, _, role, sha, num_rows = values[_FIRST_EDGE_COL:]

@@ -102,17 +102,39 @@ def from_epoch_us(us: int) -> datetime:
 
 def adapter_from_summary(values: tuple[Any, ...]) -> Adapter:
     """An :class:`Adapter` from one :data:`ADAPTER_SUMMARY_SELECT` tuple (positional: no dict per row)."""
-    (id_, name, version, kind, task, base_id, status, rank, nbytes, sha, trainable, metrics, stack_mode,
-     created_us, updated_us, aliases) = values
-    return Adapter(
-        id=id_, name=name, version=version, kind=kind, task=task, base_id=base_id, status=status,
-        created_at=from_epoch_us(created_us), updated_at=from_epoch_us(updated_us),
-        lora_rank=rank, bytes=nbytes, weights_sha256=sha, trainable_params=trainable,
-        metrics=json.loads(metrics) if metrics else None, stack_mode=stack_mode, aliases=list(aliases or ()),
-    )
+    return adapters_from_summaries([values], 0)[0]
+
+
+def adapters_from_summaries(rows: list[tuple[Any, ...]], offset: int) -> list[Adapter]:
+    """Adapters from rows holding an :data:`ADAPTER_SUMMARY_SELECT` tuple at ``offset``.
+
+    Why a batch function and not a constructor call per row: a 1,000-node lineage spent ~12 ms here.
+    The metrics JSON of all rows is parsed in one ``json.loads`` (one call instead of 1,000), and
+    each object is filled through its ``__dict__`` (the generated ``__init__`` with 23 keyword
+    arguments cost more than the rest of the row together). Every field is set, so nothing the
+    constructor would default is missing.
+    """
+    end = offset + len(SUMMARY_COLUMNS) + 3
+    metrics = json.loads("[" + ",".join(r[offset + _METRICS_AT] or "null" for r in rows) + "]")
+    out = []
+    new = object.__new__
+    for values, parsed in zip(rows, metrics, strict=True):
+        (id_, name, version, kind, task, base_id, status, rank, nbytes, sha, trainable, _, stack_mode,
+         created_us, updated_us, aliases) = values[offset:end]
+        node = new(Adapter)
+        node.__dict__.update(
+            id=id_, name=name, version=version, kind=kind, task=task, base_id=base_id, status=status,
+            created_at=from_epoch_us(created_us), updated_at=from_epoch_us(updated_us), peft_config=None,
+            lora_rank=rank, lora_alpha=None, target_modules=None, store_key=None, bytes=nbytes,
+            weights_sha256=sha, config_sha256=None, trainable_params=trainable, hyperparams=None,
+            metrics=parsed, stack_mode=stack_mode, description=None, aliases=list(aliases or ()),
+        )
+        out.append(node)
+    return out
 
 
 _FIELDS = tuple(f.name for f in fields(Adapter))
+_METRICS_AT = 11  # position of "metrics" in SUMMARY_COLUMNS (checked below, where that is defined)
 TIME_FORMAT_PY = "%Y-%m-%dT%H:%M:%S.%f+00:00"
 TIME_FORMAT_SQL = "%Y-%m-%dT%H:%M:%S.%f+00:00"
 
@@ -134,6 +156,7 @@ FROM adapters a {ALIASES_JOIN}
 # the Python cost of a 1,000-node lineage.
 SUMMARY_COLUMNS = ("id", "name", "version", "kind", "task", "base_id", "status", "lora_rank", "bytes",
                    "weights_sha256", "trainable_params", "metrics", "stack_mode")
+assert SUMMARY_COLUMNS.index("metrics") == _METRICS_AT
 ADAPTER_SUMMARY_SELECT = f"""
 SELECT {', '.join('a.' + c for c in SUMMARY_COLUMNS)},
        epoch_us(a.created_at) AS created_at_us, epoch_us(a.updated_at) AS updated_at_us,
