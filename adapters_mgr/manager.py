@@ -869,10 +869,10 @@ class AdapterManager:
         """
         check_alias(alias)
         with self.catalog.transaction() as con:
-            current = alias_ops.current_target(con, alias)
+            current, stack = alias_ops.rollback_state(con, alias)
             if current is None:
                 raise NotFound(f"no alias {alias!r}; list them with `adapters-mgr alias`")
-            target_id = resolve(con, to) if to is not None else alias_ops.rollback_target(con, alias)
+            target_id = resolve(con, to) if to is not None else alias_ops.rollback_target(con, alias, stack)
             status = adapter_status(con, target_id)  # not fetch_adapter: rollback is a hot path
             if status != "active":
                 raise Conflict(f"cannot roll {alias!r} back to adapter {target_id}: it is {status}")

@@ -172,6 +172,20 @@ def test_rollback_walks_back_through_history(mgr, base_id):
     assert any(e["outcome"] == "error" and e["operation"] == "rollback" for e in mgr.events(limit=20))
 
 
+def test_rollback_after_a_removed_alias_starts_a_fresh_history(mgr, base_id):
+    a, b, c = chain(mgr, 3)
+    mgr.promote(a, "staging")
+    mgr.promote(b, "staging")
+    mgr.remove_alias("staging")
+    with pytest.raises(NotFound, match="staging"):
+        mgr.rollback("staging")  # removed: no current target, even though it has history
+    mgr.set_alias("staging", c)
+    with pytest.raises(Conflict, match="no earlier target"):
+        mgr.rollback("staging")  # the moves before the removal do not count
+    mgr.promote(a, "staging")
+    assert mgr.rollback("staging") == c and mgr.get("staging").id == c
+
+
 def test_rollback_of_unknown_alias(mgr, base_id):
     with pytest.raises(NotFound, match="staging"):
         mgr.rollback("staging")

@@ -58,10 +58,29 @@ def remove(con: duckdb.DuckDBPyConnection, alias: str, reason: str | None = None
 
 def target_stack(con: duckdb.DuckDBPyConnection, alias: str) -> list[int]:
     """The alias's targets as a stack: forward moves push, rollbacks pop back to their target."""
+    moves = con.execute("SELECT to_id, action FROM alias_history WHERE alias = ? ORDER BY id", [alias]).fetchall()
+    return _stack(moves)
+
+
+def rollback_state(con: duckdb.DuckDBPyConnection, alias: str) -> tuple[int | None, list[int]]:
+    """The alias's current target and its target stack, from one statement.
+
+    Why one: rollback is a hot path and each DuckDB statement costs ~1 ms to plan here whatever
+    it reads; the two reads as one UNION ALL (moves sorted in Python) saved ~0.7 ms a rollback.
+    """
+    rows = con.execute(
+        "SELECT NULL AS id, adapter_id, NULL AS action FROM aliases WHERE name = $alias "
+        "UNION ALL SELECT id, to_id, action FROM alias_history WHERE alias = $alias",
+        {"alias": alias},
+    ).fetchall()
+    current = next((int(r[1]) for r in rows if r[0] is None), None)
+    moves = sorted((r for r in rows if r[0] is not None), key=lambda r: r[0])
+    return current, _stack([(to_id, action) for _, to_id, action in moves])
+
+
+def _stack(moves: list[tuple[int | None, str]]) -> list[int]:
     stack: list[int] = []
-    for to_id, action in con.execute(
-        "SELECT to_id, action FROM alias_history WHERE alias = ? ORDER BY id", [alias]
-    ).fetchall():
+    for to_id, action in moves:
         if action == "remove" or to_id is None:
             stack = []
         elif action == "rollback" and to_id in stack:
@@ -71,8 +90,9 @@ def target_stack(con: duckdb.DuckDBPyConnection, alias: str) -> list[int]:
     return stack
 
 
-def rollback_target(con: duckdb.DuckDBPyConnection, alias: str) -> int:
-    stack = target_stack(con, alias)
+def rollback_target(con: duckdb.DuckDBPyConnection, alias: str, stack: list[int] | None = None) -> int:
+    """The target a default rollback goes back to (``stack``: a :func:`target_stack` already read)."""
+    stack = target_stack(con, alias) if stack is None else stack
     if len(stack) < 2:
         raise Conflict(
             f"alias {alias!r} has no earlier target to roll back to; use `rollback {alias} --to ID`"
