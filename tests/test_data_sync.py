@@ -257,6 +257,13 @@ def test_quarantine_keeps_the_whole_source_row(api, tmp_path):
     assert q["rule"] == "rating_out_of_range"
     assert q["row"] == {"user_id": "u1", "item_id": "i1", "rating": "9", "ts": "1000", "comment": "too high",
                         "device": "phone"}
+    # entity sources too: a user row without its key keeps every column
+    write(tmp_path / "users.csv", "user_id,age,occupation,note\nu1,30,writer,ok\n,41,doctor,no id\n")
+    api.add_source("users", tmp_path / "users.csv", kind="users", mapping={"user_id": "user_id", "age": "age"})
+    api.sync()
+    [uq] = [r for r in api.quarantine() if r["source"] == "users"]
+    assert uq["rule"] == "missing_key"
+    assert uq["row"] == {"user_id": None, "age": "41", "occupation": "doctor", "note": "no id"}
 
 
 def test_noise_rule_counts_any_60_seconds_not_calendar_minutes(api, tmp_path):

@@ -45,11 +45,13 @@ def sync_entities(
         vf = ts_expr(q(m["valid_from"]), src.effective_ts_format or "iso", numeric=numeric)
     else:
         vf = "CAST(NULL AS TIMESTAMPTZ)"
+    row = "{" + ", ".join(f"{sql_literal(col)}: {q(col)}" for col in types) + "}"  # the source row as read
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _ent AS
         SELECT NULLIF(trim(CAST({q(m[key])} AS VARCHAR)), '') AS k,
-               CAST(json_object({obj}) AS JSON) AS attrs, {vf} AS vf, filename AS file
+               CAST(json_object({obj}) AS JSON) AS attrs, {vf} AS vf, filename AS file,
+               CASE WHEN k IS NULL THEN CAST(to_json({row}) AS VARCHAR) END AS raw_row
         FROM {reader_sql(src.format, files, src.option('read'))}
         """
     )
@@ -57,7 +59,7 @@ def sync_entities(
     con.execute(
         f"""
         INSERT INTO quarantine (sync_id, batch_id, source, rule, detail, file, row)
-        SELECT ?, NULL, ?, 'missing_key', '{key} is empty', file, attrs FROM _ent WHERE k IS NULL
+        SELECT ?, NULL, ?, 'missing_key', '{key} is empty', file, raw_row FROM _ent WHERE k IS NULL
         """,
         [sync_id, src.name],
     )
