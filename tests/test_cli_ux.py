@@ -110,6 +110,10 @@ def test_lineage_tree_shows_data_batches_and_metrics(capsys, root, mgr, base_id)
         (["alias", "set", "canary"], "Missing argument"),
         (["ls", "--limit", "-1"], "'--limit'"),
         (["events", "--limit", "-1"], "'--limit'"),
+        (["lineage", "1", "--depth", "-2"], "'--depth'"),
+        (["recommend", "42", "--k", "0"], "'--k'"),
+        (["train", "b1", "--rank", "0"], "'--rank'"),
+        (["data", "add-source", "s", "x.csv", "--max-events-per-minute", "0"], "'--max-events-per-minute'"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_2(capsys, root, mgr, args, needle):
