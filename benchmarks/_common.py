@@ -33,16 +33,21 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def samples_ms(fn: Callable[[], Any], repeat: int) -> list[float]:
+    """Wall-clock milliseconds of ``repeat`` calls, in call order."""
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
 def timeit(fn: Callable[[], Any], *, repeat: int = 20, warmup: int = 2) -> dict[str, float]:
     """Wall-clock milliseconds over ``repeat`` runs after ``warmup`` runs: p50, p90, min, mean."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
+    samples = sorted(samples_ms(fn, repeat))
     return {
         "p50_ms": statistics.median(samples),
         "p90_ms": samples[min(len(samples) - 1, int(0.9 * len(samples)))],

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters_mgr import AdapterManager  # noqa: E402
 from adapters_mgr.catalog import lineage_index  # noqa: E402
 from adapters_mgr.catalog.db import utcnow  # noqa: E402
-from benchmarks._common import machine, md_table, write_results  # noqa: E402
+from benchmarks._common import machine, md_table, samples_ms, write_results  # noqa: E402
 
 TARGETS = {
     "lineage_1000_deep_100k_ms": 50.0,
@@ -129,12 +129,7 @@ def _stats(samples: list[float], rounds: list[list[float]]) -> dict[str, object]
 
 def _samples(fn: Callable[[], object], repeat: int) -> list[float]:
     fn()  # warm-up
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
+    return samples_ms(fn, repeat)
 
 
 def measure(n: int, depth: int, repeat: int, rounds: int) -> dict[str, object]:

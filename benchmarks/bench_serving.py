@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import RESULTS, machine, md_table, timeit, write_results  # noqa: E402
+from benchmarks._common import RESULTS, machine, md_table, samples_ms, timeit, write_results  # noqa: E402
 
 TARGETS = {"switch_p50_ms": 2.0, "speedup_vs_load_set": 10.0, "folded_vs_bare": 0.97}
 METHOD_ARGS: dict[str, dict[str, Any]] = {
@@ -112,15 +111,6 @@ def pair_texts(n: int, quick: bool) -> tuple[list[str], list[str]]:
     items = [f"movie: Example Title {i} ({1950 + i % 50}); genres: {genres[i % 8]}, {genres[(i + 3) % 8]}"
              for i in range(n)]
     return users, items
-
-
-def samples_ms(fn: Callable[[], Any], repeat: int) -> list[float]:
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
 
 
 def summary(samples: list[float]) -> dict[str, float]:
