@@ -21,8 +21,8 @@ from typer.core import TyperGroup
 if TYPE_CHECKING:
     from adapters_mgr.manager import AdapterManager
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # user text such as a task ":fire:" prints as typed
+err_console = Console(stderr=True, emoji=False)
 
 
 def _default(value: Any) -> Any:

@@ -79,6 +79,12 @@ def test_bracketed_user_text_prints_literally(capsys, root, mgr, base_id):
     code, out, err = run(capsys, root, "history", "prod")
     assert code == 0, err
     assert "[x]" in out
+    # emoji codes in user text print as typed, not as emoji
+    with mgr.catalog.transaction() as con:
+        con.execute("UPDATE adapters SET task = ':fire:' WHERE id = ?", [child])
+    for args in (("ls",), ("lineage", str(child)), ("show", str(child))):
+        code, out, err = run(capsys, root, *args)
+        assert code == 0 and ":fire:" in out and "\N{FIRE}" not in out, (args, out)
 
 
 def test_lineage_tree_shows_data_batches_and_metrics(capsys, root, mgr, base_id):
