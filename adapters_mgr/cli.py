@@ -28,7 +28,7 @@ from adapters_mgr.cli_support import (
     print_table,
     table_fetch_limit,
 )
-from adapters_mgr.errors import AdaptersMgrError, InvalidInput, NotFound
+from adapters_mgr.errors import AdaptersMgrError, InvalidInput, NotFound, first_line
 from adapters_mgr.store import GC_GRACE_SECONDS
 
 try:  # Typer >= 0.2x carries its own copy of Click; older Typer raises click's own exceptions
@@ -68,7 +68,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str], *, title: str | None 
 
 def _say(text: str) -> None:
     """A one-line message for people; what it quotes (names, paths, aliases) is printed literally."""
-    console.print(text, markup=False, emoji=False)
+    console.print(text, markup=False)
 
 
 def _mgr(ctx: typer.Context):
@@ -820,7 +820,7 @@ def main(argv: list[str] | None = None) -> None:
     except AdaptersMgrError as exc:
         if debug:
             raise
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True, emoji=False)
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -831,15 +831,13 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()  # type: ignore[attr-defined]
         sys.exit(exc.exit_code)  # type: ignore[attr-defined]
     except click_exceptions.ClickException as exc:  # bad option value, missing argument, unknown command ...
-        err_console.print(_click_error_line(exc), markup=False, highlight=False, soft_wrap=True, emoji=False)
+        err_console.print(_click_error_line(exc), markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # anything unexpected
         if debug:
             raise
-        # the first line only: e.g. DuckDB adds the failing query and a caret line after it
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        err_console.print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
-                          markup=False, highlight=False, soft_wrap=True, emoji=False)
+        err_console.print(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from adapters_mgr.manager import AdapterManager
 
-console = Console(emoji=False)  # user text such as a task ":fire:" prints as typed
+# emoji off: user text such as a task ":fire:" prints as typed (markup is escaped where it is on)
+console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
 
 
@@ -106,31 +106,3 @@ class CliState:
             self._manager = AdapterManager(self.root)
         return self._manager
 
-
-def error_line(exc: BaseException) -> str:
-    """One line for an error: the first non-empty line of its message.
-
-    DuckDB errors carry the failing query and a ``LINE 1: ... ^^^`` caret after the first line;
-    the first line is the one that says what went wrong (and names the file, when there is one).
-    """
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-
-
-class OneLineErrorsGroup(TyperGroup):
-    """A Typer group whose commands report DuckDB errors as one line (``--debug``: the raw error).
-
-    Use as ``typer.Typer(cls=OneLineErrorsGroup)``; the error becomes an
-    :class:`~adapters_mgr.errors.AdaptersMgrError`, which the entry point prints with its exit code.
-    """
-
-    def invoke(self, ctx: Any) -> Any:
-        import duckdb
-
-        from adapters_mgr.errors import AdaptersMgrError
-
-        try:
-            return super().invoke(ctx)
-        except duckdb.Error as exc:
-            if getattr(ctx.obj, "debug", False):
-                raise
-            raise AdaptersMgrError(f"{error_line(exc)} (rerun with --debug for the traceback)") from exc

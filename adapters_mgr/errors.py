@@ -7,6 +7,15 @@ because the CLI prints exactly that one line (no traceback) and maps the class t
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an error's message (its class name when it has none).
+
+    Why: DuckDB errors carry the failing query and a ``LINE 1: ... ^^^`` caret after the line that
+    says what went wrong, and the CLI prints one line.
+    """
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+
+
 class AdaptersMgrError(Exception):
     """Base class: anything the user can fix or must know about. Exit code 1 unless refined."""
 

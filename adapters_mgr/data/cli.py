@@ -14,7 +14,6 @@ import typer
 
 from adapters_mgr.cli_support import (
     TABLE_ROWS,
-    OneLineErrorsGroup,
     cap_rows,
     console,
     print_json,
@@ -23,8 +22,7 @@ from adapters_mgr.cli_support import (
 )
 from adapters_mgr.errors import InvalidInput
 
-data_app = typer.Typer(help="Data sources, sync into immutable batches, quarantine, MovieLens.", no_args_is_help=True,
-                       cls=OneLineErrorsGroup)
+data_app = typer.Typer(help="Data sources, sync into immutable batches, quarantine, MovieLens.", no_args_is_help=True)
 fetch_app = typer.Typer(help="Fetch real data sets into the cache folder.", no_args_is_help=True)
 data_app.add_typer(fetch_app, name="fetch")
 

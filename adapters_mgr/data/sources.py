@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from adapters_mgr.errors import InvalidInput, NotFound
+from adapters_mgr.errors import InvalidInput, NotFound, first_line
 
 KINDS = ("interactions", "users", "items")
 FORMATS = ("csv", "json", "parquet")
@@ -141,11 +141,6 @@ def check_uri(uri: str, files: list[Path]) -> None:
     raise NotFound(f"source file {uri!r} does not exist; check the path, or use a glob to watch a folder filled later")
 
 
-def error_line(exc: BaseException) -> str:
-    """The first non-empty line of an error message (DuckDB appends the query and a ^^^ caret)."""
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-
-
 def list_files(uri: str) -> list[Path]:
     expanded = os.path.expanduser(uri)
     if glob.has_magic(expanded):
@@ -206,7 +201,7 @@ def describe(
     try:
         rows = con.execute(f"DESCRIBE SELECT * FROM {reader_sql(fmt, files, read_options)}").fetchall()
     except duckdb.Error as exc:
-        reason = re.sub(r"^[A-Za-z ]*Error: ", "", error_line(exc)).rstrip(". ")
+        reason = re.sub(r"^[A-Za-z ]*Error: ", "", first_line(exc)).rstrip(". ")
         raise InvalidInput(f"cannot read {files[0]} as {fmt}: {reason}; check format= and the read= options") from exc
     return {r[0]: r[1] for r in rows if r[0] != "filename"}
 
