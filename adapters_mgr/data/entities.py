@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 
 from adapters_mgr.data.sources import KEY_FIELD, Source, describe, reader_sql, sql_literal
-from adapters_mgr.data.stage import NUMERIC_TYPES, q
+from adapters_mgr.data.stage import NUMERIC_TYPES, q, row_struct
 from adapters_mgr.data.timeparse import ts_expr
 
 BEGINNING = "0001-01-01 00:00:00+00"
@@ -45,13 +45,12 @@ def sync_entities(
         vf = ts_expr(q(m["valid_from"]), src.effective_ts_format or "iso", numeric=numeric)
     else:
         vf = "CAST(NULL AS TIMESTAMPTZ)"
-    row = "{" + ", ".join(f"{sql_literal(col)}: {q(col)}" for col in types) + "}"  # the source row as read
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _ent AS
         SELECT NULLIF(trim(CAST({q(m[key])} AS VARCHAR)), '') AS k,
                CAST(json_object({obj}) AS JSON) AS attrs, {vf} AS vf, filename AS file,
-               CASE WHEN k IS NULL THEN CAST(to_json({row}) AS VARCHAR) END AS raw_row
+               CASE WHEN k IS NULL THEN CAST(to_json({row_struct(types)}) AS VARCHAR) END AS raw_row
         FROM {reader_sql(src.format, files, src.option('read'))}
         """
     )

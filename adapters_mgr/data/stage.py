@@ -7,6 +7,7 @@ one place that knows them all. The result of every source has the same columns a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +29,12 @@ STAGE_COLUMNS = (
 def q(col: str) -> str:
     """A quoted identifier."""
     return '"' + col.replace('"', '""') + '"'
+
+
+def row_struct(columns: Iterable[str]) -> str:
+    """SQL for the source row as read: a struct of every column under its own name. Cheap to carry
+    (it references the columns); turned into JSON only for the rows the quarantine keeps."""
+    return "{" + ", ".join(f"{sql_literal(col)}: {q(col)}" for col in columns) + "}"
 
 
 def _text(col: str | None, numeric: bool = False) -> str:
@@ -171,9 +178,7 @@ def interaction_sql(
                  f"OR ts >= {sql_literal(watermark.isoformat())}::TIMESTAMPTZ")
     passthrough = "".join(f", {q(col)} AS {alias}" for col, alias in ((ts_col, raw_ts), (rating_col, raw_rating),
                                                                    (label_col, raw_label)) if col is not None)
-    # the source row as read, every column under its own name (a struct is cheap: it references
-    # the columns; the JSON text is only built for the rows that keep it)
-    passthrough += ", {" + ", ".join(f"{sql_literal(col)}: {q(col)}" for col in types) + "} AS _src"
+    passthrough += f", {row_struct(types)} AS _src"
     inner = f"""
         SELECT CAST({fidx} AS INTEGER) AS fidx,
                {_text(m['user_id'], numeric('user_id'))} AS user_id,
