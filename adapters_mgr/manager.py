@@ -872,7 +872,7 @@ class AdapterManager:
             current, stack = alias_ops.rollback_state(con, alias)
             if current is None:
                 raise NotFound(f"no alias {alias!r}; list them with `adapters-mgr alias`")
-            target_id = resolve(con, to) if to is not None else alias_ops.rollback_target(con, alias, stack)
+            target_id = resolve(con, to) if to is not None else alias_ops.rollback_target(alias, stack)
             status = adapter_status(con, target_id)  # not fetch_adapter: rollback is a hot path
             if status != "active":
                 raise Conflict(f"cannot roll {alias!r} back to adapter {target_id}: it is {status}")

@@ -56,12 +56,6 @@ def remove(con: duckdb.DuckDBPyConnection, alias: str, reason: str | None = None
     return previous
 
 
-def target_stack(con: duckdb.DuckDBPyConnection, alias: str) -> list[int]:
-    """The alias's targets as a stack: forward moves push, rollbacks pop back to their target."""
-    moves = con.execute("SELECT to_id, action FROM alias_history WHERE alias = ? ORDER BY id", [alias]).fetchall()
-    return _stack(moves)
-
-
 def rollback_state(con: duckdb.DuckDBPyConnection, alias: str) -> tuple[int | None, list[int]]:
     """The alias's current target and its target stack, from one statement.
 
@@ -79,6 +73,7 @@ def rollback_state(con: duckdb.DuckDBPyConnection, alias: str) -> tuple[int | No
 
 
 def _stack(moves: list[tuple[int | None, str]]) -> list[int]:
+    """The alias's targets as a stack: forward moves push, rollbacks pop back to their target."""
     stack: list[int] = []
     for to_id, action in moves:
         if action == "remove" or to_id is None:
@@ -90,9 +85,8 @@ def _stack(moves: list[tuple[int | None, str]]) -> list[int]:
     return stack
 
 
-def rollback_target(con: duckdb.DuckDBPyConnection, alias: str, stack: list[int] | None = None) -> int:
-    """The target a default rollback goes back to (``stack``: a :func:`target_stack` already read)."""
-    stack = target_stack(con, alias) if stack is None else stack
+def rollback_target(alias: str, stack: list[int]) -> int:
+    """The target a default rollback goes back to (``stack``: from :func:`rollback_state`)."""
     if len(stack) < 2:
         raise Conflict(
             f"alias {alias!r} has no earlier target to roll back to; use `rollback {alias} --to ID`"

@@ -100,11 +100,6 @@ def from_epoch_us(us: int) -> datetime:
     return datetime.fromtimestamp(us / 1e6, UTC)
 
 
-def adapter_from_summary(values: tuple[Any, ...]) -> Adapter:
-    """An :class:`Adapter` from one :data:`ADAPTER_SUMMARY_SELECT` tuple (positional: no dict per row)."""
-    return adapters_from_summaries([values], 0)[0]
-
-
 def adapters_from_summaries(rows: list[tuple[Any, ...]], offset: int) -> list[Adapter]:
     """Adapters from rows holding an :data:`ADAPTER_SUMMARY_SELECT` tuple at ``offset``.
 
