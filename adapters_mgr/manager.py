@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import uuid
@@ -51,6 +52,7 @@ from adapters_mgr.store import (
     age_seconds,
     check_peft_folder,
     export_folder,
+    read_safetensors_header,
 )
 
 if TYPE_CHECKING:
@@ -133,25 +135,8 @@ def _batch_links(batches: Any, eval_batches: Iterable[str]) -> list[tuple[str, s
     return list(dict.fromkeys(links))
 
 
-def _safetensors_summary(path: Path) -> tuple[int, dict[str, list[int]]]:
-    """Parameter count and tensor shapes from the file header, without loading the tensors."""
-    from safetensors import safe_open
-
-    shapes: dict[str, list[int]] = {}
-    with safe_open(str(path), framework="pt") as fh:
-        for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-            shapes[key] = list(fh.get_slice(key).get_shape())
-    return _param_count(shapes), shapes
-
-
 def _param_count(shapes: dict[str, list[int]]) -> int:
-    total = 0
-    for shape in shapes.values():
-        n = 1
-        for dim in shape:
-            n *= dim
-        total += n
-    return total
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def stack_columns(
@@ -1059,7 +1044,7 @@ class AdapterManager:
             raise Conflict(f"adapter {node.id} is deleted; `adapters-mgr restore {node.id}` first")
         folder = self._verified_folder(node)
         base_row = self.base(node.base_id)
-        _, shapes = _safetensors_summary(folder / WEIGHTS_FILE)
+        shapes = read_safetensors_header(folder / WEIGHTS_FILE)
         head = head_for(json.loads((folder / CONFIG_FILE).read_text()), shapes)
         adapter_name = f"a{node.id}"
         if base_model is not None:

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import duckdb
 
-from adapters_mgr.errors import InvalidInput
+from adapters_mgr.errors import InvalidInput, first_line
 
 TS_FORMATS = ("epoch_s", "epoch_ms", "epoch_us", "iso")
 
@@ -54,7 +54,7 @@ def check_ts_format(ts_format: str | None) -> str | None:
         with duckdb.connect() as con:
             con.execute(f"SELECT try_strptime('2000-01-31 12:00:00', {_quote(ts_format)})").fetchone()
     except duckdb.Error as exc:
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        first = first_line(exc)
         marker = f"specifier {ts_format}: "  # "Invalid Input Error: Failed to parse format specifier P: why"
         reason = first.split(marker, 1)[1] if marker in first else re.sub(r"^[A-Za-z ]*Error: ", "", first)
         raise InvalidInput(
