@@ -234,7 +234,7 @@ def classify(
         SELECT rid, kind FROM ranked WHERE rn > 1
         """
     )
-    has_earlier = con.execute("SELECT EXISTS (SELECT 1 FROM interactions)").fetchone()[0]
+    has_earlier = con.execute("SELECT EXISTS (SELECT 1 FROM interaction_rows)").fetchone()[0]
     if not has_earlier:
         return keys
     lo, hi = con.execute(
@@ -261,14 +261,14 @@ def classify(
             SELECT rid, user_id, item_id, t, (t + {tol_us}) // {width} FROM n
             WHERE (t + {tol_us}) // {width} <> (t - {tol_us}) // {width}),
         p AS (
-            SELECT user_id, item_id, epoch_us(ts) AS t, epoch_us(ts) // {width} AS k FROM interactions
+            SELECT user_id, item_id, epoch_us(ts) AS t, epoch_us(ts) // {width} AS k FROM interaction_rows
             WHERE ts BETWEEN ?::TIMESTAMPTZ - INTERVAL ({tol_us}) MICROSECOND
                          AND ?::TIMESTAMPTZ + INTERVAL ({tol_us}) MICROSECOND),
         hit AS (
             SELECT nk.rid FROM nk JOIN p ON nk.user_id = p.user_id AND nk.item_id = p.item_id AND nk.k = p.k
             WHERE abs(nk.t - p.t) <= {tol_us}
             UNION
-            SELECT n.rid FROM n SEMI JOIN interactions e ON e.source_event_id = n.source_event_id)
+            SELECT n.rid FROM n SEMI JOIN interaction_rows e ON e.source_event_id = n.source_event_id)
         SELECT rid, 'earlier_batch' FROM hit
         """,
         [lo, hi],

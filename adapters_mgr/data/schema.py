@@ -9,7 +9,9 @@ Tables (all queryable by users directly):
 - ``batches`` (core table, extended here): one immutable row per batch with its sources, time
   range, window, rows in / kept / quarantined / duplicates, counts per rule and per duplicate kind,
   and a sha256 over its canonical sorted kept rows.
-- ``interactions``: every kept row with the batch it arrived in.
+- ``interactions``: every kept row with the batch and source it arrived from. A view (since
+  ``d002``) over ``interaction_rows``, which stores the batch as its ``seq`` number and the source as
+  a small id (``data_source_ids``); see :func:`d002_interaction_rows` for why.
 - ``quarantine``: every row a cleaning rule rejected, with the rule and the source row.
 - ``duplicates``: every row dropped as a duplicate, with the kind of duplicate.
 - ``users`` / ``items``: entity attribute versions, each with the time it became valid.
@@ -146,4 +148,74 @@ def d001_data_core(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-DATA_MIGRATIONS = [d001_data_core]
+# The user-facing shape of a kept row (the view keeps d001's columns, so plain SQL keeps working).
+INTERACTIONS_VIEW = """
+CREATE VIEW interactions AS
+SELECT b.id AS batch_id, r.user_id, r.item_id, r.ts, r.rating, r.label, s.name AS source, r.source_event_id
+FROM interaction_rows r
+JOIN batches b ON b.seq = r.batch_seq
+JOIN data_source_ids s ON s.id = r.source_id
+"""
+
+
+def d002_interaction_rows(con: duckdb.DuckDBPyConnection) -> None:
+    """Store each kept row's batch and source as integers; ``interactions`` becomes a view.
+
+    Why: writing the kept rows is the largest step of a sync after reading them, and DuckDB stores
+    the short per-row strings uncompressed (at any compression setting tried, 2.0.1). The batch id
+    and source name are the same for millions of rows; as integers they compress to almost
+    nothing. Measured on 9.8M kept rows: the insert takes 3.6 instead of 4.8 CPU s (2.0 instead of
+    2.7 s). Readers keep the ``interactions`` columns through the view; internal readers that need
+    neither batch nor source read ``interaction_rows`` and skip the two small joins.
+
+    ``data_source_ids`` is never pruned: a removed source's rows keep their name, and a source
+    re-added under the same name gets its old id back.
+    """
+    con.execute(
+        """
+        CREATE TABLE data_source_ids (
+            id    INTEGER PRIMARY KEY,
+            name  VARCHAR NOT NULL UNIQUE
+        );
+        CREATE TABLE interaction_rows (
+            batch_seq       INTEGER NOT NULL,      -- batches.seq
+            user_id         VARCHAR NOT NULL,
+            item_id         VARCHAR NOT NULL,
+            ts              TIMESTAMPTZ NOT NULL,
+            rating          DOUBLE,
+            label           TINYINT NOT NULL,
+            source_id       INTEGER NOT NULL,      -- data_source_ids.id
+            source_event_id VARCHAR
+        );
+        INSERT INTO data_source_ids
+        SELECT row_number() OVER (ORDER BY name) - 1, name FROM (
+            SELECT name FROM data_sources UNION SELECT DISTINCT source FROM interactions);
+        INSERT INTO interaction_rows
+        SELECT b.seq, i.user_id, i.item_id, i.ts, i.rating, i.label, s.id, i.source_event_id
+        FROM interactions i JOIN batches b ON b.id = i.batch_id JOIN data_source_ids s ON s.name = i.source
+        WHERE b.seq IS NOT NULL;
+        """
+    )
+    moved, before = con.execute(
+        "SELECT (SELECT count(*) FROM interaction_rows), (SELECT count(*) FROM interactions)").fetchone()
+    if moved != before:  # a row whose batch has no seq number: refuse rather than drop it
+        raise RuntimeError(f"migration d002: {before - moved} interactions rows have no numbered batch; "
+                           "the catalog is left as it was")
+    con.execute("DROP TABLE interactions")
+    con.execute(INTERACTIONS_VIEW)
+
+
+def source_ids(con: duckdb.DuckDBPyConnection, names: list[str]) -> list[int]:
+    """The ``data_source_ids`` id of each name, adding names not seen before (in the caller's transaction)."""
+    con.execute(
+        "INSERT INTO data_source_ids SELECT (SELECT coalesce(max(id), -1) FROM data_source_ids) + row_number() "
+        "OVER (ORDER BY name), name FROM (SELECT DISTINCT unnest(?::VARCHAR[]) AS name) "
+        "WHERE name NOT IN (SELECT name FROM data_source_ids)",
+        [names],
+    )
+    ids = dict(con.execute("SELECT name, id FROM data_source_ids WHERE name IN (SELECT unnest(?::VARCHAR[]))",
+                           [names]).fetchall())
+    return [int(ids[n]) for n in names]
+
+
+DATA_MIGRATIONS = [d001_data_core, d002_interaction_rows]

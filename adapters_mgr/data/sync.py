@@ -23,6 +23,7 @@ from adapters_mgr.catalog.db import Catalog, log_event, to_json, utcnow
 from adapters_mgr.data import classify, digest
 from adapters_mgr.data.entities import sync_entities
 from adapters_mgr.data.registry import load_sources
+from adapters_mgr.data.schema import source_ids
 from adapters_mgr.data.sources import Source, describe, resolve_mapping, sql_literal
 from adapters_mgr.data.stage import detect_source_ts, interaction_sql
 from adapters_mgr.data.timeparse import parse_duration
@@ -337,8 +338,9 @@ def _write_batches(
         return [], read
     bnos = sorted(per_all)
     ids, start = _next_ids(con, len(bnos))
-    con.execute("CREATE OR REPLACE TEMP TABLE _bmap (bno INTEGER, batch_id VARCHAR)")
-    con.executemany("INSERT INTO _bmap VALUES (?, ?)", [[b, bid] for b, bid in zip(bnos, ids, strict=True)])
+    con.execute("CREATE OR REPLACE TEMP TABLE _bmap (bno INTEGER, batch_id VARCHAR, seq INTEGER)")
+    con.executemany("INSERT INTO _bmap VALUES (?, ?, ?)",
+                    [[b, bid, start + i] for i, (b, bid) in enumerate(zip(bnos, ids, strict=True))])
     con.execute(
         f"""
         INSERT INTO duplicates
@@ -363,14 +365,15 @@ def _write_batches(
             """
         ).fetchall()
     }
-    # one batch (no window): its id is a constant, no join with the batch map
-    batch_of = (f"SELECT {sql_literal(ids[0])} AS batch_id, * FROM ({kept_rows})" if len(ids) == 1
-                else f"SELECT m.batch_id, k.* FROM ({kept_rows}) k JOIN _bmap m USING (bno)")
+    # one batch (no window): its number is a constant, no join with the batch map
+    batch_of = (f"SELECT {int(start)} AS batch_seq, * FROM ({kept_rows})" if len(ids) == 1
+                else f"SELECT m.seq AS batch_seq, k.* FROM ({kept_rows}) k JOIN _bmap m USING (bno)")
+    codes = "[" + ", ".join(str(i) for i in source_ids(con, [s.name for s in sources])) + "]"
     with _unordered_insert(con):
         con.execute(
             f"""
-            INSERT INTO interactions
-            SELECT batch_id, user_id, item_id, ts, rating, label, {names}[sidx + 1], source_event_id
+            INSERT INTO interaction_rows
+            SELECT batch_seq, user_id, item_id, ts, rating, label, {codes}[sidx + 1], source_event_id
             FROM ({batch_of})
             """
         )
