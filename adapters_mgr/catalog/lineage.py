@@ -8,6 +8,7 @@ depth: a 1,000-deep chain is neither 1,000 recursion steps nor several round tri
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -17,7 +18,6 @@ from adapters_mgr.catalog import lineage_index
 from adapters_mgr.catalog.db import atomic, from_json
 from adapters_mgr.catalog.records import (
     ALIASES_JOIN,
-    JSON_COLUMNS,
     SUMMARY_COLUMNS,
     Adapter,
     adapters_from_summaries,
@@ -54,35 +54,51 @@ GROUP BY m.adapter_id, h.dir
 # Everything else in the same statement, as one row set: ``k`` says what a row is. Why one
 # statement: on a 2-core machine each statement costs ~1-3 ms of binding and optimising whatever it
 # reads; five statements (root, index check, walk, nodes, edges) cost ~7 ms more than this one
-# (measured alternated in one process, 100k catalog). Columns are shared between row kinds, so the
-# fetch stays small: 'n' rows are nodes (the root, dir = 'root', also carries the columns that
-# summaries omit), 'e' rows are candidate edges (every edge into a node of the sub-graph;
-# load_lineage keeps those whose other end is on the same side), 'b' rows are batch links, and the
-# one 'c' row says whether the chain index is current (:data:`lineage_index.IS_CURRENT_SQL`).
+# (measured alternated in one process, 100k catalog). 'n' rows are nodes (the root, dir = 'root',
+# also carries the columns that summaries omit, as one JSON text), 'e' rows are candidate edges
+# (every edge into a node of the sub-graph; load_lineage keeps those whose other end is on the same
+# side), 'b' rows are batch links, and the one 'c' row says whether the chain index is current
+# (:data:`lineage_index.IS_CURRENT_SQL`).
+# Edge and batch rows reuse node columns of matching SQL types (_EDGE_AT, _BATCH_AT) instead of
+# columns of their own: every cell of every row is a value to convert when fetching, and 3,000 rows
+# x 34 columns, two thirds of them NULL padding, took ~5 ms of a ~30 ms call.
 # No ORDER BY: sorting the ~3,000 mixed rows cost ~4 ms in DuckDB; Python sorts the edge list and
 # each node's batch links instead (well under a millisecond).
 # the Adapter columns a summary leaves out (the root's node row carries them)
 _HEAVY = tuple(f.name for f in fields(Adapter)
                if f.name not in (*SUMMARY_COLUMNS, "created_at", "updated_at", "aliases"))
-_PAD_NODE = ", ".join(["NULL"] * (2 + len(SUMMARY_COLUMNS) + 3 + len(_HEAVY)))
+_NODE_COLUMNS = ("k", "depth", "dir", *SUMMARY_COLUMNS, "created_us", "updated_us", "aliases", "heavy", "weight")
+_COL = {name: i for i, name in enumerate(_NODE_COLUMNS)}
+# the column each field of an edge / a batch link travels in
+_EDGE_AT = {"child_id": "id", "parent_id": "version", "relation": "kind", "weight": "weight", "ord": "lora_rank",
+            "params": "metrics"}
+_BATCH_AT = {"adapter_id": "id", "batch_id": "name", "role": "kind", "sha256": "weights_sha256", "num_rows": "bytes"}
+
+
+def _row(kind: str, values: dict[str, str]) -> str:
+    """SELECT list of a non-node row: ``values`` (column -> SQL) in their columns, NULL elsewhere."""
+    return ", ".join([f"'{kind}'"] + [values.get(col, "NULL") for col in _NODE_COLUMNS[1:]])
+
+
 _QUERY = _WALK.replace("\nSELECT m.adapter_id", ",\nwalk AS MATERIALIZED (\nSELECT m.adapter_id", 1) + f"""
     UNION ALL SELECT {{root}}, 0, 'root'
 )
 SELECT 'n' AS k, w.depth, w.dir, {', '.join('a.' + c for c in SUMMARY_COLUMNS)},
        epoch_us(a.created_at), epoch_us(a.updated_at), coalesce(al.names, []),
-       {', '.join(f"CASE WHEN w.dir = 'root' THEN a.{c} END" for c in _HEAVY)},
-       NULL::BIGINT AS ea, NULL::BIGINT AS eb, NULL::VARCHAR AS ec, NULL::DOUBLE AS ew, NULL::BIGINT AS eo,
-       NULL::VARCHAR AS ex, NULL::VARCHAR AS es, NULL::BIGINT AS en
+       CASE WHEN w.dir = 'root' THEN json_object({', '.join(f"'{c}', a.{c}" for c in _HEAVY)})::VARCHAR END,
+       NULL::DOUBLE
 FROM walk w JOIN adapters a ON a.id = w.id {ALIASES_JOIN}
 UNION ALL
-SELECT 'e', {_PAD_NODE}, child_id, parent_id, relation, weight, ord, params::VARCHAR, NULL, NULL
+SELECT {_row('e', {_EDGE_AT[f]: f for f in _EDGE_AT})}
 FROM lineage WHERE child_id IN (SELECT id FROM walk)
 UNION ALL
-SELECT 'b', {_PAD_NODE}, ab.adapter_id, NULL, ab.batch_id, NULL, NULL, ab.role, b.sha256, b.num_rows
+SELECT {_row('b', {_BATCH_AT[f]: sql for f, sql in (("adapter_id", "ab.adapter_id"), ("batch_id", "ab.batch_id"),
+                                                     ("role", "ab.role"), ("sha256", "b.sha256"),
+                                                     ("num_rows", "b.num_rows"))})}
 FROM adapter_batches ab LEFT JOIN batches b ON b.id = ab.batch_id
 WHERE ab.adapter_id IN (SELECT id FROM walk)
 UNION ALL
-SELECT 'c', {_PAD_NODE}, ({lineage_index.IS_CURRENT_SQL})::BIGINT, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT {_row('c', {"id": f"({lineage_index.IS_CURRENT_SQL})::INTEGER"})}
 """
 
 
@@ -179,7 +195,7 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root_id: int, *, max_depth: int
     ``lineage`` by plain SQL, after rebuilding the derived chain index they made stale."""
     sql = _QUERY.format(root=int(root_id), max_depth=int(max_depth))
     rows = con.execute(sql).fetchall()
-    if not next(r[_FIRST_EDGE_COL] for r in rows if r[0] == "c"):  # stale index: the walk was wrong
+    if not next(r[_COL["id"]] for r in rows if r[0] == "c"):  # stale index: the walk was wrong
         with atomic(con):
             lineage_index.rebuild(con)
         rows = con.execute(sql).fetchall()
@@ -187,32 +203,34 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root_id: int, *, max_depth: int
     nodes: dict[int, Adapter] = {}
     ancestors: dict[int, int] = {}
     descendants: dict[int, int] = {}
-    edge_rows = []
-    batches: dict[int, list[dict[str, Any]]] = {}
     node_rows = [values for values in rows if values[0] == "n"]
     for values, node in zip(node_rows, adapters_from_summaries(node_rows, 3), strict=True):
         direction = values[2]
         if direction == "root":
-            root = _with_heavy_columns(node, values[_HEAVY_COL:_FIRST_EDGE_COL])
+            root = _with_heavy_columns(node, values[_COL["heavy"]])
         else:
             (ancestors if direction == "up" else descendants)[node.id] = values[1]
             nodes[node.id] = node
-    for values in rows:
-        kind = values[0]
-        if kind == "e":
-            edge_rows.append(values[_FIRST_EDGE_COL:])
-        elif kind == "b":
-            a, _, batch_id, _, _, role, sha, num_rows = values[_FIRST_EDGE_COL:]
-            batches.setdefault(a, []).append({"batch_id": batch_id, "role": role, "sha256": sha, "num_rows": num_rows})
     if root is None:
         raise NotFound(f"no adapter with id {root_id}; list them with `adapters-mgr ls`")
     nodes[root.id] = root  # the root keeps its full record
+    edge_at = [_COL[_EDGE_AT[f]] for f in ("child_id", "parent_id", "relation", "weight", "ord", "params")]
+    batch_at = [_COL[_BATCH_AT[f]] for f in ("adapter_id", "batch_id", "role", "sha256", "num_rows")]
+    edge_rows = []
+    batches: dict[int, list[dict[str, Any]]] = {}
+    for values in rows:
+        kind = values[0]
+        if kind == "e":
+            edge_rows.append([values[i] for i in edge_at])
+        elif kind == "b":
+            a, batch_id, role, sha, num_rows = (values[i] for i in batch_at)
+            batches.setdefault(a, []).append({"batch_id": batch_id, "role": role, "sha256": sha, "num_rows": num_rows})
     up = {root.id, *ancestors}
     down = {root.id, *descendants}
     edge_rows.sort(key=lambda r: (r[0], r[4], r[1], r[2]))  # child, order, parent, relation
     edges = [
         Edge(child_id=a, parent_id=b, relation=c, weight=weight, ord=order, params=from_json(params))
-        for a, b, c, weight, order, params, _, _ in edge_rows
+        for a, b, c, weight, order, params in edge_rows
         if (a in up and b in up) or (a in down and b in down)
     ]
     for links in batches.values():
@@ -221,12 +239,9 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root_id: int, *, max_depth: int
     return Lineage(root=root, ancestors=ancestors, descendants=descendants, nodes=nodes, edges=edges, batches=batches)
 
 
-_HEAVY_COL = 3 + len(SUMMARY_COLUMNS) + 3  # k, depth, dir, the summary, created/updated/aliases
-_FIRST_EDGE_COL = _HEAVY_COL + len(_HEAVY)
-
-
-def _with_heavy_columns(node: Adapter, heavy: tuple[Any, ...]) -> Adapter:
-    """The root's full record: the summary plus the columns that summaries leave out."""
-    for name, value in zip(_HEAVY, heavy, strict=True):
-        setattr(node, name, from_json(value) if name in JSON_COLUMNS else value)
+def _with_heavy_columns(node: Adapter, heavy: str) -> Adapter:
+    """The root's full record: the summary plus the columns that summaries leave out (one JSON
+    object, in which the JSON columns are already values)."""
+    for name, value in json.loads(heavy).items():
+        setattr(node, name, value)
     return node
