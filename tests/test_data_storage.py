@@ -8,8 +8,10 @@ import pytest
 
 from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.migrations import all_migrations
+from adapters_mgr.data import digest
 from adapters_mgr.data.api import DataAPI
 from adapters_mgr.data.schema import d002_interaction_rows, source_ids
+from adapters_mgr.errors import IntegrityError
 
 VIEW_COLUMNS = ["batch_id", "user_id", "item_id", "ts", "rating", "label", "source", "source_event_id"]
 
@@ -61,7 +63,7 @@ def test_a_removed_source_keeps_its_name_on_its_rows_and_gets_its_id_back(api, t
     assert api.catalog.query("SELECT count(*) AS n FROM data_source_ids")[0]["n"] == 3
 
 
-def test_migration_moves_every_row_of_an_older_catalog_and_its_digests_still_verify(tmp_path):
+def test_migration_moves_every_row_of_an_older_catalog_and_the_view_reads_the_same(tmp_path):
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
     con.execute("SET TimeZone = 'UTC'")
@@ -106,3 +108,18 @@ def test_migration_refuses_rows_whose_batch_has_no_number(tmp_path):
         d002_interaction_rows(con)
     con.execute("ROLLBACK")
     assert con.execute("SELECT count(*) FROM interactions").fetchone() == (1,)
+
+
+def test_verify_names_a_duckdb_version_change_instead_of_calling_the_catalog_altered(api, tmp_path):
+    _two_sources(api, tmp_path)
+    [bid] = api.sync()
+    assert api.verify(bid)["ok"]
+    with api.catalog.transaction() as con:  # as if recorded by another DuckDB whose hash() differs
+        con.execute("UPDATE batches SET sha256 = 'f00d', digest_method = 'sha256(...) duckdb=0.0.1' WHERE id = ?",
+                    [bid])
+    with pytest.raises(IntegrityError, match=r"duckdb=0\.0\.1.*cannot be checked here \(the row count, 5, matches\)"):
+        api.verify(bid)
+    with api.catalog.transaction() as con:  # same method, different digest: the rows were altered
+        con.execute("UPDATE batches SET digest_method = ? WHERE id = ?", [digest.METHOD, bid])
+    with pytest.raises(IntegrityError, match="the catalog was altered"):
+        api.verify(bid)
