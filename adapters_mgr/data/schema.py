@@ -187,9 +187,12 @@ def d002_interaction_rows(con: duckdb.DuckDBPyConnection) -> None:
             source_id       INTEGER NOT NULL,      -- data_source_ids.id
             source_event_id VARCHAR
         );
-        INSERT INTO data_source_ids
-        SELECT row_number() OVER (ORDER BY name) - 1, name FROM (
-            SELECT name FROM data_sources UNION SELECT DISTINCT source FROM interactions);
+        """
+    )
+    names = con.execute("SELECT name FROM data_sources UNION SELECT DISTINCT source FROM interactions").fetchall()
+    source_ids(con, sorted(name for (name,) in names))
+    con.execute(
+        """
         INSERT INTO interaction_rows
         SELECT b.seq, i.user_id, i.item_id, i.ts, i.rating, i.label, s.id, i.source_event_id
         FROM interactions i JOIN batches b ON b.id = i.batch_id JOIN data_source_ids s ON s.name = i.source
