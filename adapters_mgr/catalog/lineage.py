@@ -73,6 +73,9 @@ _COL = {name: i for i, name in enumerate(_NODE_COLUMNS)}
 _EDGE_AT = {"child_id": "id", "parent_id": "version", "relation": "kind", "weight": "weight", "ord": "lora_rank",
             "params": "metrics"}
 _BATCH_AT = {"adapter_id": "id", "batch_id": "name", "role": "kind", "sha256": "weights_sha256", "num_rows": "bytes"}
+# positions of those fields in a fetched row, in the order load_lineage unpacks them
+_EDGE_POS = [_COL[_EDGE_AT[f]] for f in ("child_id", "parent_id", "relation", "weight", "ord", "params")]
+_BATCH_POS = [_COL[_BATCH_AT[f]] for f in ("adapter_id", "batch_id", "role", "sha256", "num_rows")]
 
 
 def _row(kind: str, values: dict[str, str]) -> str:
@@ -92,9 +95,8 @@ UNION ALL
 SELECT {_row('e', {_EDGE_AT[f]: f for f in _EDGE_AT})}
 FROM lineage WHERE child_id IN (SELECT id FROM walk)
 UNION ALL
-SELECT {_row('b', {_BATCH_AT[f]: sql for f, sql in (("adapter_id", "ab.adapter_id"), ("batch_id", "ab.batch_id"),
-                                                     ("role", "ab.role"), ("sha256", "b.sha256"),
-                                                     ("num_rows", "b.num_rows"))})}
+SELECT {_row('b', {_BATCH_AT["adapter_id"]: "ab.adapter_id", _BATCH_AT["batch_id"]: "ab.batch_id",
+                   _BATCH_AT["role"]: "ab.role", _BATCH_AT["sha256"]: "b.sha256", _BATCH_AT["num_rows"]: "b.num_rows"})}
 FROM adapter_batches ab LEFT JOIN batches b ON b.id = ab.batch_id
 WHERE ab.adapter_id IN (SELECT id FROM walk)
 UNION ALL
@@ -214,16 +216,14 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root_id: int, *, max_depth: int
     if root is None:
         raise NotFound(f"no adapter with id {root_id}; list them with `adapters-mgr ls`")
     nodes[root.id] = root  # the root keeps its full record
-    edge_at = [_COL[_EDGE_AT[f]] for f in ("child_id", "parent_id", "relation", "weight", "ord", "params")]
-    batch_at = [_COL[_BATCH_AT[f]] for f in ("adapter_id", "batch_id", "role", "sha256", "num_rows")]
     edge_rows = []
     batches: dict[int, list[dict[str, Any]]] = {}
     for values in rows:
         kind = values[0]
         if kind == "e":
-            edge_rows.append([values[i] for i in edge_at])
+            edge_rows.append([values[i] for i in _EDGE_POS])
         elif kind == "b":
-            a, batch_id, role, sha, num_rows = (values[i] for i in batch_at)
+            a, batch_id, role, sha, num_rows = (values[i] for i in _BATCH_POS)
             batches.setdefault(a, []).append({"batch_id": batch_id, "role": role, "sha256": sha, "num_rows": num_rows})
     up = {root.id, *ancestors}
     down = {root.id, *descendants}
