@@ -13,7 +13,7 @@ numpy only (MovieLens-sized user x item matrices are dense and small).
   matrix of likes (with shrinkage, top-k neighbours per item); a user's score for an item is the
   sum of its similarities to the items the user liked. Users without history fall back to popularity.
 - :func:`evaluate_retrieval`: Recall/NDCG/HR@K of any score function on a
-  :class:`~adapters_mgr.training.examples.RetrievalEvalSet`, exactly as ``RetrieverTask.evaluate``
+  :class:`~adapters_mgr.lora.examples.RetrievalEvalSet`, exactly as ``RetrieverTask.evaluate``
   builds users, relevant items and seen-item exclusion.
 
 Example:
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters_mgr.training import metrics
+from adapters_mgr.lora import metrics
 
 
 def _index(values: Sequence[Any]) -> dict[str, int]:

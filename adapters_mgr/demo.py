@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from adapters_mgr.base import HeadSpec
+from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.manager import AdapterManager
 
 
@@ -111,7 +111,7 @@ class Demo:
                  f"(window {window})")
         rows = [{"batch": b["id"], "from": str(b["ts_min"])[:10], "rows_in": b["rows_in"], "kept": b["rows_kept"],
                  "quarantined": b["rows_quarantined"], "duplicates": b["rows_duplicate"]} for b in batches]
-        from adapters_mgr.cli_support import print_table
+        from adapters_mgr.cli.render import print_table
 
         shown = rows if len(rows) <= 12 else rows[:4] + [{"batch": "…"}] + rows[-4:]
         print_table(shown, ["batch", "from", "rows_in", "kept", "quarantined", "duplicates"], title="batches")
@@ -134,7 +134,7 @@ class Demo:
     # -- 2. base and initial adapters ----------------------------------------------------------------
     def base(self) -> str:
         if self.s.quick:
-            from adapters_mgr.training.testing import tiny_base_folder
+            from adapters_mgr.lora.testing import tiny_base_folder
 
             folder = self.mgr.root / "tiny-base"
             if not folder.exists():
@@ -218,11 +218,12 @@ class Demo:
         return None
 
     def _evaluate_node(self, node_id: int, eval_batches: list[str]) -> float:
-        from adapters_mgr.training import evaluate_adapters, get_task
-        from adapters_mgr.updates import _subsample, node_members
+        from adapters_mgr.data.sampling import subsample_rows
+        from adapters_mgr.lora import evaluate_adapters, get_task
+        from adapters_mgr.workflows.update import node_members
 
         node = self.mgr.get(node_id)
-        rows = _subsample(self.mgr.data.training_rows(eval_batches), self.s.eval_rows, self.s.seed + 1)
+        rows = subsample_rows(self.mgr.data.training_rows(eval_batches), self.s.eval_rows, self.s.seed + 1)
         members, mode = node_members(self.mgr, node)
         base = self.mgr.base_model(node.base_id, HeadSpec("seq_cls", 2))
         metrics = evaluate_adapters(base, self.mgr.tokenizer(node.base_id), get_task("ranker"),
@@ -232,7 +233,7 @@ class Demo:
 
     # -- 4. lineage --------------------------------------------------------------------------------------
     def lineage(self) -> None:
-        from adapters_mgr.cli import lineage_tree
+        from adapters_mgr.cli.main import lineage_tree
 
         self.step("4. the lineage of production")
         self.console.print(lineage_tree(self.mgr.lineage("production", depth=2)))
@@ -286,8 +287,8 @@ class Demo:
 
     # -- 6. recommendations ----------------------------------------------------------------------------
     def recommendations(self, batches: list[dict[str, Any]]) -> None:
-        from adapters_mgr.cli import _titles
-        from adapters_mgr.cli_support import print_table
+        from adapters_mgr.cli.main import _titles
+        from adapters_mgr.cli.render import print_table
 
         self.step("6. recompute recommendations, before and after a retriever update")
         before = self.mgr.recompute("retrieval", users="all", k=10, progress=True)
@@ -316,7 +317,7 @@ class Demo:
 
     # -- 7. report --------------------------------------------------------------------------------------
     def write_report(self) -> Path:
-        from adapters_mgr.cli_support import _default
+        from adapters_mgr.cli.render import _default
 
         self.step("7. report")
         out = self.report_dir

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from adapters_mgr import base as base_mod
 from adapters_mgr.catalog import aliases as alias_ops
 from adapters_mgr.catalog import lineage_index
-from adapters_mgr.catalog.db import Catalog, fetch_dicts, log_event, to_json, utcnow
+from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.lineage import Lineage, load_lineage
 from adapters_mgr.catalog.records import (
     ADAPTER_JSON_ROW,
@@ -41,8 +40,10 @@ from adapters_mgr.catalog.records import (
     ref_id,
     resolve,
 )
+from adapters_mgr.catalog.sql import fetch_dicts, log_event, to_json, utcnow
 from adapters_mgr.errors import AdaptersMgrError, Conflict, IntegrityError, InvalidInput, Locked, NotFound
 from adapters_mgr.faults import maybe_crash
+from adapters_mgr.lora import base_model as base_mod
 from adapters_mgr.store import (
     CONFIG_FILE,
     GC_GRACE_SECONDS,
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from adapters_mgr.data.api import DataAPI
-    from adapters_mgr.updates import UpdateResult
+    from adapters_mgr.workflows.update import UpdateResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -654,8 +655,8 @@ class AdapterManager:
 
     def train_update(self, batches: Any = "latest", *, task: str = "ranker", policy: str = "fresh",
                      progress: bool = True, **kwargs: Any) -> UpdateResult:
-        """Like :meth:`train`, returning the whole :class:`~adapters_mgr.updates.UpdateResult`."""
-        from adapters_mgr.updates import UpdateConfig, run_update
+        """Like :meth:`train`, returning the whole :class:`~adapters_mgr.workflows.update.UpdateResult`."""
+        from adapters_mgr.workflows.update import UpdateConfig, run_update
 
         known = set(UpdateConfig.__dataclass_fields__)
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in known}
@@ -669,7 +670,7 @@ class AdapterManager:
 
     def reproduce(self, ref: Ref) -> dict[str, Any]:
         """Re-train a recorded adapter from its recorded config and batches; report whether the bytes match."""
-        from adapters_mgr.updates import reproduce
+        from adapters_mgr.workflows.update import reproduce
 
         return reproduce(self, ref)
 
@@ -691,14 +692,14 @@ class AdapterManager:
         Methods: cat (exact), svd (to ``target_rank``), linear, ties, dare_linear, dare_ties. The
         recipe (sources, weights, method, density, rank) and the reconstruction error are stored.
         """
-        from adapters_mgr.merging import merge_nodes
+        from adapters_mgr.workflows.merge import merge_nodes
 
         return merge_nodes(self, refs, method, weights, target_rank=target_rank, density=density, name=name,
                            seed=seed)
 
     def fold(self, ref: Ref, folder: str | os.PathLike[str]) -> Path:
         """Export base + the node's deltas as a plain transformers checkpoint (no peft needed to load)."""
-        from adapters_mgr.merging import fold_node
+        from adapters_mgr.workflows.merge import fold_node
 
         return fold_node(self, ref, Path(folder))
 
@@ -707,14 +708,14 @@ class AdapterManager:
                 target_rank: int | None = None, tolerance: float = 0.005, eval_batches: Any = None) -> dict[str, Any]:
         """Turn a stack deeper than ``max_depth`` into one merged adapter; move the alias to it only if
         its evaluation is within ``tolerance`` of the stack's."""
-        from adapters_mgr.merging import compact_alias
+        from adapters_mgr.workflows.merge import compact_alias
 
         return compact_alias(self, alias, max_depth=max_depth, method=method, target_rank=target_rank,
                              tolerance=tolerance, eval_batches=eval_batches)
 
     def scorer(self, node_or_alias: Any = None, *, ranker: Any = None, max_length: int = 64) -> Any:
-        """A :class:`~adapters_mgr.scorer.Scorer` serving this node (following it if it is an alias)."""
-        from adapters_mgr.scorer import Scorer
+        """A :class:`~adapters_mgr.serving.scorer.Scorer` serving this node (following it if it is an alias)."""
+        from adapters_mgr.serving.scorer import Scorer
 
         return Scorer(self, node_or_alias, ranker=ranker, max_length=max_length)
 
@@ -722,13 +723,13 @@ class AdapterManager:
     def recompute(self, alias: str = "production", *, users: Any = "changed", k: int = 10, ranker: Any = None,
                   top_m: int = 50, progress: bool = True) -> dict[str, Any]:
         """Recompute top-``k`` recommendations (all or changed users) into the ``recommendations`` table."""
-        from adapters_mgr.recommend import recompute
+        from adapters_mgr.serving.recommend import recompute
 
         return recompute(self, alias, users=users, k=k, ranker=ranker, top_m=top_m, progress=progress)
 
     def recommendations(self, user: Any = None, *, alias: str | None = "production") -> list[dict[str, Any]]:
         """The current top-K lists (newest complete run per user) with the node that produced each."""
-        from adapters_mgr.recommend import current
+        from adapters_mgr.serving.recommend import current
 
         return current(self, user, alias)
 

@@ -25,7 +25,7 @@ class _Scorer:
         self.model, self.tokenizer, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
 
     def score_pairs(self, user_texts: Any, item_texts: Any) -> np.ndarray:
-        from adapters_mgr.training.tasks.ranker import pair_probabilities
+        from adapters_mgr.lora.tasks.ranker import pair_probabilities
 
         self.model.eval()
         return pair_probabilities(self.model, self.tokenizer, list(user_texts), list(item_texts),
@@ -45,7 +45,7 @@ def full_finetune(base: torch.nn.Module, tokenizer: Any, rows: list[dict[str, An
     """
     from transformers import get_scheduler
 
-    from adapters_mgr.training import get_task
+    from adapters_mgr.lora import get_task
 
     task = get_task("ranker")
     data = task.parse_train(rows)

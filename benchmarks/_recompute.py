@@ -25,7 +25,7 @@ def recompute_timing(quick: bool, two_stage_users: int | None = 100) -> dict[str
     """Retriever-only for every user; retriever + ranker on ``two_stage_users`` users (None: all), with
     the per-user rate extrapolated to all users (the cross-encoder costs ~50 pair scores per user)."""
     from adapters_mgr import AdapterManager
-    from adapters_mgr.base import HeadSpec, load_base_model
+    from adapters_mgr.lora.base_model import HeadSpec, load_base_model
 
     with tempfile.TemporaryDirectory() as tmp:
         mgr = AdapterManager(Path(tmp) / "root")
@@ -45,7 +45,7 @@ def recompute_timing(quick: bool, two_stage_users: int | None = 100) -> dict[str
             synthetic.generate(Path(tmp) / "stream", rows=5000, users=100, items=80, seed=0).register(mgr.data)
         mgr.data.sync(window="7d" if source == "MovieLens-100K" else "30m")
         if quick:
-            from adapters_mgr.training.testing import tiny_base_folder
+            from adapters_mgr.lora.testing import tiny_base_folder
 
             base_id = mgr.register_base(str(tiny_base_folder(Path(tmp) / "tiny")), name="tiny")
         else:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_mgr import AdapterManager  # noqa: E402
 from adapters_mgr.catalog import lineage_index  # noqa: E402
-from adapters_mgr.catalog.db import utcnow  # noqa: E402
+from adapters_mgr.catalog.sql import utcnow  # noqa: E402
 from benchmarks._common import machine, md_table, samples_ms, write_results  # noqa: E402
 
 TARGETS = {
@@ -177,7 +177,7 @@ def measure(n: int, depth: int, repeat: int, rounds: int) -> dict[str, object]:
             row[key] = _stats(samples, per_round[key])
         row["walks_side_by_side"] = compare_walks(mgr, leaf, repeat)
         row["ls_json_rows"] = len(mgr.list())
-        cli = [sys.executable, "-m", "adapters_mgr.cli", "--root", str(mgr.root), "ls", "--json"]
+        cli = [sys.executable, "-m", "adapters_mgr.cli.main", "--root", str(mgr.root), "ls", "--json"]
         t0 = time.perf_counter()
         out = subprocess.run(cli, capture_output=True, text=True, check=True)
         row["ls_json_cli_process_ms"] = (time.perf_counter() - t0) * 1e3

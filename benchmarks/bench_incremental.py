@@ -131,7 +131,7 @@ def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple
     mgr.init()
     if args.quick:
         from adapters_mgr.data import synthetic
-        from adapters_mgr.training.testing import tiny_base_folder
+        from adapters_mgr.lora.testing import tiny_base_folder
 
         base_id = mgr.register_base(str(tiny_base_folder(workdir / "tiny-base")), name="tiny")
         stream = synthetic.generate(workdir / "stream", rows=args.synthetic_rows, users=40, items=30, seed=0)
@@ -151,7 +151,7 @@ def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple
 
 
 def base_bytes(mgr: Any, base_id: str) -> int:
-    from adapters_mgr.base import HeadSpec
+    from adapters_mgr.lora.base_model import HeadSpec
 
     source = Path(str(mgr.base(base_id)["source"]))
     files = list(source.glob("*.safetensors")) + list(source.glob("*.bin")) if source.is_dir() else []
@@ -164,7 +164,7 @@ def base_bytes(mgr: Any, base_id: str) -> int:
 # -- the run ---------------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args: argparse.Namespace, mgr: Any, base_id: str, clock: Clock) -> None:
-        from adapters_mgr.base import HeadSpec
+        from adapters_mgr.lora.base_model import HeadSpec
 
         self.args, self.mgr, self.base_id, self.clock = args, mgr, base_id, clock
         self.batches = mgr.data.batches()
@@ -203,7 +203,7 @@ class Bench:
         return res
 
     def eval_stale(self, side: str, key: str, period: int, adapter_id: int, examples: Any) -> None:
-        from adapters_mgr.training import evaluate_adapters
+        from adapters_mgr.lora import evaluate_adapters
 
         base = self.ranker_base if side == "ranker" else self.encoder_base
         folder = str(self.mgr.adapter_folder(adapter_id))
@@ -216,12 +216,13 @@ class Bench:
 
     # -- eval sets identical to train_update's ------------------------------------------------------------
     def eval_sets(self, t: int) -> tuple[list[dict[str, Any]], Any, list[dict[str, Any]]]:
-        from adapters_mgr.updates import EvalData, _subsample
+        from adapters_mgr.data.sampling import subsample_rows
+        from adapters_mgr.workflows.update import EvalData
 
         eval_id = self.ids[t + 1]
         rows = self.mgr.data.training_rows([eval_id])
-        ranker_rows = _subsample(rows, self.args.eval_rows, self.args.seed + 1)
-        retr_rows = _subsample(rows, self.args.retriever_eval_rows, self.args.seed + 1)
+        ranker_rows = subsample_rows(rows, self.args.eval_rows, self.args.seed + 1)
+        retr_rows = subsample_rows(rows, self.args.retriever_eval_rows, self.args.seed + 1)
         first = self.batches[t + 1]["ts_min"]
         retr = EvalData.build(self.mgr, "retriever", retr_rows, self.ids[: t + 1], first - timedelta(microseconds=1))
         history = self.mgr.data.interactions(self.ids[: t + 1])
@@ -230,7 +231,7 @@ class Bench:
     # -- classical baselines ------------------------------------------------------------------------------
     def classical(self, t: int, ranker_rows: list[dict[str, Any]], retr: Any, history: list[dict[str, Any]]) -> None:
         from adapters_mgr.baselines import BiasModel, ItemKNN, evaluate_retrieval, popularity
-        from adapters_mgr.training import get_task
+        from adapters_mgr.lora import get_task
 
         a = self.args
 
@@ -264,15 +265,15 @@ class Bench:
             self.clock.log(f"t={t} retriever {key:24s} {metrics['ndcg@10']:.4f}  {wall:6.2f}s")
 
     def full_ft(self, t: int, n_rows: int, ranker_rows: list[dict[str, Any]]) -> None:
-        from adapters_mgr.updates import _subsample
+        from adapters_mgr.data.sampling import subsample_rows
         from benchmarks._full_ft import full_finetune
 
         a = self.args
         reset_peak_rss()
         t0 = time.perf_counter()
-        rows = _subsample(self.mgr.data.training_rows(self.ids[: t + 1]), n_rows, a.seed)  # = (e)'s rows
+        rows = subsample_rows(self.mgr.data.training_rows(self.ids[: t + 1]), n_rows, a.seed)  # = (e)'s rows
         if a.ft_rows_fraction < 1.0:
-            rows = _subsample(rows, max(1, int(len(rows) * a.ft_rows_fraction)), a.seed)
+            rows = subsample_rows(rows, max(1, int(len(rows) * a.ft_rows_fraction)), a.seed)
         out = full_finetune(self.ranker_base, self.tok, rows, ranker_rows, epochs=a.epochs, lr=a.ft_lr,
                             batch_size=a.batch_size, max_length=a.max_length, seed=a.seed)
         wall = time.perf_counter() - t0
@@ -742,7 +743,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot(payload, args.render_only.with_suffix(".png"))
         return payload
     torch.set_num_threads(args.threads)
-    from adapters_mgr.base import quiet_transformers
+    from adapters_mgr.lora.base_model import quiet_transformers
 
     quiet_transformers()
     clock = Clock()

@@ -46,19 +46,19 @@ class Setup:
     """Base factory, tokenizer and N adapter folders (random LoRA factors + random head each)."""
 
     def __init__(self, quick: bool, workdir: Path, n_adapters: int) -> None:
-        from adapters_mgr.base import quiet_transformers
+        from adapters_mgr.lora.base_model import quiet_transformers
 
         quiet_transformers()
         self.quick = quick
         self.workdir = workdir
         if quick:
-            from adapters_mgr.training.testing import tiny_tokenizer
+            from adapters_mgr.lora.testing import tiny_tokenizer
 
             self.tokenizer = tiny_tokenizer(workdir / "tok")
             self.model_name = "tiny random BERT (2 layers, hidden 32)"
             self.base_path = None
         else:
-            from adapters_mgr.base import embedded_model_path, load_tokenizer
+            from adapters_mgr.lora.base_model import embedded_model_path, load_tokenizer
 
             self.base_path = str(embedded_model_path())
             self.tokenizer = load_tokenizer(self.base_path)
@@ -68,10 +68,10 @@ class Setup:
     def base(self) -> torch.nn.Module:
         """A freshly loaded frozen 2-label sequence classifier (from disk for MiniLM)."""
         if self.quick:
-            from adapters_mgr.training.testing import tiny_base
+            from adapters_mgr.lora.testing import tiny_base
 
             return tiny_base("seq_cls")
-        from adapters_mgr.base import HeadSpec, load_base_model
+        from adapters_mgr.lora.base_model import HeadSpec, load_base_model
 
         return load_base_model(self.base_path, HeadSpec("seq_cls"))
 
@@ -123,7 +123,7 @@ def summary(samples: list[float]) -> dict[str, float]:
 def part_a_switch(setup: Setup, repeat: int) -> dict[str, Any]:
     from peft import PeftModel
 
-    from adapters_mgr.serving import AdapterCache, HotSwapModel
+    from adapters_mgr.serving.engine import AdapterCache, HotSwapModel
 
     folders = setup.folders[:8]
     out: dict[str, Any] = {}
@@ -182,8 +182,8 @@ def part_a_switch(setup: Setup, repeat: int) -> dict[str, Any]:
 
 # -- (b) throughput -----------------------------------------------------------------------------------------
 def part_b_throughput(setup: Setup, n_pairs: int, repeat: int, stacks: tuple[int, ...]) -> list[dict[str, Any]]:
-    from adapters_mgr.serving import HotSwapModel
-    from adapters_mgr.training import ScoringModel
+    from adapters_mgr.lora import ScoringModel
+    from adapters_mgr.serving.engine import HotSwapModel
 
     users, items = pair_texts(n_pairs, setup.quick)
     engine = HotSwapModel(setup.base(), setup.tokenizer, "ranker", batch_size=n_pairs)
@@ -232,7 +232,7 @@ def part_b_throughput(setup: Setup, n_pairs: int, repeat: int, stacks: tuple[int
 
 # -- (c) merge time -------------------------------------------------------------------------------------------
 def part_c_merge(setup: Setup, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
-    from adapters_mgr.merge import merge_adapters
+    from adapters_mgr.lora.merge import merge_adapters
 
     base = setup.base()
     rows = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters_mgr import AdapterManager
-from adapters_mgr.training.testing import tiny_base_folder
+from adapters_mgr.lora.testing import tiny_base_folder
 
 __all__ = ["synced_manager", "tiny_base_folder"]
 

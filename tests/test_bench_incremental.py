@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def test_bias_knn_popularity_baselines() -> None:
     from adapters_mgr.baselines import BiasModel, ItemKNN, evaluate_retrieval, popularity
-    from adapters_mgr.training.examples import RetrievalEvalSet, as_interactions
+    from adapters_mgr.lora.examples import RetrievalEvalSet, as_interactions
 
     users = ["u1", "u1", "u2", "u2", "u3", "u3"]
     items = ["good", "bad", "good", "bad", "good", "bad"]

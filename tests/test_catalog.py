@@ -290,7 +290,7 @@ def test_migrations_recorded_once(mgr, root):
 
 
 def test_base_hash_stable_across_resave(tmp_path):
-    from adapters_mgr.base import weights_sha256
+    from adapters_mgr.lora.base_model import weights_sha256
 
     model = tiny_bert(0)
     model.save_pretrained(str(tmp_path / "b"))

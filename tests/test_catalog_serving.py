@@ -218,7 +218,7 @@ def test_scorer_polling_follows_the_alias(trained):
 def _cli(capsys, mgr, *args):
     import json
 
-    from adapters_mgr.cli import main
+    from adapters_mgr.cli.main import main
 
     capsys.readouterr()
     code = 0

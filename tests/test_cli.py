@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from adapters_mgr.cli import main
+from adapters_mgr.cli.main import main
 from tests.conftest import lora_model, tiny_bert
 from tests.helpers import add_batch, chain
 
@@ -145,7 +145,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(capsys, root, mgr, args, code
 
 
 def test_console_script_runs_and_debug_shows_traceback(root, mgr):
-    exe = [sys.executable, "-m", "adapters_mgr.cli", "--root", str(root)]
+    exe = [sys.executable, "-m", "adapters_mgr.cli.main", "--root", str(root)]
     ok = subprocess.run([*exe, "ls", "--json"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and json.loads(ok.stdout) == []
     bad = subprocess.run([*exe, "show", "42"], capture_output=True, text=True, timeout=120)

@@ -6,8 +6,8 @@ import json
 import re
 
 from adapters_mgr.catalog import lineage_index
-from adapters_mgr.catalog.db import utcnow
-from adapters_mgr.cli import RUN_HEAD, RUN_TAIL
+from adapters_mgr.catalog.sql import utcnow
+from adapters_mgr.cli.main import RUN_HEAD, RUN_TAIL
 from tests.conftest import lora_model, tiny_bert
 from tests.test_cli import run
 
@@ -78,7 +78,7 @@ def _ls_ids(text: str) -> set[int]:
 
 
 def test_ls_table_is_capped_json_and_all_are_not(capsys, root, mgr):
-    from adapters_mgr.cli_support import TABLE_ROWS
+    from adapters_mgr.cli.render import TABLE_ROWS
 
     _deep_chain(mgr, TABLE_ROWS + 10)
     code, out, err = run(capsys, root, "ls")

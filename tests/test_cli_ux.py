@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters_mgr.cli import main
+from adapters_mgr.cli.main import main
 from tests.conftest import lora_model, tiny_bert
 from tests.helpers import add_batch, chain
 from tests.test_cli import run
@@ -128,7 +128,7 @@ def test_usage_errors_are_one_line_with_exit_2(capsys, root, mgr, args, needle):
 
 
 def test_usage_errors_in_a_subprocess_are_one_line(root, mgr):
-    exe = [sys.executable, "-m", "adapters_mgr.cli", "--root", str(root)]
+    exe = [sys.executable, "-m", "adapters_mgr.cli.main", "--root", str(root)]
     bad = subprocess.run([*exe, "events", "--limit", "-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2, bad.stderr
     assert len(_lines(bad.stdout, bad.stderr)) == 1 and "BinderException" not in bad.stderr
@@ -251,7 +251,7 @@ def test_a_locked_catalog_exits_6_with_one_line(root, mgr):
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         env = {**os.environ, "ADAPTERS_MGR_LOCK_TIMEOUT": "0.5"}
         env.pop("ADAPTERS_MGR_DEBUG", None)
-        got = subprocess.run([sys.executable, "-m", "adapters_mgr.cli", "--root", str(root), "ls", "--json"],
+        got = subprocess.run([sys.executable, "-m", "adapters_mgr.cli.main", "--root", str(root), "ls", "--json"],
                              capture_output=True, text=True, timeout=120, env=env)
     finally:
         holder.kill()

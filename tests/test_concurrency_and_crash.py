@@ -79,6 +79,6 @@ def test_lock_held_too_long_raises_locked(root):
 
 
 def test_tiny_bert_is_deterministic():
-    from adapters_mgr.base import weights_sha256
+    from adapters_mgr.lora.base_model import weights_sha256
 
     assert weights_sha256(tiny_bert(0)) == weights_sha256(tiny_bert(0))

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 from typer.testing import CliRunner
 
 from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.cli.data import data_app
 from adapters_mgr.data.api import DataAPI
-from adapters_mgr.data.cli import data_app
 
 
 def _obj(root: Path) -> SimpleNamespace:
@@ -51,7 +51,7 @@ def test_cli_add_sync_batches_show_quarantine(tmp_path):
 
 
 def test_quarantine_table_is_capped_json_and_all_are_not(tmp_path):
-    from adapters_mgr.cli_support import TABLE_ROWS
+    from adapters_mgr.cli.render import TABLE_ROWS
 
     n_bad = TABLE_ROWS + 7
     f = tmp_path / "ev.csv"

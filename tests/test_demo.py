@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from adapters_mgr import AdapterManager
-from adapters_mgr.cli import main
+from adapters_mgr.cli.main import main
 
 
 def test_demo_quick_report_is_consistent_with_the_catalog(tmp_path, capsys):

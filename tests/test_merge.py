@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from adapters_mgr.errors import Conflict, InvalidInput
-from adapters_mgr.merge import METHODS, fold, merge_adapters
-from adapters_mgr.serving import HotSwapModel
-from adapters_mgr.training import ScoringModel
-from adapters_mgr.training.adapters import has_injected_adapters
-from adapters_mgr.training.testing import tiny_base, tiny_tokenizer
+from adapters_mgr.lora import ScoringModel
+from adapters_mgr.lora.adapters import has_injected_adapters
+from adapters_mgr.lora.merge import METHODS, fold, merge_adapters
+from adapters_mgr.lora.testing import tiny_base, tiny_tokenizer
+from adapters_mgr.serving.engine import HotSwapModel
 
 USERS = ["user 1 age 20", "user 2 age 21 likes jazz", "user 3 group a", "user 4 likes rock film"]
 ITEMS = ["item 3 genre rock", "item 4 genre jazz", "item 5 genre pop song", "item 6 genre folk"]

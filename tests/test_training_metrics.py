@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from adapters_mgr.training.metrics import auc, gauc, log_loss, ranking_metrics
+from adapters_mgr.lora.metrics import auc, gauc, log_loss, ranking_metrics
 
 
 def brute_auc(y, s):

@@ -11,17 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.training import (
+from adapters_mgr.lora import (
     LoraSettings,
     ScoringModel,
     evaluate_adapters,
     release,
     train_adapter,
 )
-from adapters_mgr.training.adapters import has_injected_adapters
-from adapters_mgr.training.policies import build, plan
-from adapters_mgr.training.tasks import get_task
-from adapters_mgr.training.testing import item_catalog, synthetic_rows, tiny_base, tiny_tokenizer
+from adapters_mgr.lora.adapters import has_injected_adapters
+from adapters_mgr.lora.policies import build, plan
+from adapters_mgr.lora.tasks import get_task
+from adapters_mgr.lora.testing import item_catalog, synthetic_rows, tiny_base, tiny_tokenizer
 
 FAST = dict(epochs=1, lr=5e-3, batch_size=16, max_length=32, progress=False)
 
@@ -305,7 +305,7 @@ def test_retriever_needs_positives_and_ranker_needs_seq_cls_base(tok, rows):
 
 
 def test_crash_mid_training_leaves_base_bare(tok, rows, monkeypatch):
-    from adapters_mgr.training.tasks.ranker import RankerTask
+    from adapters_mgr.lora.tasks.ranker import RankerTask
 
     calls = []
 
@@ -351,7 +351,7 @@ def test_retriever_reproducible_and_only_new_adapter_trains(tmp_path, tok, rows)
                            adapter_name="query", seed=3, **FAST)
     stacked = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert stacked == set()  # frozen again after training
-    from adapters_mgr.training.adapters import freeze
+    from adapters_mgr.lora.adapters import freeze
 
     freeze(result.model, "query")
     trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.training.replay import replay_mix
+from adapters_mgr.lora.replay import replay_mix
 
 
 def rows(n, age, prefix):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from adapters_mgr import Conflict, InvalidInput, NotFound
-from adapters_mgr.base import HeadSpec, weights_sha256
+from adapters_mgr.lora.base_model import HeadSpec, weights_sha256
 from tests.stream_fixtures import synced_manager
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_policies_record_their_lineage(stream):
 
 def test_if_better_gate_both_branches(stream, monkeypatch):
     mgr, b = stream
-    import adapters_mgr.training as training
+    import adapters_mgr.lora as training
 
     first = mgr.train_update([b[0]], task="ranker", name="gate", promote="always", alias="gate-prod", **FAST)
     assert first.promoted and mgr.alias_target("gate-prod") == first.node_id

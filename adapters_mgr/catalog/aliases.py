@@ -10,7 +10,7 @@ from typing import Any
 
 import duckdb
 
-from adapters_mgr.catalog.db import fetch_dicts, utcnow
+from adapters_mgr.catalog.sql import fetch_dicts, utcnow
 from adapters_mgr.errors import Conflict, NotFound
 
 

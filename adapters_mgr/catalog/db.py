@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import random
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from adapters_mgr.catalog.sql import atomic, fetch_dicts
 from adapters_mgr.errors import Locked
 
 WAL_CHECKPOINT_BYTES = 8 << 10
@@ -82,25 +81,6 @@ def _attachment(path: Path) -> _Attachment:
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "could not set lock" in text or "conflicting lock" in text or "database is locked" in text
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def to_json(value: Any) -> str | None:
-    """JSON text for a catalog column; sorted keys so equal values store equal text."""
-    if value is None:
-        return None
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def from_json(text: Any) -> Any:
-    if text is None:
-        return None
-    if isinstance(text, dict | list):
-        return text
-    return json.loads(text)
 
 
 class Catalog:
@@ -200,38 +180,3 @@ class Catalog:
         """Rows as dicts, read in one short connection."""
         with self.connect() as con:
             return fetch_dicts(con, sql, params)
-
-
-@contextlib.contextmanager
-def atomic(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
-    """BEGIN on an open connection; COMMIT when the block ends, ROLLBACK if it raises."""
-    con.execute("BEGIN TRANSACTION")
-    try:
-        yield con
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
-
-
-def fetch_dicts(con: duckdb.DuckDBPyConnection, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-    cur = con.execute(sql, params)
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-
-
-def log_event(
-    con: duckdb.DuckDBPyConnection,
-    operation: str,
-    args: dict[str, Any] | None = None,
-    outcome: str = "ok",
-    detail: Any = None,
-) -> int:
-    """Append one row to the event log inside the caller's transaction; returns the event id."""
-    row = con.execute(
-        "INSERT INTO events (ts, operation, args, outcome, detail, pid) VALUES (?, ?, ?, ?, ?, ?) "
-        "RETURNING id",
-        [utcnow(), operation, to_json(args or {}), outcome, to_json(detail), os.getpid()],
-    ).fetchone()
-    assert row is not None
-    return int(row[0])

@@ -15,13 +15,13 @@ from typing import Any
 import duckdb
 
 from adapters_mgr.catalog import lineage_index
-from adapters_mgr.catalog.db import atomic, from_json
 from adapters_mgr.catalog.records import (
     ALIASES_JOIN,
     SUMMARY_COLUMNS,
     Adapter,
     adapters_from_summaries,
 )
+from adapters_mgr.catalog.sql import atomic, from_json
 from adapters_mgr.errors import NotFound
 
 # Both walks in one recursive CTE over the chain index (see lineage_index): the recursion steps once

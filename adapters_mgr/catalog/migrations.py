@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import duckdb
 
-from adapters_mgr.catalog.db import atomic, utcnow
+from adapters_mgr.catalog.sql import atomic, utcnow
 
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
 

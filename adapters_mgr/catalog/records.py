@@ -10,7 +10,7 @@ from typing import Any
 
 import duckdb
 
-from adapters_mgr.catalog.db import fetch_dicts, from_json
+from adapters_mgr.catalog.sql import fetch_dicts, from_json
 from adapters_mgr.errors import InvalidInput, NotFound
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")

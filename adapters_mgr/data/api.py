@@ -15,7 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from adapters_mgr.catalog.db import Catalog, fetch_dicts, from_json
+from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.catalog.sql import fetch_dicts, from_json
 from adapters_mgr.data import digest, registry, sampling, texts
 from adapters_mgr.data.classify import RULES
 from adapters_mgr.data.sync import run_sync

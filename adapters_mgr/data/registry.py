@@ -6,7 +6,7 @@ from typing import Any
 
 import duckdb
 
-from adapters_mgr.catalog.db import fetch_dicts, from_json, log_event, to_json, utcnow
+from adapters_mgr.catalog.sql import fetch_dicts, from_json, log_event, to_json, utcnow
 from adapters_mgr.data.sources import (
     DEFAULT_OPTIONS,
     Source,

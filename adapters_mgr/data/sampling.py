@@ -26,6 +26,15 @@ ROW_COLUMNS = ("batch_id", "user_id", "item_id", "ts", "rating", "label", "sourc
 CANONICAL_ORDER = "batch_id, ts, user_id, item_id, source, rating, label"
 
 
+def subsample_rows(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """A seeded subsample that keeps time order (so training stays reproducible and honest)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(rows), size=limit, replace=False))
+    return [rows[i] for i in keep]
+
+
 def rng_for(seed: int, *parts: Any) -> np.random.Generator:
     """A generator determined by the seed and the given parts (batch ids, options)."""
     digest = hashlib.sha256(json.dumps([int(seed), *parts], sort_keys=True, default=str).encode()).digest()

@@ -19,7 +19,8 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from adapters_mgr.catalog.db import Catalog, log_event, to_json, utcnow
+from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.catalog.sql import log_event, to_json, utcnow
 from adapters_mgr.data import classify, digest
 from adapters_mgr.data.entities import sync_entities
 from adapters_mgr.data.registry import load_sources

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from adapters_mgr.catalog.db import Catalog, log_event, utcnow
+from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.catalog.sql import log_event, utcnow
 from adapters_mgr.data import sampling
 from adapters_mgr.errors import InvalidInput
 

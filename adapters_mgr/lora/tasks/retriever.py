@@ -21,15 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.training import metrics
-from adapters_mgr.training.examples import (
+from adapters_mgr.lora import metrics
+from adapters_mgr.lora.examples import (
     Interactions,
     RetrievalEvalSet,
     as_interactions,
     as_retrieval_eval,
     positives,
 )
-from adapters_mgr.training.tasks.base import Task, register_task
+from adapters_mgr.lora.tasks.base import Task, register_task
 
 
 class RetrieverTask(Task):

@@ -13,17 +13,17 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from adapters_mgr.base import HeadSpec
-from adapters_mgr.catalog.db import log_event, to_json
+from adapters_mgr.catalog.sql import log_event, to_json
+from adapters_mgr.data.sampling import subsample_rows
 from adapters_mgr.errors import Conflict, InvalidInput, NotFound
 from adapters_mgr.faults import maybe_crash
+from adapters_mgr.lora.base_model import HeadSpec
+from adapters_mgr.workflows.config import UpdateConfig
 
 if TYPE_CHECKING:
     from adapters_mgr.catalog.records import Adapter
@@ -31,37 +31,6 @@ if TYPE_CHECKING:
 
 PROMOTE_CHOICES = (None, "always", "if_better")
 HOLDOUT_FRACTION = 0.1
-
-
-@dataclass
-class UpdateConfig:
-    """Every knob of one update; recorded verbatim in the new node's ``hyperparams``."""
-
-    task: str = "ranker"
-    policy: str = "fresh"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("query", "value")
-    epochs: int = 1
-    lr: float = 5e-4
-    warmup_ratio: float = 0.0
-    batch_size: int = 32
-    max_length: int = 64
-    seed: int = 0
-    replay_ratio: float = 0.0
-    replay_recency: str | int | None = None
-    replay_half_life: float | None = None
-    replay_relevance: float = 0.0
-    mode: str = "weights"
-    new_weight: float = 1.0
-    max_train_rows: int | None = None
-    max_eval_rows: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        return data
 
 
 @dataclass
@@ -103,7 +72,7 @@ class UpdatePlanner:
         self.seq = {b["id"]: b["seq"] for b in self.batches}
 
     def check_config(self) -> None:
-        from adapters_mgr.training import POLICIES, LoraSettings, task_names
+        from adapters_mgr.lora import POLICIES, LoraSettings, task_names
 
         cfg = self.cfg
         if cfg.task not in task_names():
@@ -213,15 +182,6 @@ def newest_templates(mgr: AdapterManager, adapters: list[Adapter]) -> dict[str, 
     return None
 
 
-def _subsample(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """A seeded subsample that keeps time order (so training stays reproducible and honest)."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.choice(len(rows), size=limit, replace=False))
-    return [rows[i] for i in keep]
-
-
 class EvalData:
     """Evaluation examples for a task, built from eval batches or a held-out tail of training rows."""
 
@@ -244,7 +204,7 @@ def _replay_rows(mgr: AdapterManager, planner: UpdatePlanner, train: list[str], 
                  cfg: UpdateConfig, templates: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
     """Seeded replay: DuckDB draws a candidate pool (recency window), training's ``replay_mix`` picks
     the final rows weighted by recency half-life and relevance to the new batch's users/items."""
-    from adapters_mgr.training import replay_mix
+    from adapters_mgr.lora import replay_mix
 
     if cfg.replay_ratio <= 0:
         return new_rows, []
@@ -283,8 +243,8 @@ def run_update(
 ) -> UpdateResult:
     """Train one incremental update and register it with full lineage (see ``AdapterManager.train``)."""
     from adapters_mgr.catalog.records import check_alias, check_name
+    from adapters_mgr.lora import LoraSettings, evaluate_adapters, get_task, train_adapter
     from adapters_mgr.manager import ParentSpec, stack_columns
-    from adapters_mgr.training import LoraSettings, evaluate_adapters, get_task, train_adapter
 
     started = time.perf_counter()
     planner = UpdatePlanner(mgr, cfg)
@@ -308,7 +268,7 @@ def run_update(
     # the texts' templates are part of the recipe: recorded with the adapter, reused by ``reproduce``
     templates = mgr.data.templates()
     rows = mgr.data.training_rows(train_ids, templates=templates)
-    rows = _subsample(rows, cfg.max_train_rows, cfg.seed)
+    rows = subsample_rows(rows, cfg.max_train_rows, cfg.seed)
     if not rows:
         raise InvalidInput(f"training batches {train_ids} hold no rows")
     if eval_ids:
@@ -322,7 +282,7 @@ def run_update(
         rows, eval_rows = rows[:-cut], rows[-cut:]
         first_eval = eval_rows[0]["ts"]
         history = [b["id"] for b in planner.batches if b["seq"] < min(planner.seq[t] for t in train_ids)]
-    eval_rows = _subsample(eval_rows, cfg.max_eval_rows, cfg.seed + 1)
+    eval_rows = subsample_rows(eval_rows, cfg.max_eval_rows, cfg.seed + 1)
     train_rows, replay_ids = _replay_rows(mgr, planner, train_ids, rows, cfg, templates)
     if cfg.task == "ranker" and len({r["label"] for r in eval_rows}) < 2:
         raise InvalidInput("evaluation rows hold a single label class; AUC is undefined (choose other eval batches)")
@@ -475,8 +435,8 @@ def run_update(
 
 def reproduce(mgr: AdapterManager, ref: Any, *, progress: bool = False) -> dict[str, Any]:
     """Re-run the training recorded for a trained adapter on its recorded batches; compare the bytes."""
+    from adapters_mgr.lora import LoraSettings, get_task, train_adapter
     from adapters_mgr.store import WEIGHTS_FILE, sha256_file
-    from adapters_mgr.training import LoraSettings, get_task, train_adapter
 
     node = mgr.get(ref)
     if node.kind != "trained":
@@ -491,7 +451,7 @@ def reproduce(mgr: AdapterManager, ref: Any, *, progress: bool = False) -> dict[
     planner = UpdatePlanner(mgr, cfg)
     # adapters registered before templates were recorded: the catalog's current templates
     templates = hp.get("templates") or mgr.data.templates()
-    rows = _subsample(mgr.data.training_rows(train_ids, templates=templates), cfg.max_train_rows, cfg.seed)
+    rows = subsample_rows(mgr.data.training_rows(train_ids, templates=templates), cfg.max_train_rows, cfg.seed)
     if hp.get("eval") == "holdout_tail":
         rows = rows[: -max(1, int(len(rows) * HOLDOUT_FRACTION))]
     train_rows, _ = (_replay_rows(mgr, planner, train_ids, rows, cfg, templates) if replay_ids or cfg.replay_ratio

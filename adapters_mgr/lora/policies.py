@@ -23,11 +23,11 @@ from typing import Any
 from torch import nn
 
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.training import adapters as peft_wiring
-from adapters_mgr.training.adapters import AdapterSource, InMemoryAdapter
-from adapters_mgr.training.lora import PEFT_TASK_TYPES, LoraSettings
-from adapters_mgr.training.scoring import check_combination
-from adapters_mgr.training.tasks import Task
+from adapters_mgr.lora import adapters as peft_wiring
+from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter
+from adapters_mgr.lora.peft_scoring import check_combination
+from adapters_mgr.lora.settings import PEFT_TASK_TYPES, LoraSettings
+from adapters_mgr.lora.tasks import Task
 
 POLICIES = ("fresh", "warm_start", "stack", "long_short")
 

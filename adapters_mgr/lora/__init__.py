@@ -18,13 +18,13 @@ Typical use::
     result.release()              # detach peft layers before the next training on this base
 """
 
-from adapters_mgr.training.adapters import AdapterSource, InMemoryAdapter, release
-from adapters_mgr.training.lora import LoraSettings
-from adapters_mgr.training.policies import POLICIES, ParentAdapter
-from adapters_mgr.training.replay import replay_mix
-from adapters_mgr.training.scoring import MODES, ScoringModel, evaluate_adapters
-from adapters_mgr.training.tasks import RankerTask, RetrieverTask, Task, get_task, task_names
-from adapters_mgr.training.trainer import TrainResult, train_adapter
+from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter, release
+from adapters_mgr.lora.peft_scoring import MODES, ScoringModel, evaluate_adapters
+from adapters_mgr.lora.policies import POLICIES, ParentAdapter
+from adapters_mgr.lora.replay import replay_mix
+from adapters_mgr.lora.settings import LoraSettings
+from adapters_mgr.lora.tasks import RankerTask, RetrieverTask, Task, get_task, task_names
+from adapters_mgr.lora.trainer import TrainResult, train_adapter
 
 __all__ = [
     "MODES",

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.training import metrics
-from adapters_mgr.training.examples import Interactions, as_interactions
-from adapters_mgr.training.tasks.base import Task, register_task
+from adapters_mgr.lora import metrics
+from adapters_mgr.lora.examples import Interactions, as_interactions
+from adapters_mgr.lora.tasks.base import Task, register_task
 
 
 class RankerTask(Task):

@@ -1,5 +1,5 @@
 """Scorer: catalog-aware serving. Resolves nodes and aliases in the catalog, then hot-swaps them on
-one in-memory base per task (:class:`~adapters_mgr.serving.HotSwapModel`).
+one in-memory base per task (:class:`~adapters_mgr.serving.engine.HotSwapModel`).
 
 It follows an alias: :meth:`Scorer.refresh` (or a polling thread) re-reads the alias with one
 short catalog read and switches when another process promoted or rolled back. It keeps its own base
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapters_mgr.base import HeadSpec, load_base_model
 from adapters_mgr.errors import InvalidInput, NotFound
+from adapters_mgr.lora.base_model import HeadSpec, load_base_model
 
 if TYPE_CHECKING:
     from adapters_mgr.catalog.records import Adapter
     from adapters_mgr.manager import AdapterManager
-    from adapters_mgr.serving import HotSwapModel, NodeSpec
+    from adapters_mgr.serving.engine import HotSwapModel, NodeSpec
 
 RERANK_TOP_M = 50
 
@@ -53,7 +53,7 @@ class Scorer:
 
     # -- nodes -------------------------------------------------------------------------------------
     def _engine(self, base_id: str, task: str) -> HotSwapModel:
-        from adapters_mgr.serving import HotSwapModel
+        from adapters_mgr.serving.engine import HotSwapModel
 
         key = (base_id, task)
         engine = self._engines.get(key)
@@ -69,18 +69,18 @@ class Scorer:
 
     def node_spec(self, node: Adapter) -> NodeSpec:
         """The adapters (verified folders) and combination a catalog node activates."""
-        from adapters_mgr.updates import node_members
+        from adapters_mgr.workflows.update import node_members
 
         return self._spec(node, *node_members(self.mgr, node))
 
     def _spec(self, node: Adapter, members: list[tuple[Adapter, float]], mode: str) -> NodeSpec:
-        from adapters_mgr.serving import NodeSpec
+        from adapters_mgr.serving.engine import NodeSpec
 
         return NodeSpec(tuple((str(self.mgr.adapter_folder(m.id)), float(w)) for m, w in members), mode, node.id)
 
     def activate(self, node_or_alias: Any) -> int:
         """Activate a node (id, NAME@VERSION) or follow an alias; returns the node id now active."""
-        from adapters_mgr.updates import newest_templates, node_members
+        from adapters_mgr.workflows.update import newest_templates, node_members
 
         node = self.mgr.get(node_or_alias)
         if node.task not in ("ranker", "retriever"):
@@ -104,7 +104,7 @@ class Scorer:
         Why: a model reads text rendered the way it was trained; after ``data set-template`` the
         catalog renders differently, but a node trained before keeps its own templates.
         """
-        from adapters_mgr.updates import newest_templates, node_members
+        from adapters_mgr.workflows.update import newest_templates, node_members
 
         members, _ = node_members(self.mgr, node)
         return newest_templates(self.mgr, [m for m, _ in members])
@@ -201,7 +201,7 @@ class Scorer:
     def recommend_many(self, users: Sequence[Any], k: int = 10, *, exclude_seen: bool = True,
                        top_m: int = RERANK_TOP_M, as_of: Any = None, progress: Any = None
                        ) -> dict[str, list[dict[str, Any]]]:
-        from adapters_mgr.recommend import seen_items, top_k
+        from adapters_mgr.serving.recommend import seen_items, top_k
 
         if k <= 0:
             raise InvalidInput(f"k must be positive, got {k}")

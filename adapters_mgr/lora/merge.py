@@ -17,7 +17,7 @@ Methods (``merge_adapters(..., method=)``), each realised by peft's ``add_weight
 Heads (ranker): peft refuses ``add_weighted_adapter`` when several adapters carry a
 ``modules_to_save`` copy of the same module (the classifier). We therefore merge the LoRA layers
 only and give the merged adapter the **newest (last) source's head**, the documented rule that
-makes ``cat`` equal the ``weights`` stack (see ``adapters_mgr.training.scoring``).
+makes ``cat`` equal the ``weights`` stack (see ``adapters_mgr.lora.peft_scoring``).
 
 peft records nothing about a merge, so ``MergeResult.recipe`` (also written to
 ``out_dir/merge_recipe.json``; the store ignores extra files) holds the sources and their sha256,
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from adapters_mgr.errors import Conflict, InvalidInput
-from adapters_mgr.training.adapters import AdapterSource, InMemoryAdapter, read_adapter_config
+from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter, read_adapter_config
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
@@ -313,8 +313,8 @@ def _checked_inputs(
     sources = [read_lora(src) for src, _ in pairs]
     task_name = check_compatible(sources, task)
 
-    from adapters_mgr.training import adapters as peft_wiring
-    from adapters_mgr.training.tasks import get_task
+    from adapters_mgr.lora import adapters as peft_wiring
+    from adapters_mgr.lora.tasks import get_task
 
     task_model = get_task(task_name).task_model(base_model)
     if peft_wiring.has_injected_adapters(task_model):
@@ -403,7 +403,7 @@ def _peft_merge(task_model: nn.Module, sources: Sequence[LoraTensors], weights: 
     """Run peft's ``add_weighted_adapter`` on the LoRA layers only; return the merged saved-format state."""
     from peft import get_peft_model_state_dict
 
-    from adapters_mgr.training import adapters as peft_wiring
+    from adapters_mgr.lora import adapters as peft_wiring
 
     model: Any = task_model
     try:

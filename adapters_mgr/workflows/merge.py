@@ -1,6 +1,6 @@
 """Catalog side of merging: which adapters, checked how, recorded how; compaction of deep stacks.
 
-The maths lives in :mod:`adapters_mgr.merge` (peft's ``add_weighted_adapter`` plus what it does not
+The maths lives in :mod:`adapters_mgr.lora.merge` (peft's ``add_weighted_adapter`` plus what it does not
 do: heads, recipes, reconstruction error). Here: resolving nodes, compatibility checks before any
 work, registering the result as a ``merged`` node with ``merged_from`` edges, and the compaction
 gate that moves an alias only when the merged adapter evaluates within tolerance of the stack.
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapters_mgr.base import HeadSpec
-from adapters_mgr.catalog.db import log_event, to_json
 from adapters_mgr.catalog.records import check_name
+from adapters_mgr.catalog.sql import log_event, to_json
 from adapters_mgr.errors import Conflict, InvalidInput
+from adapters_mgr.lora.base_model import HeadSpec
 
 if TYPE_CHECKING:
     from adapters_mgr.catalog.records import Adapter
@@ -35,7 +35,7 @@ class MergePlan:
 
 def plan_merge(mgr: AdapterManager, refs: Sequence[Any], weights: Sequence[float] | None) -> MergePlan:
     """Expand stack nodes into their members and check everything merge needs, before any work."""
-    from adapters_mgr.updates import node_members
+    from adapters_mgr.workflows.update import node_members
 
     if not refs:
         raise InvalidInput("merge needs at least one adapter")
@@ -72,7 +72,7 @@ def _base_for(mgr: AdapterManager, plan: MergePlan) -> Any:
 
 def merge_to_folder(mgr: AdapterManager, plan: MergePlan, method: str, out_dir: Path, *,
                     target_rank: int | None, density: float | None, seed: int) -> Any:
-    from adapters_mgr.merge import merge_adapters
+    from adapters_mgr.lora.merge import merge_adapters
 
     pairs = [(str(mgr.adapter_folder(m.id)), w) for m, w in plan.members]
     return merge_adapters(pairs, method, target_rank=target_rank, density=density, base_model=_base_for(mgr, plan),
@@ -82,7 +82,7 @@ def merge_to_folder(mgr: AdapterManager, plan: MergePlan, method: str, out_dir: 
 def register_merged(mgr: AdapterManager, plan: MergePlan, result: Any, folder: Path, *, name: str,
                     metrics: dict[str, Any] | None = None) -> int:
     from adapters_mgr.manager import ParentSpec
-    from adapters_mgr.updates import newest_templates
+    from adapters_mgr.workflows.update import newest_templates
 
     prepared = mgr._store_adapter(folder, base=plan.base_id)
     recipe = dict(result.recipe)
@@ -120,7 +120,7 @@ def _tmp_root(mgr: AdapterManager) -> str:
 
 
 def fold_node(mgr: AdapterManager, ref: Any, folder: Path) -> Path:
-    from adapters_mgr.merge import fold
+    from adapters_mgr.lora.merge import fold
 
     plan = plan_merge(mgr, [ref], None)
     if plan.source_mode == "ensemble":
@@ -133,7 +133,7 @@ def fold_node(mgr: AdapterManager, ref: Any, folder: Path) -> Path:
 
 
 def _eval_examples(mgr: AdapterManager, node: Adapter, task: str, eval_batches: Any) -> tuple[Any, list[str]]:
-    from adapters_mgr.updates import EvalData
+    from adapters_mgr.workflows.update import EvalData
 
     if eval_batches is None:
         links = mgr.lineage(node.id, depth=0).batches.get(node.id, [])
@@ -157,7 +157,7 @@ def compact_alias(mgr: AdapterManager, alias: str, *, max_depth: int, method: st
                   tolerance: float, eval_batches: Any) -> dict[str, Any]:
     """Merge a deep stack behind ``alias`` into one adapter; move the alias only if it evaluates within
     ``tolerance`` of the stack on the same rows (both figures and the decision go to the event log)."""
-    from adapters_mgr.training import evaluate_adapters, get_task
+    from adapters_mgr.lora import evaluate_adapters, get_task
 
     if max_depth < 1:
         raise InvalidInput(f"max_depth must be >= 1, got {max_depth}")

@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.training import adapters as peft_wiring
-from adapters_mgr.training.adapters import InMemoryAdapter
-from adapters_mgr.training.lora import LoraSettings
-from adapters_mgr.training.policies import Plan, build, plan
-from adapters_mgr.training.scoring import ScoringModel
-from adapters_mgr.training.tasks import Task, get_task
+from adapters_mgr.lora import adapters as peft_wiring
+from adapters_mgr.lora.adapters import InMemoryAdapter
+from adapters_mgr.lora.peft_scoring import ScoringModel
+from adapters_mgr.lora.policies import Plan, build, plan
+from adapters_mgr.lora.settings import LoraSettings
+from adapters_mgr.lora.tasks import Task, get_task
 
 
 @dataclass

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.tree import Tree
 
-from adapters_mgr.cli_support import (
+from adapters_mgr.cli.render import (
     TABLE_ROWS,
     CliState,
     cap_rows,
@@ -791,7 +791,7 @@ def demo(
 def _mount_optional_apps() -> None:
     """Sub-apps that live with their subsystem (the data side); absent ones are simply not mounted."""
     try:
-        from adapters_mgr.data.cli import data_app
+        from adapters_mgr.cli.data import data_app
     except ImportError:
         return
     app.add_typer(data_app, name="data")

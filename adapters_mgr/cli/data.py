@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from adapters_mgr.cli_support import (
+from adapters_mgr.cli.render import (
     TABLE_ROWS,
     cap_rows,
     console,

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.training import adapters as peft_wiring
-from adapters_mgr.training.adapters import AdapterSource
-from adapters_mgr.training.tasks import Task, get_task
-from adapters_mgr.training.tasks.ranker import pair_probabilities
-from adapters_mgr.training.tasks.retriever import encode_texts
+from adapters_mgr.lora import adapters as peft_wiring
+from adapters_mgr.lora.adapters import AdapterSource
+from adapters_mgr.lora.tasks import Task, get_task
+from adapters_mgr.lora.tasks.ranker import pair_probabilities
+from adapters_mgr.lora.tasks.retriever import encode_texts
 
 MODES = ("weights", "ensemble")
 

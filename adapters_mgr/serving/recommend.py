@@ -1,6 +1,6 @@
 """Recomputing recommendations after an update or a rollback, with lineage.
 
-Top-K lists are computed with a :class:`~adapters_mgr.scorer.Scorer` (retriever over the whole item
+Top-K lists are computed with a :class:`~adapters_mgr.serving.scorer.Scorer` (retriever over the whole item
 catalog, optionally reranked by a ranker) and written as one *run* in one transaction: readers of
 ``current_recommendations`` keep seeing the previous list until the new run is committed whole.
 ``users='changed'`` recomputes only users with events in batches newer than the last run.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapters_mgr.catalog.db import fetch_dicts, log_event, utcnow
+from adapters_mgr.catalog.sql import fetch_dicts, log_event, utcnow
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.faults import maybe_crash
 

@@ -87,7 +87,7 @@ def tiny_base_folder(folder: str | Path, seed: int = 0, hidden: int = 16) -> Pat
 
     from transformers import BertConfig, BertForSequenceClassification
 
-    from adapters_mgr.base import embedded_model_path, quiet_transformers
+    from adapters_mgr.lora.base_model import embedded_model_path, quiet_transformers
 
     quiet_transformers()
     folder = Path(folder)

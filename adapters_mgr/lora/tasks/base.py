@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from adapters_mgr.training.examples import Interactions
+from adapters_mgr.lora.examples import Interactions
 
 if TYPE_CHECKING:
-    from adapters_mgr.training.scoring import ScoringModel
+    from adapters_mgr.lora.peft_scoring import ScoringModel
 
 
 class Task(ABC):

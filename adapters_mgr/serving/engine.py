@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from adapters_mgr.errors import Conflict, InvalidInput
-from adapters_mgr.merge import (
+from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter, has_injected_adapters, read_adapter_config
+from adapters_mgr.lora.merge import (
     WEIGHTS_FILE,
     LoraTensors,
     check_compatible,
@@ -55,11 +56,10 @@ from adapters_mgr.merge import (
     parse_state_dict,
     stacked_factors,
 )
-from adapters_mgr.training.adapters import AdapterSource, InMemoryAdapter, has_injected_adapters, read_adapter_config
-from adapters_mgr.training.scoring import check_combination
-from adapters_mgr.training.tasks import Task, get_task
-from adapters_mgr.training.tasks.ranker import pair_probabilities
-from adapters_mgr.training.tasks.retriever import encode_texts
+from adapters_mgr.lora.peft_scoring import check_combination
+from adapters_mgr.lora.tasks import Task, get_task
+from adapters_mgr.lora.tasks.ranker import pair_probabilities
+from adapters_mgr.lora.tasks.retriever import encode_texts
 
 
 # -- readers/writer lock ------------------------------------------------------------------------------

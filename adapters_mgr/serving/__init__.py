@@ -1,0 +1,1 @@
+"""Serving: the hot-swap engine, the catalog-following Scorer, recomputed recommendations."""

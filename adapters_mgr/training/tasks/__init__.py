@@ -1,7 +1,0 @@
-"""Built-in task recipes: ``ranker`` (cross-encoder) and ``retriever`` (two-tower)."""
-
-from adapters_mgr.training.tasks.base import Task, get_task, register_task, task_names
-from adapters_mgr.training.tasks.ranker import RankerTask
-from adapters_mgr.training.tasks.retriever import RetrieverTask
-
-__all__ = ["RankerTask", "RetrieverTask", "Task", "get_task", "register_task", "task_names"]

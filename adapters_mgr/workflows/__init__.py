@@ -1,0 +1,1 @@
+"""Workflows: what the manager does, as functions over a small Workspace (never the manager)."""
