@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from adapters_mgr.catalog.nodes import node_members
+from adapters_mgr.cli.render import item_titles, json_default, lineage_tree, print_table
+from adapters_mgr.data import movielens, synthetic
+from adapters_mgr.data.sampling import subsample_rows
 from adapters_mgr.lora.base_model import HeadSpec
+from adapters_mgr.lora.peft_scoring import evaluate_adapters
+from adapters_mgr.lora.testing import tiny_base_folder
 from adapters_mgr.manager import AdapterManager
 
 
@@ -94,8 +100,6 @@ class Demo:
                 self._synthetic("--quick runs on the synthetic stream and a tiny random BERT")
             else:
                 try:
-                    from adapters_mgr.data import movielens
-
                     folder = movielens.fetch()
                     movielens.register_movielens(data, folder)
                     self.report.data_source = f"MovieLens-100K ({folder})"
@@ -111,8 +115,6 @@ class Demo:
                  f"(window {window})")
         rows = [{"batch": b["id"], "from": str(b["ts_min"])[:10], "rows_in": b["rows_in"], "kept": b["rows_kept"],
                  "quarantined": b["rows_quarantined"], "duplicates": b["rows_duplicate"]} for b in batches]
-        from adapters_mgr.cli.render import print_table
-
         shown = rows if len(rows) <= 12 else rows[:4] + [{"batch": "…"}] + rows[-4:]
         print_table(shown, ["batch", "from", "rows_in", "kept", "quarantined", "duplicates"], title="batches")
         totals = {k: int(sum(r[k] or 0 for r in rows)) for k in ("rows_in", "kept", "quarantined", "duplicates")}
@@ -122,8 +124,6 @@ class Demo:
         return batches
 
     def _synthetic(self, why: str) -> None:
-        from adapters_mgr.data import synthetic
-
         self.say(f"[yellow]{why}[/]")
         data = synthetic.generate(self.mgr.root / "synthetic", rows=4000 if self.s.quick else 60_000, users=60,
                                   items=40, seed=self.s.seed)
@@ -134,8 +134,6 @@ class Demo:
     # -- 2. base and initial adapters ----------------------------------------------------------------
     def base(self) -> str:
         if self.s.quick:
-            from adapters_mgr.lora.testing import tiny_base_folder
-
             folder = self.mgr.root / "tiny-base"
             if not folder.exists():
                 tiny_base_folder(folder)
@@ -218,23 +216,18 @@ class Demo:
         return None
 
     def _evaluate_node(self, node_id: int, eval_batches: list[str]) -> float:
-        from adapters_mgr.data.sampling import subsample_rows
-        from adapters_mgr.lora import evaluate_adapters, get_task
-        from adapters_mgr.workflows.update import node_members
-
         node = self.mgr.get(node_id)
         rows = subsample_rows(self.mgr.data.training_rows(eval_batches), self.s.eval_rows, self.s.seed + 1)
-        members, mode = node_members(self.mgr, node)
+        with self.mgr.catalog.connect() as con:
+            members, mode = node_members(con, node)
         base = self.mgr.base_model(node.base_id, HeadSpec("seq_cls", 2))
-        metrics = evaluate_adapters(base, self.mgr.tokenizer(node.base_id), get_task("ranker"),
-                                    [(str(self.mgr.adapter_folder(m.id)), w) for m, w in members], rows, mode,
-                                    max_length=self.s.max_length)
+        metrics = evaluate_adapters(base, self.mgr.tokenizer(node.base_id), "ranker",
+                                         [(str(self.mgr.adapter_folder(m.id)), w) for m, w in members], rows, mode,
+                                         max_length=self.s.max_length)
         return float(metrics["auc"])
 
     # -- 4. lineage --------------------------------------------------------------------------------------
     def lineage(self) -> None:
-        from adapters_mgr.cli.main import lineage_tree
-
         self.step("4. the lineage of production")
         self.console.print(lineage_tree(self.mgr.lineage("production", depth=2)))
         self.say("(two generations each way; `adapters-mgr lineage production` shows all)")
@@ -287,9 +280,6 @@ class Demo:
 
     # -- 6. recommendations ----------------------------------------------------------------------------
     def recommendations(self, batches: list[dict[str, Any]]) -> None:
-        from adapters_mgr.cli.main import _titles
-        from adapters_mgr.cli.render import print_table
-
         self.step("6. recompute recommendations, before and after a retriever update")
         before = self.mgr.recompute("retrieval", users="all", k=10, progress=True)
         users = sorted({r["user_id"] for r in self.mgr.recommendations(alias="retrieval")})[: self.s.show_users]
@@ -305,7 +295,7 @@ class Demo:
         after = self.mgr.recompute("retrieval", users="all", k=10, progress=True)
         for user in users:
             now = self.mgr.recommendations(user, alias="retrieval")
-            titles = _titles(self.mgr, [r["item_id"] for r in lists_before[user] + now])
+            titles = item_titles(self.mgr, [r["item_id"] for r in lists_before[user] + now])
             rows = [{"rank": i + 1,
                      "before": titles.get(b["item_id"], b["item_id"]) if i < len(lists_before[user]) else "",
                      "after": titles.get(a["item_id"], a["item_id"])}
@@ -317,13 +307,11 @@ class Demo:
 
     # -- 7. report --------------------------------------------------------------------------------------
     def write_report(self) -> Path:
-        from adapters_mgr.cli.render import _default
-
         self.step("7. report")
         out = self.report_dir
         out.mkdir(parents=True, exist_ok=True)
         self.report.production = self.mgr.alias_target("production")
-        (out / "figures.json").write_text(json.dumps(asdict(self.report), indent=2, default=_default) + "\n")
+        (out / "figures.json").write_text(json.dumps(asdict(self.report), indent=2, default=json_default) + "\n")
         (out / "lineage.mmd").write_text(self.mgr.lineage("production").to_mermaid() + "\n")
         self._plot(out / "metrics.png")
         lines = ["# adapters-mgr demo report", "", f"Data: {self.report.data_source}.", "",

@@ -23,6 +23,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,6 +77,80 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _is_taken(dest: Path) -> bool:
+    """True when ``dest`` holds something a folder rename must not replace: a file or a non-empty folder."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        return True
+    return dest.is_dir() and any(dest.iterdir())
+
+
+def _refuse_taken(dest: Path, *, replace_empty: bool, label: str) -> None:
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise InvalidInput(f"{label} {dest} is a file, not a folder; choose a new folder path")
+    if dest.is_dir() and not replace_empty:
+        raise InvalidInput(f"{label} {dest} already exists; choose a new folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise InvalidInput(f"{label} {dest} exists and is not empty; choose a new folder")
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: Path, *, replace_empty: bool = False, replace: bool = False,
+                  label: str = "destination") -> Iterator[Path]:
+    """Write a whole folder at once: yields a fresh, empty temporary folder beside ``dest`` (same file
+    system); when the block succeeds its files are fsynced and it is renamed to ``dest``; when the
+    block raises (Ctrl-C included) it is removed and ``dest`` is left as it was. Readers therefore
+    never see a half-written ``dest``.
+
+    What may already be at ``dest``: nothing by default; an empty folder with ``replace_empty`` (the
+    rename replaces it atomically); anything with ``replace`` (removed just before the rename).
+    Otherwise ``InvalidInput`` naming ``label`` and ``dest`` is raised: before the block runs when
+    ``dest`` is taken or cannot be created, at the rename when someone else filled it meanwhile.
+
+    Example:
+        >>> with atomic_folder(Path("exports/model")) as tmp:               # doctest: +SKIP
+        ...     model.save_pretrained(str(tmp))
+    """
+    dest = Path(dest)
+    if not replace:
+        _refuse_taken(dest, replace_empty=replace_empty, label=label)
+    blocker = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InvalidInput(f"cannot create {label} {dest}: {blocker} is a file, not a folder; choose another path")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot create {label} {dest}: {exc.strerror or _one_line(exc)}; choose a folder you can write"
+        ) from exc
+    try:
+        yield tmp
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                _fsync_file(path)
+        _fsync_dir(tmp)
+        if replace:
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest, ignore_errors=True)
+            else:
+                dest.unlink(missing_ok=True)
+        elif not replace_empty and (dest.exists() or dest.is_symlink()):
+            raise InvalidInput(f"{label} {dest} was created by someone else meanwhile; choose a new folder")
+        try:
+            os.rename(tmp, dest)  # replaces an empty folder; refuses a non-empty one
+        except OSError as exc:
+            if not replace and _is_taken(dest):
+                raise InvalidInput(
+                    f"{label} {dest} was filled by someone else meanwhile; choose a new folder"
+                ) from exc
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(dest.parent)
 
 
 @dataclass
@@ -371,38 +446,33 @@ class AdapterStore:
 
 
 def export_folder(src: Path, dest: Path, provenance: dict[str, Any]) -> Path:
-    """Copy a stored adapter to ``dest`` atomically, with a provenance file beside the PEFT files."""
+    """Copy a stored adapter to ``dest`` atomically, with a provenance file beside the PEFT files.
+
+    ``dest`` must be a new or an empty folder; anything else is refused with ``InvalidInput``.
+    """
     dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise InvalidInput(f"export destination {dest} is a file, not a folder; choose a new folder path")
-    if dest.exists() and any(dest.iterdir()):
-        raise InvalidInput(f"export destination {dest} exists and is not empty; choose a new folder")
-    blocker = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise InvalidInput(f"cannot export to {dest}: {blocker} is a file, not a folder; choose another path")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise InvalidInput(
-            f"cannot create export folder {dest}: {exc.strerror or _one_line(exc)}; choose a folder you can write"
-        ) from exc
-    try:
+    with atomic_folder(dest, replace_empty=True, label="export destination") as tmp:
         for fname in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copyfile(src / fname, tmp / fname)
         (tmp / "adapters_mgr.json").write_text(json.dumps(provenance, indent=2, default=str))
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        try:
-            os.rename(tmp, dest)  # replaces an empty folder; refuses a non-empty one
-        except OSError as exc:
-            if dest.exists() and any(dest.iterdir()):
-                raise InvalidInput(
-                    f"export destination {dest} was filled by someone else meanwhile; choose a new folder"
-                ) from exc
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    """The ``adapters_mgr.json`` that :func:`export_folder` writes beside the PEFT files ({} if none)."""
+    prov_file = folder / "adapters_mgr.json"
+    if not prov_file.is_file():
+        return {}
+    try:
+        provenance = json.loads(prov_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{prov_file} is not valid JSON: {exc}; fix or remove it") from exc
+    bad = not isinstance(provenance, dict) or any(
+        not isinstance(provenance.get(k, {}), dict) for k in ("adapter", "base")
+    )
+    if bad:
+        raise InvalidInput(
+            f"{prov_file} is not an adapters_mgr provenance file (expected a JSON object with 'adapter' and "
+            "'base' objects); fix or remove it"
+        )
+    return provenance

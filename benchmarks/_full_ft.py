@@ -45,7 +45,7 @@ def full_finetune(base: torch.nn.Module, tokenizer: Any, rows: list[dict[str, An
     """
     from transformers import get_scheduler
 
-    from adapters_mgr.lora import get_task
+    from adapters_mgr.lora.tasks import get_task
 
     task = get_task("ranker")
     data = task.parse_train(rows)

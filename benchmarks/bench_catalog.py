@@ -98,11 +98,11 @@ SELECT id, min(depth) AS depth FROM walk WHERE id <> {root} GROUP BY id
 def compare_walks(mgr: AdapterManager, node: int, repeat: int) -> dict[str, object]:
     """Both walks (ancestors + descendants) of ``node``, per-generation CTE vs chain index, alternated
     in one connection: a ratio that holds however fast the shared machine is at the moment."""
-    from adapters_mgr.catalog.lineage import _WALK
+    from adapters_mgr.catalog.lineage import WALK_SQL
 
     old_sql = [_PER_GENERATION_WALK.format(root=node, next="parent_id", this="child_id"),
                _PER_GENERATION_WALK.format(root=node, next="child_id", this="parent_id")]
-    new_sql = [_WALK.format(root=node, max_depth=1_000_000)]
+    new_sql = [WALK_SQL.format(root=node, max_depth=1_000_000)]
     old_ms, new_ms = [], []
     with mgr.catalog.connect() as con:
         old_rows = [sorted(con.execute(q).fetchall()) for q in old_sql]

@@ -203,7 +203,7 @@ class Bench:
         return res
 
     def eval_stale(self, side: str, key: str, period: int, adapter_id: int, examples: Any) -> None:
-        from adapters_mgr.lora import evaluate_adapters
+        from adapters_mgr.lora.peft_scoring import evaluate_adapters
 
         base = self.ranker_base if side == "ranker" else self.encoder_base
         folder = str(self.mgr.adapter_folder(adapter_id))
@@ -217,21 +217,22 @@ class Bench:
     # -- eval sets identical to train_update's ------------------------------------------------------------
     def eval_sets(self, t: int) -> tuple[list[dict[str, Any]], Any, list[dict[str, Any]]]:
         from adapters_mgr.data.sampling import subsample_rows
-        from adapters_mgr.workflows.update import EvalData
+        from adapters_mgr.workflows.evaluation import eval_examples
 
         eval_id = self.ids[t + 1]
         rows = self.mgr.data.training_rows([eval_id])
         ranker_rows = subsample_rows(rows, self.args.eval_rows, self.args.seed + 1)
         retr_rows = subsample_rows(rows, self.args.retriever_eval_rows, self.args.seed + 1)
         first = self.batches[t + 1]["ts_min"]
-        retr = EvalData.build(self.mgr, "retriever", retr_rows, self.ids[: t + 1], first - timedelta(microseconds=1))
+        retr = eval_examples(self.mgr.workspace, "retriever", retr_rows, self.ids[: t + 1],
+                             first - timedelta(microseconds=1))
         history = self.mgr.data.interactions(self.ids[: t + 1])
         return ranker_rows, retr, history
 
     # -- classical baselines ------------------------------------------------------------------------------
     def classical(self, t: int, ranker_rows: list[dict[str, Any]], retr: Any, history: list[dict[str, Any]]) -> None:
         from adapters_mgr.baselines import BiasModel, ItemKNN, evaluate_retrieval, popularity
-        from adapters_mgr.lora import get_task
+        from adapters_mgr.lora.tasks import get_task
 
         a = self.args
 

@@ -182,7 +182,7 @@ def part_a_switch(setup: Setup, repeat: int) -> dict[str, Any]:
 
 # -- (b) throughput -----------------------------------------------------------------------------------------
 def part_b_throughput(setup: Setup, n_pairs: int, repeat: int, stacks: tuple[int, ...]) -> list[dict[str, Any]]:
-    from adapters_mgr.lora import ScoringModel
+    from adapters_mgr.lora.peft_scoring import ScoringModel
     from adapters_mgr.serving.engine import HotSwapModel
 
     users, items = pair_texts(n_pairs, setup.quick)

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_mgr.data.texts import DEFAULT_TEMPLATES  # noqa: E402
-from adapters_mgr.lora import train_adapter  # noqa: E402
 from adapters_mgr.lora.base_model import HeadSpec  # noqa: E402
+from adapters_mgr.lora.trainer import train_adapter  # noqa: E402
 from benchmarks._common import machine, md_table, write_results  # noqa: E402
 from benchmarks.bench_incremental import Clock, make_manager  # noqa: E402
 

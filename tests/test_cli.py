@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from adapters_mgr.cli.main import main
+from adapters_mgr.manager import AdapterManager
+from adapters_mgr.workflows.config import UpdateConfig
 from tests.conftest import lora_model, tiny_bert
 from tests.helpers import add_batch, chain
 
@@ -159,3 +163,32 @@ def test_model_registered_in_python_is_visible_in_cli(capsys, root, mgr, base_id
     aid = mgr.register(lora_model(tiny_bert(0), seed=4), name="py", metrics={"auc": 0.61})
     row = run_json(capsys, root, "show", "py")
     assert row["id"] == aid and row["metrics"]["auc"] == 0.61
+
+
+def test_train_has_an_option_per_update_config_field_and_passes_it_on(capsys, root, mgr, monkeypatch):
+    code, out, err = run(capsys, root, "train", "--help")
+    assert code == 0, err
+    names = [f.name for f in dataclasses.fields(UpdateConfig)]
+    assert [n for n in names if f"--{n.replace('_', '-')}" not in out] == []
+
+    seen: list[dict] = []
+
+    def fake_train_update(self, batches="latest", **kwargs):
+        seen.append({"batches": batches, **kwargs})
+        return SimpleNamespace(node_id=1, adapter_id=1)
+
+    monkeypatch.setattr(AdapterManager, "train_update", fake_train_update)
+    code, out, err = run(capsys, root, "train", "b1", "--dropout", "0.1", "--target-modules", "query",
+                         "--replay-recency", "4", "--rank", "4", "--json")
+    assert code == 0, err
+    (call,) = seen
+    assert call["batches"] == ["b1"] and call["dropout"] == 0.1 and call["target_modules"] == ("query",)
+    assert call["replay_recency"] == 4 and call["rank"] == 4
+    defaults = UpdateConfig()
+    untouched = set(names) - {"dropout", "target_modules", "replay_recency", "rank"}
+    assert {n: call[n] for n in untouched} == {n: getattr(defaults, n) for n in untouched}
+    assert run(capsys, root, "train", "--replay-recency", "28d", "--json")[0] == 0
+    assert seen[-1]["batches"] == "latest" and seen[-1]["replay_recency"] == "28d"
+    assert seen[-1]["target_modules"] == ("query", "value")
+    code, _, err = run(capsys, root, "train", "--dropout", "-0.5")
+    assert code == 2 and "--dropout" in err and len(seen) == 2

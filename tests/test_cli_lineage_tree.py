@@ -7,7 +7,7 @@ import re
 
 from adapters_mgr.catalog import lineage_index
 from adapters_mgr.catalog.sql import utcnow
-from adapters_mgr.cli.main import RUN_HEAD, RUN_TAIL
+from adapters_mgr.cli.render import RUN_HEAD, RUN_TAIL
 from tests.conftest import lora_model, tiny_bert
 from tests.test_cli import run
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import duckdb
 import pytest
 
+from adapters_mgr.catalog.data_tables import source_ids
 from adapters_mgr.catalog.db import Catalog
-from adapters_mgr.catalog.migrations import all_migrations
+from adapters_mgr.catalog.migrations import MIGRATIONS, d002_interaction_rows
 from adapters_mgr.data import digest
 from adapters_mgr.data.api import DataAPI
-from adapters_mgr.data.schema import d002_interaction_rows, source_ids
 from adapters_mgr.errors import IntegrityError
 
 VIEW_COLUMNS = ["batch_id", "user_id", "item_id", "ts", "rating", "label", "source", "source_event_id"]
@@ -68,7 +68,7 @@ def test_migration_moves_every_row_of_an_older_catalog_and_the_view_reads_the_sa
     con = duckdb.connect(str(path))
     con.execute("SET TimeZone = 'UTC'")
     con.execute("CREATE TABLE _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ)")
-    for migration in all_migrations():
+    for migration in MIGRATIONS:
         if migration is d002_interaction_rows:
             break
         migration(con)
@@ -97,7 +97,7 @@ def test_migration_moves_every_row_of_an_older_catalog_and_the_view_reads_the_sa
 def test_migration_refuses_rows_whose_batch_has_no_number(tmp_path):
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
-    for migration in all_migrations():
+    for migration in MIGRATIONS:
         if migration is d002_interaction_rows:
             break
         migration(con)

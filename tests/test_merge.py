@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from adapters_mgr.errors import Conflict, InvalidInput
-from adapters_mgr.lora import ScoringModel
 from adapters_mgr.lora.adapters import has_injected_adapters
 from adapters_mgr.lora.merge import METHODS, fold, merge_adapters
+from adapters_mgr.lora.peft_scoring import ScoringModel
 from adapters_mgr.lora.testing import tiny_base, tiny_tokenizer
 from adapters_mgr.serving.engine import HotSwapModel
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from adapters_mgr.errors import Conflict, InvalidInput, NotFound
-from adapters_mgr.lora import ScoringModel
 from adapters_mgr.lora.adapters import InMemoryAdapter
 from adapters_mgr.lora.merge import merge_adapters
+from adapters_mgr.lora.peft_scoring import ScoringModel
 from adapters_mgr.lora.testing import tiny_base, tiny_tokenizer
 from adapters_mgr.serving.engine import HotSwapModel, NodeSpec
 

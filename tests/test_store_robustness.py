@@ -14,6 +14,7 @@ import pytest
 
 from adapters_mgr.errors import IntegrityError, InvalidInput, NotFound
 from adapters_mgr.store import GC_GRACE_SECONDS
+from adapters_mgr.workflows.register import store_adapter
 from tests.conftest import lora_model, tiny_bert
 
 CONFIG = "adapter_config.json"
@@ -170,7 +171,7 @@ def _age(path: Path, seconds: float) -> None:
 
 
 def test_gc_keeps_a_folder_that_register_just_stored(mgr, base_id):
-    prepared = mgr._store_adapter(lora_model(tiny_bert(0), seed=5))  # renamed into the store, not cataloged
+    prepared = store_adapter(mgr.workspace, lora_model(tiny_bert(0), seed=5))  # renamed into the store, not cataloged
     key = prepared.columns["store_key"]
     folder = mgr.store.path(key)
     assert [p["kind"] for p in mgr.verify()["problems"]] == ["orphan_folder"]  # verify still reports it
@@ -189,7 +190,7 @@ def test_gc_keeps_a_folder_that_register_just_stored(mgr, base_id):
 def test_gc_by_default_and_from_the_cli_keeps_young_folders(capsys, root, mgr, base_id):
     from tests.test_cli import run_json
 
-    folder = mgr.store.path(mgr._store_adapter(lora_model(tiny_bert(0), seed=6)).columns["store_key"])
+    folder = mgr.store.path(store_adapter(mgr.workspace, lora_model(tiny_bert(0), seed=6)).columns["store_key"])
     assert [a["action"] for a in mgr.gc()["actions"]] == ["skip"] and folder.exists()  # the default: an hour
     assert [a["action"] for a in run_json(capsys, root, "gc")["actions"]] == ["skip"] and folder.exists()
     assert "remove_folder" in [a["action"] for a in run_json(capsys, root, "gc", "--grace", "0")["actions"]]
@@ -197,7 +198,7 @@ def test_gc_by_default_and_from_the_cli_keeps_young_folders(capsys, root, mgr, b
 
 
 def test_gc_removes_orphans_and_staging_older_than_grace(mgr, base_id):
-    key = mgr._store_adapter(lora_model(tiny_bert(0), seed=5)).columns["store_key"]
+    key = store_adapter(mgr.workspace, lora_model(tiny_bert(0), seed=5)).columns["store_key"]
     old_tmp, young_tmp = mgr.store.new_tmp_dir(), mgr.store.new_tmp_dir()
     (old_tmp / WEIGHTS).write_bytes(b"partial")
     _age(mgr.store.path(key), 2 * GC_GRACE_SECONDS)
@@ -215,9 +216,9 @@ def test_gc_removes_orphans_and_staging_older_than_grace(mgr, base_id):
 
 def test_commit_makes_a_reused_old_folder_young_again(mgr, base_id):
     model = lora_model(tiny_bert(0), seed=5)
-    key = mgr._store_adapter(model).columns["store_key"]  # a crash left this orphan long ago...
+    key = store_adapter(mgr.workspace, model).columns["store_key"]  # a crash left this orphan long ago...
     _age(mgr.store.path(key), 2 * GC_GRACE_SECONDS)
-    assert mgr._store_adapter(model).columns["store_key"] == key  # ...and a new register reuses it now
+    assert store_adapter(mgr.workspace, model).columns["store_key"] == key  # ...and a new register reuses it now
     mgr.gc(grace=GC_GRACE_SECONDS)
     assert mgr.store.path(key).exists()
 

@@ -44,7 +44,7 @@ def test_incremental_update_recovers_auc_after_drift():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from adapters_mgr.lora import train_adapter
+    from adapters_mgr.lora.trainer import train_adapter
 
     hf_logging.set_verbosity_error()
     path = gt.get_model_path()

@@ -11,17 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.lora import (
-    LoraSettings,
-    ScoringModel,
-    evaluate_adapters,
-    release,
-    train_adapter,
-)
-from adapters_mgr.lora.adapters import has_injected_adapters
+from adapters_mgr.lora.adapters import has_injected_adapters, release
+from adapters_mgr.lora.peft_scoring import ScoringModel, evaluate_adapters
 from adapters_mgr.lora.policies import build, plan
+from adapters_mgr.lora.settings import LoraSettings
 from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.lora.testing import item_catalog, synthetic_rows, tiny_base, tiny_tokenizer
+from adapters_mgr.lora.trainer import train_adapter
 
 FAST = dict(epochs=1, lr=5e-3, batch_size=16, max_length=32, progress=False)
 

@@ -79,7 +79,7 @@ def test_policies_record_their_lineage(stream):
 
 def test_if_better_gate_both_branches(stream, monkeypatch):
     mgr, b = stream
-    import adapters_mgr.lora as training
+    import adapters_mgr.workflows.evaluation as training  # where the gate looks evaluate_adapters up
 
     first = mgr.train_update([b[0]], task="ranker", name="gate", promote="always", alias="gate-prod", **FAST)
     assert first.promoted and mgr.alias_target("gate-prod") == first.node_id

@@ -10,7 +10,8 @@ from typing import Any
 
 import duckdb
 
-from adapters_mgr.catalog.sql import fetch_dicts, utcnow
+from adapters_mgr.catalog.records import Ref, adapter_status, check_alias, fetch_ref, resolve
+from adapters_mgr.catalog.sql import fetch_dicts, log_event, utcnow
 from adapters_mgr.errors import Conflict, NotFound
 
 
@@ -101,3 +102,47 @@ def history(con: duckdb.DuckDBPyConnection, alias: str | None = None) -> list[di
         sql += " WHERE alias = ?"
         params.append(alias)
     return fetch_dicts(con, sql + " ORDER BY id", params)
+
+
+def point(con: duckdb.DuckDBPyConnection, alias: str, ref: Ref, *, action: str = "set",
+          reason: str | None = None) -> int:
+    """Point ``alias`` at an active node and log it (``action``: set or promote); returns the node id."""
+    check_alias(alias)
+    target = fetch_ref(con, ref)
+    if target.status != "active":
+        raise Conflict(f"adapter {target.id} is {target.status}; an alias can only point at an active one")
+    previous = move(con, alias, target.id, action=action, reason=reason)
+    log_event(con, action, {"alias": alias, "ref": ref, "reason": reason}, detail={"from": previous, "to": target.id})
+    return target.id
+
+
+def roll_back(con: duckdb.DuckDBPyConnection, alias: str, to: Ref | None = None, *,
+              reason: str | None = None) -> int:
+    """Move ``alias`` back to its previous target (or to ``to``) and log it; returns the new target."""
+    check_alias(alias)
+    current, stack = rollback_state(con, alias)
+    if current is None:
+        raise NotFound(f"no alias {alias!r}; list them with `adapters-mgr alias`")
+    target_id = resolve(con, to) if to is not None else rollback_target(alias, stack)
+    status = adapter_status(con, target_id)  # not fetch_adapter: rollback is a hot path
+    if status != "active":
+        raise Conflict(f"cannot roll {alias!r} back to adapter {target_id}: it is {status}")
+    move(con, alias, target_id, action="rollback", reason=reason, previous=current)
+    log_event(con, "rollback", {"alias": alias, "to": to, "reason": reason}, detail={"from": current, "to": target_id})
+    return target_id
+
+
+def remove_logged(con: duckdb.DuckDBPyConnection, alias: str, reason: str | None = None) -> int:
+    """:func:`remove` plus its event row; returns the node the alias pointed at."""
+    check_alias(alias)
+    previous = remove(con, alias, reason)
+    log_event(con, "remove_alias", {"alias": alias, "reason": reason}, detail={"from": previous})
+    return previous
+
+
+def list_aliases(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    return fetch_dicts(
+        con,
+        "SELECT al.name AS alias, al.adapter_id, a.name || '@' || a.version AS ref, a.status, al.updated_at "
+        "FROM aliases al JOIN adapters a ON a.id = al.adapter_id ORDER BY al.name",
+    )

@@ -20,6 +20,7 @@ from typing import Any
 
 import duckdb
 
+from adapters_mgr.catalog.migrations import apply_migrations
 from adapters_mgr.catalog.sql import atomic, fetch_dicts
 from adapters_mgr.errors import Locked
 
@@ -168,8 +169,6 @@ class Catalog:
         key = str(self.path)
         if key in _migrated:
             return
-        from adapters_mgr.catalog.migrations import apply_migrations
-
         with _migrate_lock:
             if key not in _migrated:
                 apply_migrations(con)

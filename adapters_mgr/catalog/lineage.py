@@ -29,7 +29,7 @@ from adapters_mgr.errors import NotFound
 # a range on ``pos``. A chain reached twice (a DAG) keeps the smallest depth per node. One recursive
 # CTE instead of one per direction halves DuckDB's fixed cost per recursive query (~1.2 ms here).
 # ``{root}`` and ``{max_depth}`` are integers.
-_WALK = """
+WALK_SQL = """
 WITH RECURSIVE hop(dir, chain_id, pos, depth) AS (
     SELECT d.dir, c.chain_id, c.pos, 0
     FROM lineage_chain c, (VALUES ('up'), ('down')) d(dir) WHERE c.adapter_id = {root}
@@ -83,7 +83,7 @@ def _row(kind: str, values: dict[str, str]) -> str:
     return ", ".join([f"'{kind}'"] + [values.get(col, "NULL") for col in _NODE_COLUMNS[1:]])
 
 
-_QUERY = _WALK.replace("\nSELECT m.adapter_id", ",\nwalk AS MATERIALIZED (\nSELECT m.adapter_id", 1) + f"""
+_QUERY = WALK_SQL.replace("\nSELECT m.adapter_id", ",\nwalk AS MATERIALIZED (\nSELECT m.adapter_id", 1) + f"""
     UNION ALL SELECT {{root}}, 0, 'root'
 )
 SELECT 'n' AS k, w.depth, w.dir, {', '.join('a.' + c for c in SUMMARY_COLUMNS)},

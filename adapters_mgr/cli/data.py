@@ -1,17 +1,18 @@
 """`adapters-mgr data ...`: a thin shell over DataAPI; tables for people, --json for scripts.
 
 Errors are raised as adapters_mgr.errors exceptions; the main CLI prints them as one line with
-an exit code. The API comes from ``ctx.obj.manager().data`` (a CliState).
+an exit code. The API comes from ``ctx.obj.manager().data`` (``ctx.obj`` is the main app's CliState).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
+from adapters_mgr.cli.options import JsonOpt, parse_json_option
 from adapters_mgr.cli.render import (
     TABLE_ROWS,
     cap_rows,
@@ -20,7 +21,16 @@ from adapters_mgr.cli.render import (
     print_table,
     table_fetch_limit,
 )
+from adapters_mgr.data import movielens
+from adapters_mgr.data.api import check_limit
+from adapters_mgr.data.sources import list_files
+from adapters_mgr.data.texts import DEFAULT_TEMPLATES
 from adapters_mgr.errors import InvalidInput
+
+# Examples shown in the help of the JSON-valued options and in their error messages.
+MAPPING_EXAMPLE = '{"user_id": "uid", "ts": "time"}'
+READ_EXAMPLE = '{"delim": "\\t"}'
+LIST_ATTRS_EXAMPLE = '{"genres": "|"}'
 
 data_app = typer.Typer(help="Data sources, sync into immutable batches, quarantine, MovieLens.", no_args_is_help=True)
 fetch_app = typer.Typer(help="Fetch real data sets into the cache folder.", no_args_is_help=True)
@@ -31,17 +41,8 @@ def _api(ctx: typer.Context) -> Any:
     return ctx.obj.manager().data
 
 
-def _json_arg(text: str | None, what: str) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{what} {text!r} is not JSON; e.g. '{{\"user_id\": \"uid\"}}'") from exc
-
-
 @data_app.command("sources")
-def sources_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+def sources_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List registered sources with their watermark."""
     rows = _api(ctx).sources()
     if as_json:
@@ -56,31 +57,35 @@ def add_source_cmd(
     ctx: typer.Context,
     name: str,
     uri: str,
-    kind: str = typer.Option("interactions", help="interactions | users | items"),
-    format: str = typer.Option(None, "--format", help="csv | json | parquet (default: from the extension)"),
-    mapping: str = typer.Option(None, help='JSON canonical->column, e.g. \'{"user_id": "uid", "ts": "time"}\''),
-    ts_format: str = typer.Option(None, help="epoch_s | epoch_ms | epoch_us | iso | strptime (default: detect)"),
-    read: str = typer.Option(None, help="JSON DuckDB reader options, e.g. '{\"delim\": \"\\t\"}'"),
-    label_threshold: float = typer.Option(None, help="label = rating >= this (default 4)"),
-    rating_min: float = typer.Option(None, help="lowest valid rating (default 1)"),
-    rating_max: float = typer.Option(None, help="highest valid rating (default 5)"),
-    max_events_per_minute: int = typer.Option(None, min=1,
-                                              help="noise rule: quarantine bursts above this (default off)"),
-    list_attrs: str = typer.Option(None, help='JSON attribute->separator, e.g. \'{"genres": "|"}\''),
-    replace: bool = typer.Option(False, help="replace an existing source of that name"),
-    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+    kind: Annotated[str, typer.Option(help="interactions | users | items")] = "interactions",
+    format: Annotated[str | None, typer.Option(help="csv | json | parquet (default: from the extension)")] = None,
+    mapping: Annotated[str | None, typer.Option(help=f"JSON canonical->column, e.g. '{MAPPING_EXAMPLE}'")] = None,
+    ts_format: Annotated[
+        str | None, typer.Option(help="epoch_s | epoch_ms | epoch_us | iso | strptime (default: detect)")
+    ] = None,
+    read: Annotated[str | None, typer.Option(help=f"JSON DuckDB reader options, e.g. '{READ_EXAMPLE}'")] = None,
+    label_threshold: Annotated[float | None, typer.Option(help="label = rating >= this (default 4)")] = None,
+    rating_min: Annotated[float | None, typer.Option(help="lowest valid rating (default 1)")] = None,
+    rating_max: Annotated[float | None, typer.Option(help="highest valid rating (default 5)")] = None,
+    max_events_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="noise rule: quarantine bursts above this (default off)")
+    ] = None,
+    list_attrs: Annotated[
+        str | None, typer.Option(help=f"JSON attribute->separator, e.g. '{LIST_ATTRS_EXAMPLE}'")
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="replace an existing source of that name")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Register a file or glob (CSV, JSON lines, Parquet) as a source."""
     rr = None
     if rating_min is not None or rating_max is not None:
         rr = (1.0 if rating_min is None else rating_min, 5.0 if rating_max is None else rating_max)
     src = _api(ctx).add_source(
-        name, uri, kind=kind, format=format, mapping=_json_arg(mapping, "mapping"), ts_format=ts_format,
-        read=_json_arg(read, "read"), label_threshold=label_threshold, rating_range=rr,
-        max_events_per_minute=max_events_per_minute, list_attrs=_json_arg(list_attrs, "list_attrs"), replace=replace,
+        name, uri, kind=kind, format=format, mapping=parse_json_option(mapping, "--mapping", MAPPING_EXAMPLE),
+        ts_format=ts_format, read=parse_json_option(read, "--read", READ_EXAMPLE), label_threshold=label_threshold,
+        rating_range=rr, max_events_per_minute=max_events_per_minute,
+        list_attrs=parse_json_option(list_attrs, "--list-attrs", LIST_ATTRS_EXAMPLE), replace=replace,
     )
-    from adapters_mgr.data.sources import list_files
-
     matched = len(list_files(src["uri"]))
     if as_json:
         print_json({**src, "files_matched": matched})
@@ -94,10 +99,12 @@ def add_source_cmd(
 @data_app.command("sync")
 def sync_cmd(
     ctx: typer.Context,
-    window: str = typer.Option(None, help="cut the new rows into consecutive time windows, e.g. 7d"),
-    source: list[str] = typer.Option(None, "--source", help="only these sources (repeatable)"),
-    dedup_tolerance: str = typer.Option("1s", help="same event from two sources when times differ by at most this"),
-    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+    window: Annotated[str | None, typer.Option(help="cut the new rows into consecutive time windows, e.g. 7d")] = None,
+    source: Annotated[list[str] | None, typer.Option(help="only these sources (repeatable)")] = None,
+    dedup_tolerance: Annotated[
+        str, typer.Option(help="same event from two sources when times differ by at most this")
+    ] = "1s",
+    as_json: JsonOpt = False,
 ) -> None:
     """Take in what is new in each source as immutable batches (nothing new: no batch)."""
     api = _api(ctx)
@@ -120,7 +127,7 @@ def _batch_table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 @data_app.command("batches")
-def batches_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+def batches_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List batches, oldest first."""
     rows = _api(ctx).batches()
     if as_json:
@@ -130,7 +137,7 @@ def batches_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"
 
 
 @data_app.command("show")
-def show_cmd(ctx: typer.Context, batch: str, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+def show_cmd(ctx: typer.Context, batch: str, as_json: JsonOpt = False) -> None:
     """One batch in full: counts per rule and duplicate kind, time range, sha256."""
     info = _api(ctx).batch(batch)
     if as_json:
@@ -143,15 +150,15 @@ def show_cmd(ctx: typer.Context, batch: str, as_json: bool = typer.Option(False,
 @data_app.command("quarantine")
 def quarantine_cmd(
     ctx: typer.Context,
-    batch: str = typer.Option(None, "--batch", help="only this batch"),
-    rule: str = typer.Option(None, "--rule", help="only this rule, e.g. bad_timestamp"),
-    limit: int = typer.Option(None, help="at most this many rows"),
-    show_all: bool = typer.Option(False, "--all", help=f"table: every row (default: the first {TABLE_ROWS})"),
-    as_json: bool = typer.Option(False, "--json", help="JSON output (every row unless --limit)"),
+    batch: Annotated[str | None, typer.Option(help="only this batch")] = None,
+    rule: Annotated[str | None, typer.Option(help="only this rule, e.g. bad_timestamp")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many rows")] = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help=f"table: every row (default: the first {TABLE_ROWS})")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Rows a cleaning rule rejected, with the rule and the source row."""
-    from adapters_mgr.data.api import check_limit
-
+    """Rows a cleaning rule rejected, with the rule and the source row (--json lists every row unless --limit)."""
     check_limit(limit, "--limit")
     if as_json:
         print_json(_api(ctx).quarantine(batch=batch, rule=rule, limit=limit))
@@ -164,10 +171,8 @@ def quarantine_cmd(
 
 
 @data_app.command("templates")
-def templates_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+def templates_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """The user and item text templates in use (stored, else the defaults)."""
-    from adapters_mgr.data.texts import DEFAULT_TEMPLATES
-
     current = _api(ctx).templates()
     rows = [{"kind": kind, "template": tpl, "default": tpl == DEFAULT_TEMPLATES.get(kind)}
             for kind, tpl in sorted(current.items())]
@@ -180,9 +185,11 @@ def templates_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--jso
 @data_app.command("set-template")
 def set_template_cmd(
     ctx: typer.Context,
-    kind: str = typer.Argument(..., help="user or item"),
-    template: str = typer.Argument(None, help="Python format string, e.g. '{item_stats} {title} ({year}).'"),
-    reset: bool = typer.Option(False, "--reset", help="go back to the default template"),
+    kind: Annotated[str, typer.Argument(help="user or item")],
+    template: Annotated[
+        str | None, typer.Argument(help="Python format string, e.g. '{item_stats} {title} ({year}).'")
+    ] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="go back to the default template")] = False,
 ) -> None:
     """Store the template new trainings render KIND texts with (trained adapters keep theirs)."""
     api = _api(ctx)
@@ -198,13 +205,13 @@ def set_template_cmd(
 @fetch_app.command("movielens")
 def fetch_movielens_cmd(
     ctx: typer.Context,
-    cache: Path = typer.Option(None, help="cache folder (default $ADAPTERS_MGR_CACHE or ~/.cache/adapters-mgr)"),
-    register: bool = typer.Option(False, help="also register the three ML-100K sources"),
-    as_json: bool = typer.Option(False, "--json", help="JSON output"),
+    cache: Annotated[
+        Path | None, typer.Option(help="cache folder (default $ADAPTERS_MGR_CACHE or ~/.cache/adapters-mgr)")
+    ] = None,
+    register: Annotated[bool, typer.Option(help="also register the three ML-100K sources")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Put MovieLens-100K in the cache (GroupLens, else the copy in RecBole's wheel); never committed."""
-    from adapters_mgr.data import movielens
-
     folder = movielens.fetch(cache, progress=lambda m: console.print(m) if not as_json else None)
     names = movielens.register_movielens(_api(ctx), folder) if register else []
     if as_json:

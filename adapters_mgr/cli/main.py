@@ -7,29 +7,36 @@ which kind, see :mod:`adapters_mgr.errors`); ``--debug`` shows the traceback ins
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
-from rich.tree import Tree
 
+from adapters_mgr.cli.data import data_app
+from adapters_mgr.cli.options import JsonOpt, parse_json_option, with_dataclass_options
 from adapters_mgr.cli.render import (
     TABLE_ROWS,
-    CliState,
     cap_rows,
     console,
     err_console,
     fmt,
+    item_titles,
+    lineage_tree,
+    primary_metric_text,
     print_json,
-    print_table,
+    print_literal_table,
+    say,
     table_fetch_limit,
 )
 from adapters_mgr.errors import AdaptersMgrError, InvalidInput, NotFound, first_line
+from adapters_mgr.manager import AdapterManager
 from adapters_mgr.store import GC_GRACE_SECONDS
+from adapters_mgr.workflows.config import UpdateConfig
 
 try:  # Typer >= 0.2x carries its own copy of Click; older Typer raises click's own exceptions
     from typer._click import exceptions as click_exceptions
@@ -50,28 +57,24 @@ app = typer.Typer(
 )
 alias_app = typer.Typer(help="List, set or remove aliases (movable pointers such as production).")
 app.add_typer(alias_app, name="alias")
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-
-
-def _escaped(value: Any) -> str:
-    """A table cell: :func:`fmt` with rich markup escaped (names, aliases, batch ids, metric keys
-    and reasons are user text; rich would read ``[production]`` as a tag and drop it)."""
-    return escape(fmt(value))
+app.add_typer(data_app, name="data")
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str], *, title: str | None = None) -> None:
-    """:func:`print_table` with every cell and the title printed literally, never as markup."""
-    print_table(rows, columns, title=escape(title) if title else title,
-                formatters=dict.fromkeys(columns, _escaped))
+@dataclass
+class CliState:
+    """What the root callback parsed: where the catalog lives and how to report errors."""
+
+    root: Path | None = None
+    debug: bool = False
+    _manager: AdapterManager | None = field(default=None, repr=False)
+
+    def manager(self) -> AdapterManager:
+        if self._manager is None:
+            self._manager = AdapterManager(self.root)
+        return self._manager
 
 
-def _say(text: str) -> None:
-    """A one-line message for people; what it quotes (names, paths, aliases) is printed literally."""
-    console.print(text, markup=False)
-
-
-def _mgr(ctx: typer.Context):
+def _mgr(ctx: typer.Context) -> AdapterManager:
     state: CliState = ctx.obj
     return state.manager()
 
@@ -88,23 +91,6 @@ def _root(
     ctx.obj = CliState(root=root, debug=debug)
 
 
-def _primary_metric(metrics: dict[str, Any] | None) -> str:
-    """The one or two figures worth a column: the task's primary metric (and its baseline)."""
-    if not metrics:
-        return "-"
-    if "node_metrics" in metrics:  # an adapter trained as part of a stack: the node's figures
-        return _primary_metric(metrics["node_metrics"]) + " (as stack)"
-    name = metrics.get("primary_metric")
-    if name and name in metrics:
-        text = f"{name}={fmt(metrics[name])}"
-        base = metrics.get("baseline")
-        if isinstance(base, dict) and name in base:
-            text += f" (was {fmt(base[name])})"
-        return text
-    keys = [k for k in ("auc", "ndcg@10", "gauc", "recall@10") if k in metrics] or list(metrics)[:2]
-    return ", ".join(f"{k}={fmt(metrics[k])}" for k in keys[:2] if not isinstance(metrics[k], dict | list))
-
-
 LS_COLUMNS = ["id", "adapter", "kind", "task", "aliases", "status", "metrics", "created"]
 
 
@@ -115,7 +101,7 @@ def init(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(info)
     else:
-        _say(f"initialised {info['root']} (catalog {info['catalog']})")
+        say(f"initialised {info['root']} (catalog {info['catalog']})")
 
 
 @app.command("register-base")
@@ -134,7 +120,7 @@ def register_base(
     if json_out:
         print_json(row)
     else:
-        _say(f"base {base_id} ({row['name']}, {row['num_parameters']:,} parameters)")
+        say(f"base {base_id} ({row['name']}, {row['num_parameters']:,} parameters)")
 
 
 @app.command()
@@ -144,7 +130,8 @@ def bases(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(rows)
     else:
-        _table(rows, ["id", "name", "architecture", "num_parameters", "source", "created_at"], title="bases")
+        print_literal_table(rows, ["id", "name", "architecture", "num_parameters", "source", "created_at"],
+                            title="bases")
 
 
 @app.command()
@@ -163,8 +150,9 @@ def register(
     """Register an adapter trained elsewhere (a standard PEFT folder)."""
     mgr = _mgr(ctx)
     parents = [_parse_parent(p) for p in parent or []]
+    metric_values = parse_json_option(metrics, "--metrics", '{"auc": 0.71}', object_only=True)
     aid = mgr.register(folder, name=name, base=base, parents=parents, batches=batch or [],
-                       eval_batches=eval_batch or [], metrics=_parse_json(metrics, "--metrics"), task=task)
+                       eval_batches=eval_batch or [], metrics=metric_values, task=task)
     _print_node(mgr.get(aid), json_out, verb="registered")
 
 
@@ -180,23 +168,11 @@ def _parse_parent(text: str) -> tuple[Any, ...]:
         raise InvalidInput(f"invalid parent {text!r}: use REF, REF:RELATION or REF:RELATION:WEIGHT") from exc
 
 
-def _parse_json(text: str | None, option: str) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"{option} is not valid JSON: {exc.msg}") from exc
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{option} must be a JSON object")
-    return value
-
-
 def _print_node(node: Any, json_out: bool, verb: str | None = None) -> None:
     if json_out:
         print_json(node.to_dict())
     elif verb:
-        _say(f"{verb} adapter {node.id} ({node.ref}, {node.kind}, {node.bytes or 0:,} bytes)")
+        say(f"{verb} adapter {node.id} ({node.ref}, {node.kind}, {node.bytes or 0:,} bytes)")
 
 
 @app.command("ls")
@@ -221,10 +197,11 @@ def ls(
     adapters, note = cap_rows(adapters, limit, show_all)
     rows = [
         {"id": a.id, "adapter": a.ref, "kind": a.kind, "task": a.task, "status": a.status,
-         "aliases": a.aliases, "metrics": _primary_metric(a.metrics), "created": a.created_at.strftime("%m-%d %H:%M")}
+         "aliases": a.aliases, "metrics": primary_metric_text(a.metrics),
+         "created": a.created_at.strftime("%m-%d %H:%M")}
         for a in adapters
     ]
-    _table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)" + (f" ({note})" if note else ""))
+    print_literal_table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)" + (f" ({note})" if note else ""))
 
 
 @app.command()
@@ -250,98 +227,7 @@ def show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Id, NAME@V
     rows += [{"field": "child", "value": f"#{e['child_id']} {e['relation']}"} for e in data["children"]]
     rows += [{"field": f"batch ({b['role']})", "value": f"{b['batch_id']} rows={fmt(b['num_rows'])}"}
              for b in data["batches"]]
-    _table(rows, ["field", "value"], title=f"adapter {node.id} ({node.ref})")
-
-
-def _node_label(node: Any, batches: list[dict[str, Any]] | None = None) -> str:
-    """One tree line in rich markup; every piece of catalog text in it is escaped."""
-    label = f"[bold]{escape(f'{node.name}@{node.version}')}[/] #{node.id} {escape(str(node.kind))}"
-    if node.task:
-        label += f" {escape(str(node.task))}"
-    if node.aliases:
-        label += " [green]" + escape("[" + ", ".join(node.aliases) + "]") + "[/]"
-    if node.status != "active":
-        label += f" [red]{escape(f'({node.status})')}[/]"
-    metric = _primary_metric(node.metrics)
-    if metric != "-":
-        label += f" [cyan]{escape(metric)}[/]"
-    if batches:
-        label += " [dim]batches: " + escape(", ".join(f"{b['batch_id']}({b['role']})" for b in batches)) + "[/]"
-    return label
-
-
-# A linear run longer than this is shown as its first and last few lines around a count.
-RUN_HEAD, RUN_TAIL = 8, 4
-
-
-def lineage_tree(lin: Any, *, full: bool = False) -> Tree:
-    """Rich tree: the node, its ancestors (what it came from) and descendants (what came from it).
-
-    Why not one nesting level per generation: a 1,000-deep warm-start chain would indent past any
-    terminal width (and recurse past Python's limit). A *linear run* (each node with exactly one
-    parent, or one child, in that direction) is listed at one level, one line per generation,
-    and only branch points (merges, stacks, forks) nest. Runs longer than
-    ``RUN_HEAD + RUN_TAIL`` lines show their ends around a count unless ``full``. A node reached
-    twice in a DAG is expanded once and marked "shown above" after that. Built without recursion.
-    """
-    tree = Tree(_node_label(lin.root, lin.batches.get(lin.root.id)))
-    for up, title, count in ((True, "ancestors", len(lin.ancestors)), (False, "descendants", len(lin.descendants))):
-        if not count:
-            continue
-        order = "each line is a parent of the line above" if up else "each line is a child of the line above"
-        section = tree.add(f"[bold]{title}[/] [dim]({count}; {order})[/]")
-        expanded: set[int] = set()  # pre-order, the order lines are printed: a repeat is always below
-        todo = [(section, lin.root.id)]  # (where to add lines, node whose edges to follow)
-        while todo:
-            branch, node_id = todo.pop()
-            if node_id in expanded:
-                branch.label = f"{branch.label} [dim](shown above)[/]"
-                continue
-            expanded.add(node_id)
-            run: list[str] = []  # the linear run starting below node_id
-            current = node_id
-            while True:
-                edges = _lineage_edges(lin, current, up)
-                if len(edges) != 1 or _other_end(edges[0], up) in expanded:
-                    break
-                current = _other_end(edges[0], up)
-                expanded.add(current)
-                run.append(_edge_line(lin, edges[0], up))
-            branch = _add_run(branch, run, full)
-            subtrees = [(branch.add(_edge_line(lin, edge, up)), _other_end(edge, up)) for edge in edges]
-            todo.extend(reversed(subtrees))  # the first edge is expanded (and printed) first
-    return tree
-
-
-def _lineage_edges(lin: Any, node_id: int, up: bool) -> list[Any]:
-    edges = lin.parents_of(node_id) if up else lin.children_of(node_id)
-    return [e for e in edges if _other_end(e, up) in lin.nodes]
-
-
-def _other_end(edge: Any, up: bool) -> int:
-    return edge.parent_id if up else edge.child_id
-
-
-def _edge_line(lin: Any, edge: Any, up: bool) -> str:
-    other = _other_end(edge, up)
-    weight = f" w={edge.weight:g}" if edge.weight is not None else ""
-    arrow = "←" if up else "→"
-    relation = escape(f"{edge.relation}{weight}")
-    return f"[magenta]{relation}[/] {arrow} " + _node_label(lin.nodes[other], lin.batches.get(other))
-
-
-def _add_run(branch: Tree, lines: list[str], full: bool) -> Tree:
-    """Add a linear run's lines as siblings; return where the run's end continues (its last line)."""
-    if not lines:
-        return branch
-    if not full and len(lines) > RUN_HEAD + RUN_TAIL + 1:
-        hidden = len(lines) - RUN_HEAD - RUN_TAIL
-        lines = [*lines[:RUN_HEAD], f"[dim]… {hidden} more generations in this run (--full shows them)[/]",
-                 *lines[-RUN_TAIL:]]
-    last = branch
-    for text in lines:
-        last = branch.add(text)
-    return last
+    print_literal_table(rows, ["field", "value"], title=f"adapter {node.id} ({node.ref})")
 
 
 @app.command()
@@ -374,7 +260,7 @@ def alias_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(rows)
     else:
-        _table(rows, ["alias", "adapter_id", "ref", "status", "updated_at"], title="aliases")
+        print_literal_table(rows, ["alias", "adapter_id", "ref", "status", "updated_at"], title="aliases")
 
 
 @alias_app.command("set")
@@ -393,14 +279,14 @@ def alias_rm(ctx: typer.Context, alias: str, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json({"alias": alias, "removed": True, "was": previous})
     else:
-        _say(f"removed alias {alias} (was #{previous})")
+        say(f"removed alias {alias} (was #{previous})")
 
 
 def _moved(alias: str, target: int, json_out: bool, verb: str = "now points at") -> None:
     if json_out:
         print_json({"alias": alias, "adapter_id": target})
     else:
-        _say(f"{alias} {verb} adapter {target}")
+        say(f"{alias} {verb} adapter {target}")
 
 
 @app.command()
@@ -431,7 +317,8 @@ def history(ctx: typer.Context, alias: Annotated[str | None, typer.Argument(help
     if json_out:
         print_json(rows)
     else:
-        _table(rows, ["id", "alias", "action", "from_id", "to_id", "reason", "moved_at"], title="alias history")
+        print_literal_table(rows, ["id", "alias", "action", "from_id", "to_id", "reason", "moved_at"],
+                            title="alias history")
 
 
 @app.command()
@@ -443,7 +330,7 @@ def events(ctx: typer.Context, limit: Annotated[int, typer.Option(min=0, help="N
     if json_out:
         print_json(rows)
     else:
-        _table(rows, ["id", "ts", "operation", "outcome", "args", "detail"], title="events")
+        print_literal_table(rows, ["id", "ts", "operation", "outcome", "args", "detail"], title="events")
 
 
 @app.command()
@@ -456,7 +343,7 @@ def delete(ctx: typer.Context, ref: str,
     if json_out:
         print_json({"id": node_id, "status": "deleted"})
     else:
-        _say(f"deleted adapter {node_id} (soft; `adapters-mgr restore {node_id}` undoes it)")
+        say(f"deleted adapter {node_id} (soft; `adapters-mgr restore {node_id}` undoes it)")
 
 
 @app.command()
@@ -466,7 +353,7 @@ def restore(ctx: typer.Context, ref: str, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json({"id": node_id, "status": "active"})
     else:
-        _say(f"restored adapter {node_id}")
+        say(f"restored adapter {node_id}")
 
 
 @app.command()
@@ -476,9 +363,9 @@ def verify(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(report)
     elif report["ok"]:
-        _say(f"ok: {report['adapters_checked']} adapter(s), {report['folders']} folder(s) verified")
+        say(f"ok: {report['adapters_checked']} adapter(s), {report['folders']} folder(s) verified")
     else:
-        _table(report["problems"], ["kind", "adapter_id", "store_key", "detail"], title="problems")
+        print_literal_table(report["problems"], ["kind", "adapter_id", "store_key", "detail"], title="problems")
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -494,9 +381,9 @@ def gc(ctx: typer.Context, dry_run: Annotated[bool, typer.Option(help="Only say 
     if json_out:
         print_json(report)
     elif not report["actions"]:
-        _say("nothing to clean")
+        say("nothing to clean")
     else:
-        _table(report["actions"], ["action", "adapter_id", "store_key", "path"],
+        print_literal_table(report["actions"], ["action", "adapter_id", "store_key", "path"],
                title="would do" if dry_run else "done")
 
 
@@ -507,7 +394,7 @@ def export(ctx: typer.Context, ref: str, folder: Path, json_out: JsonOpt = False
     if json_out:
         print_json({"ref": ref, "folder": str(dest)})
     else:
-        _say(f"exported {ref} to {dest}")
+        say(f"exported {ref} to {dest}")
 
 
 @app.command("import")
@@ -537,11 +424,10 @@ def stack(ctx: typer.Context, refs: Annotated[list[str], typer.Argument(help="Ad
 
 
 @app.command()
+@with_dataclass_options(UpdateConfig, after="batches")
 def train(
     ctx: typer.Context,
     batches: Annotated[list[str] | None, typer.Argument(help="Batch ids to train on (default: the latest).")] = None,
-    task: Annotated[str, typer.Option(help="ranker (cross-encoder) or retriever (two-tower).")] = "ranker",
-    policy: Annotated[str, typer.Option(help="fresh, warm_start, stack or long_short.")] = "fresh",
     parent: Annotated[str | None, typer.Option(help="Parent node (id, NAME@VERSION or alias).")] = None,
     name: Annotated[str | None, typer.Option(help="Adapter name (default: the task).")] = None,
     base: Annotated[str | None, typer.Option(help="Base id or name (default: parent's, else embedded MiniLM).")] = None,
@@ -549,32 +435,14 @@ def train(
     promote: Annotated[str | None, typer.Option(help="always or if_better.")] = None,
     alias: Annotated[str, typer.Option(help="Alias the gate compares with and moves.")] = "production",
     tolerance: Annotated[float, typer.Option(help="if_better: allowed drop of the primary metric.")] = 0.0,
-    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training rows.")] = 1,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-4,
-    warmup_ratio: Annotated[float, typer.Option(help="Fraction of steps with a linear lr warm-up (0 = none).")] = 0.0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 32,
-    max_length: Annotated[int, typer.Option(min=8, help="Max tokens per text pair.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed (same seed + data = same weights on CPU).")] = 0,
-    replay_ratio: Annotated[float, typer.Option(help="Replay rows per new row from earlier batches.")] = 0.0,
-    replay_recency: Annotated[str | None, typer.Option(help="Replay only from the last N batches or e.g. 28d.")] = None,
-    mode: Annotated[str, typer.Option(help="Stack combination: weights or ensemble (long_short).")] = "weights",
-    max_train_rows: Annotated[int | None, typer.Option(min=1, help="Seeded subsample of training rows.")] = None,
-    max_eval_rows: Annotated[int | None, typer.Option(min=1, help="Seeded subsample of eval rows.")] = None,
     json_out: JsonOpt = False,
+    **config: Any,
 ) -> None:
     """Train an incremental LoRA update on data batches; register it with lineage; optionally promote."""
-    recency: str | int | None = replay_recency
-    if replay_recency is not None and replay_recency.isdigit():
-        recency = int(replay_recency)
+    # **config: one option per UpdateConfig field (--task ... --max-eval-rows), its default and help from there
     result = _mgr(ctx).train_update(
-        batches or "latest", task=task, policy=policy, parent=parent, name=name, base=base,
-        eval_batches=eval_batch or None, promote=promote, alias=alias, tolerance=tolerance, rank=rank, alpha=alpha,
-        epochs=epochs, lr=lr, warmup_ratio=warmup_ratio, batch_size=batch_size, max_length=max_length, seed=seed,
-        replay_ratio=replay_ratio,
-        replay_recency=recency, mode=mode, max_train_rows=max_train_rows, max_eval_rows=max_eval_rows,
-        progress=not json_out,
+        batches or "latest", **config, parent=parent, name=name, base=base, eval_batches=eval_batch or None,
+        promote=promote, alias=alias, tolerance=tolerance, progress=not json_out,
     )
     if json_out:
         print_json(result.__dict__)
@@ -586,7 +454,7 @@ def train(
         line += f" vs {alias} #{result.baseline['node_id']} {fmt(result.baseline.get(metric))}"
     if result.decision:
         line += f"; {'promoted to ' + alias if result.promoted else 'kept ' + alias}"
-    _say(line)
+    say(line)
 
 
 @app.command()
@@ -597,7 +465,7 @@ def reproduce(ctx: typer.Context, ref: str, json_out: JsonOpt = False) -> None:
         print_json(report)
     else:
         verdict = "identical" if report["identical"] else "DIFFERENT"
-        _say(f"adapter {report['adapter_id']}: reproduced weights are {verdict} "
+        say(f"adapter {report['adapter_id']}: reproduced weights are {verdict} "
              f"({report['reproduced_sha256'][:12]}… vs recorded {report['recorded_sha256'][:12]}…)")
     if not report["identical"]:
         raise typer.Exit(1)
@@ -622,7 +490,7 @@ def merge(
         print_json(node.to_dict())
     else:
         err = (node.metrics or {}).get("reconstruction_error")
-        _say(f"merged into adapter {node.id} ({node.ref}, {method}, reconstruction error {fmt(err)})")
+        say(f"merged into adapter {node.id} ({node.ref}, {method}, reconstruction error {fmt(err)})")
 
 
 def _parse_weights(weights: str | None) -> list[float] | None:
@@ -639,7 +507,7 @@ def fold(ctx: typer.Context, ref: str, folder: Path, json_out: JsonOpt = False) 
     if json_out:
         print_json({"ref": ref, "folder": str(out)})
     else:
-        _say(f"folded {ref} into {out} (loads with transformers from_pretrained, no peft needed)")
+        say(f"folded {ref} into {out} (loads with transformers from_pretrained, no peft needed)")
 
 
 @app.command()
@@ -659,10 +527,10 @@ def compact(
     if json_out:
         print_json(report)
     elif not report["compacted"]:
-        _say(f"nothing to do: {report['reason']}")
+        say(f"nothing to do: {report['reason']}")
     else:
         verdict = f"{alias} moved to {report['merged']}" if report["moved"] else f"{alias} kept on {report['stack']}"
-        _say(f"compacted stack {report['stack']} into adapter {report['merged']}: {report['metric']} "
+        say(f"compacted stack {report['stack']} into adapter {report['merged']}: {report['metric']} "
              f"{fmt(report['merged_metric'])} vs {fmt(report['stack_metric'])}; {verdict}")
 
 
@@ -685,25 +553,14 @@ def recommend(
         nodes = scorer.active_nodes
     finally:
         scorer.close()
-    titles = _titles(mgr, [r["item_id"] for r in recs])
+    titles = item_titles(mgr, [r["item_id"] for r in recs])
     for rank, rec in enumerate(recs, start=1):
         rec["rank"] = rank
         rec["title"] = titles.get(rec["item_id"])
     if json_out:
         print_json({"user": user, "nodes": nodes, "items": recs})
     else:
-        _table(recs, ["rank", "item_id", "title", "score"], title=f"user {user} (nodes {nodes})")
-
-
-def _titles(mgr: Any, item_ids: list[str]) -> dict[str, str]:
-    """Item titles where the catalog has them (MovieLens), for people reading lists."""
-    try:
-        rows = mgr.catalog.query(
-            "SELECT item_id::VARCHAR AS item_id, arg_max(attrs->>'title', valid_from) AS title FROM items "
-            "WHERE item_id::VARCHAR IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1", [item_ids])
-    except Exception:  # noqa: BLE001 - titles are decoration; a catalog without them still lists ids
-        return {}
-    return {r["item_id"]: r["title"] for r in rows}
+        print_literal_table(recs, ["rank", "item_id", "title", "score"], title=f"user {user} (nodes {nodes})")
 
 
 @app.command()
@@ -721,7 +578,7 @@ def recompute(
     if json_out:
         print_json(report)
     else:
-        _say(f"run {report['run_id']}: {report['users']} user(s), {report['rows']} rows from node "
+        say(f"run {report['run_id']}: {report['users']} user(s), {report['rows']} rows from node "
              f"{report['node_id']}" + (f" reranked by {report['ranker_node_id']}" if report["ranker_node_id"]
                                        else "") + f" in {report['wall_s']:.1f}s")
 
@@ -735,8 +592,6 @@ def score(
     json_out: JsonOpt = False,
 ) -> None:
     """Score a file of pairs: catalog ids (texts rendered from the catalog) or raw texts."""
-    import csv
-
     if not pairs.exists():
         raise InvalidInput(f"pairs file {pairs} does not exist")
     if pairs.suffix in (".jsonl", ".json"):
@@ -781,23 +636,11 @@ def demo(
 ) -> None:
     """The MovieLens incremental-update demo: sync, train, gated weekly updates, lineage, compaction,
     rollback followed by a running scorer, recomputed recommendations, and a report folder."""
-    from adapters_mgr.demo import run_demo
+    from adapters_mgr.demo import run_demo  # heavy (torch): only `adapters-mgr demo` pays for it
 
     state: CliState = ctx.obj
     root = Path(state.root) if state.root is not None else Path(".adapters-demo")
     run_demo(root, quick=quick, full=full, report_dir=report)
-
-
-def _mount_optional_apps() -> None:
-    """Sub-apps that live with their subsystem (the data side); absent ones are simply not mounted."""
-    try:
-        from adapters_mgr.cli.data import data_app
-    except ImportError:
-        return
-    app.add_typer(data_app, name="data")
-
-
-_mount_optional_apps()
 
 
 def _click_error_line(exc: click_exceptions.ClickException) -> str:

@@ -1,7 +1,7 @@
-"""Output helpers shared by every CLI sub-command: rich tables for people, JSON for scripts.
+"""Output for people and scripts: rich tables, one-line messages, JSON, metric labels, the lineage tree.
 
-Kept apart from ``cli.py`` so sub-apps (``adapters-mgr data ...``) can use the same conventions
-without importing the main app (which would be circular).
+Shared by the main app, the ``data`` group and the demo; imports no command module, so any of
+them can use it without a cycle.
 """
 
 from __future__ import annotations
@@ -9,23 +9,22 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
-
-if TYPE_CHECKING:
-    from adapters_mgr.manager import AdapterManager
+from rich.tree import Tree
 
 # emoji off: user text such as a task ":fire:" prints as typed (markup is escaped where it is on)
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
 
 
-def _default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for what the catalog returns: dates, paths, records with ``to_dict``."""
     if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, Path):
@@ -37,7 +36,7 @@ def _default(value: Any) -> Any:
 
 def print_json(data: Any) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else."""
-    sys.stdout.write(json.dumps(data, default=_default, indent=2, sort_keys=False) + "\n")
+    sys.stdout.write(json.dumps(data, default=json_default, indent=2, sort_keys=False) + "\n")
 
 
 def fmt(value: Any) -> str:
@@ -52,6 +51,12 @@ def fmt(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ", ".join(fmt(v) for v in value)
     return str(value)
+
+
+def _escaped(value: Any) -> str:
+    """A table cell: :func:`fmt` with rich markup escaped (names, aliases, batch ids, metric keys
+    and reasons are user text; rich would read ``[production]`` as a tag and drop it)."""
+    return escape(fmt(value))
 
 
 def print_table(
@@ -70,6 +75,16 @@ def print_table(
     for row in rows:
         table.add_row(*[formatters.get(c, fmt)(row.get(c)) for c in cols])
     console.print(table)
+
+
+def print_literal_table(rows: list[dict[str, Any]], columns: list[str], *, title: str | None = None) -> None:
+    """:func:`print_table` with every cell and the title printed literally, never as markup."""
+    print_table(rows, columns, title=escape(title) if title else title, formatters=dict.fromkeys(columns, _escaped))
+
+
+def say(text: str) -> None:
+    """A one-line message for people; what it quotes (names, paths, aliases) is printed literally."""
+    console.print(text, markup=False)
 
 
 # Human tables stop here unless asked for more: rendering 100k rows with rich took 2.5 minutes.
@@ -91,18 +106,122 @@ def cap_rows(rows: list[Any], limit: int | None, show_all: bool) -> tuple[list[A
     return rows, ""
 
 
-@dataclass
-class CliState:
-    """What the root callback parsed: where the catalog lives and how to report errors."""
+def primary_metric_text(metrics: dict[str, Any] | None) -> str:
+    """The one or two figures worth a column: the task's primary metric (and its baseline)."""
+    if not metrics:
+        return "-"
+    if "node_metrics" in metrics:  # an adapter trained as part of a stack: the node's figures
+        return primary_metric_text(metrics["node_metrics"]) + " (as stack)"
+    name = metrics.get("primary_metric")
+    if name and name in metrics:
+        text = f"{name}={fmt(metrics[name])}"
+        base = metrics.get("baseline")
+        if isinstance(base, dict) and name in base:
+            text += f" (was {fmt(base[name])})"
+        return text
+    keys = [k for k in ("auc", "ndcg@10", "gauc", "recall@10") if k in metrics] or list(metrics)[:2]
+    return ", ".join(f"{k}={fmt(metrics[k])}" for k in keys[:2] if not isinstance(metrics[k], dict | list))
 
-    root: Path | None = None
-    debug: bool = False
-    _manager: AdapterManager | None = field(default=None, repr=False)
 
-    def manager(self) -> AdapterManager:
-        if self._manager is None:
-            from adapters_mgr.manager import AdapterManager
+def item_titles(mgr: Any, item_ids: list[str]) -> dict[str, str]:
+    """Item titles where the catalog has them (MovieLens), for people reading lists."""
+    try:
+        rows = mgr.catalog.query(
+            "SELECT item_id::VARCHAR AS item_id, arg_max(attrs->>'title', valid_from) AS title FROM items "
+            "WHERE item_id::VARCHAR IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1", [item_ids])
+    except Exception:  # noqa: BLE001 - titles are decoration; a catalog without them still lists ids
+        return {}
+    return {r["item_id"]: r["title"] for r in rows}
 
-            self._manager = AdapterManager(self.root)
-        return self._manager
 
+# -- the lineage tree ---------------------------------------------------------------------------------
+
+# A linear run longer than this is shown as its first and last few lines around a count.
+RUN_HEAD, RUN_TAIL = 8, 4
+
+
+def lineage_tree(lin: Any, *, full: bool = False) -> Tree:
+    """Rich tree: the node, its ancestors (what it came from) and descendants (what came from it).
+
+    Why not one nesting level per generation: a 1,000-deep warm-start chain would indent past any
+    terminal width (and recurse past Python's limit). A *linear run* (each node with exactly one
+    parent, or one child, in that direction) is listed at one level, one line per generation,
+    and only branch points (merges, stacks, forks) nest. Runs longer than
+    ``RUN_HEAD + RUN_TAIL`` lines show their ends around a count unless ``full``. A node reached
+    twice in a DAG is expanded once and marked "shown above" after that. Built without recursion.
+    """
+    tree = Tree(_node_label(lin.root, lin.batches.get(lin.root.id)))
+    for up, title, count in ((True, "ancestors", len(lin.ancestors)), (False, "descendants", len(lin.descendants))):
+        if not count:
+            continue
+        order = "each line is a parent of the line above" if up else "each line is a child of the line above"
+        section = tree.add(f"[bold]{title}[/] [dim]({count}; {order})[/]")
+        expanded: set[int] = set()  # pre-order, the order lines are printed: a repeat is always below
+        todo = [(section, lin.root.id)]  # (where to add lines, node whose edges to follow)
+        while todo:
+            branch, node_id = todo.pop()
+            if node_id in expanded:
+                branch.label = f"{branch.label} [dim](shown above)[/]"
+                continue
+            expanded.add(node_id)
+            run: list[str] = []  # the linear run starting below node_id
+            current = node_id
+            while True:
+                edges = _lineage_edges(lin, current, up)
+                if len(edges) != 1 or _other_end(edges[0], up) in expanded:
+                    break
+                current = _other_end(edges[0], up)
+                expanded.add(current)
+                run.append(_edge_line(lin, edges[0], up))
+            branch = _add_run(branch, run, full)
+            subtrees = [(branch.add(_edge_line(lin, edge, up)), _other_end(edge, up)) for edge in edges]
+            todo.extend(reversed(subtrees))  # the first edge is expanded (and printed) first
+    return tree
+
+
+def _node_label(node: Any, batches: list[dict[str, Any]] | None = None) -> str:
+    """One tree line in rich markup; every piece of catalog text in it is escaped."""
+    label = f"[bold]{escape(f'{node.name}@{node.version}')}[/] #{node.id} {escape(str(node.kind))}"
+    if node.task:
+        label += f" {escape(str(node.task))}"
+    if node.aliases:
+        label += " [green]" + escape("[" + ", ".join(node.aliases) + "]") + "[/]"
+    if node.status != "active":
+        label += f" [red]{escape(f'({node.status})')}[/]"
+    metric = primary_metric_text(node.metrics)
+    if metric != "-":
+        label += f" [cyan]{escape(metric)}[/]"
+    if batches:
+        label += " [dim]batches: " + escape(", ".join(f"{b['batch_id']}({b['role']})" for b in batches)) + "[/]"
+    return label
+
+
+def _lineage_edges(lin: Any, node_id: int, up: bool) -> list[Any]:
+    edges = lin.parents_of(node_id) if up else lin.children_of(node_id)
+    return [e for e in edges if _other_end(e, up) in lin.nodes]
+
+
+def _other_end(edge: Any, up: bool) -> int:
+    return edge.parent_id if up else edge.child_id
+
+
+def _edge_line(lin: Any, edge: Any, up: bool) -> str:
+    other = _other_end(edge, up)
+    weight = f" w={edge.weight:g}" if edge.weight is not None else ""
+    arrow = "←" if up else "→"
+    relation = escape(f"{edge.relation}{weight}")
+    return f"[magenta]{relation}[/] {arrow} " + _node_label(lin.nodes[other], lin.batches.get(other))
+
+
+def _add_run(branch: Tree, lines: list[str], full: bool) -> Tree:
+    """Add a linear run's lines as siblings; return where the run's end continues (its last line)."""
+    if not lines:
+        return branch
+    if not full and len(lines) > RUN_HEAD + RUN_TAIL + 1:
+        hidden = len(lines) - RUN_HEAD - RUN_TAIL
+        lines = [*lines[:RUN_HEAD], f"[dim]… {hidden} more generations in this run (--full shows them)[/]",
+                 *lines[-RUN_TAIL:]]
+    last = branch
+    for text in lines:
+        last = branch.add(text)
+    return last

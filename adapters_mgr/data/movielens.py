@@ -23,6 +23,7 @@ from typing import Any
 import duckdb
 
 from adapters_mgr.errors import NotFound
+from adapters_mgr.store import atomic_folder
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 RECBOLE_SPEC = "recbole==1.2.1"
@@ -159,11 +160,8 @@ def fetch(cache: str | Path | None = None, *, timeout: float = 5.0, progress: An
             if not getter(raw, timeout):
                 shutil.rmtree(raw, ignore_errors=True)
                 continue
-        tmp = folder / "prepared.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        prepare(raw, tmp)
-        shutil.rmtree(prepared, ignore_errors=True)
-        tmp.rename(prepared)  # atomic: a half-prepared folder is never mistaken for a cached one
+        with atomic_folder(prepared, replace=True, label="MovieLens folder") as tmp:
+            prepare(raw, tmp)  # a half-prepared folder is never mistaken for a cached one
         return prepared
     raise NotFound(
         f"cannot fetch MovieLens-100K: {GROUPLENS_URL} is unreachable and `pip download {RECBOLE_SPEC}` failed; "

@@ -19,12 +19,12 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from adapters_mgr.catalog.data_tables import source_ids
 from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.sql import log_event, to_json, utcnow
 from adapters_mgr.data import classify, digest
 from adapters_mgr.data.entities import sync_entities
 from adapters_mgr.data.registry import load_sources
-from adapters_mgr.data.schema import source_ids
 from adapters_mgr.data.sources import Source, describe, resolve_mapping, sql_literal
 from adapters_mgr.data.stage import detect_source_ts, interaction_sql
 from adapters_mgr.data.timeparse import parse_duration

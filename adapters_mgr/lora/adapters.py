@@ -11,6 +11,7 @@ and removed again, the base weights are never copied or modified.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Sequence
@@ -75,7 +76,7 @@ def attach(model: nn.Module, source: AdapterSource, name: str, *, trainable: boo
 
     is_peft = isinstance(model, PeftModel)
     if isinstance(source, InMemoryAdapter):
-        config = _copy_config(source.config, inference_mode=not trainable)
+        config = copy_config(source.config, inference_mode=not trainable)
         if is_peft:
             model.add_adapter(name, config)
             peft_model = model
@@ -94,9 +95,8 @@ def attach(model: nn.Module, source: AdapterSource, name: str, *, trainable: boo
     return PeftModel.from_pretrained(model, folder, adapter_name=name, is_trainable=trainable)
 
 
-def _copy_config(config: Any, **changes: Any) -> Any:
-    import copy
-
+def copy_config(config: Any, **changes: Any) -> Any:
+    """A deep copy of a peft config with ``changes`` set on it (the original is never modified)."""
     new = copy.deepcopy(config)
     for key, value in changes.items():
         setattr(new, key, value)
@@ -155,7 +155,7 @@ def adapter_state(model: nn.Module, name: str) -> InMemoryAdapter:
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=name)
-    config = _copy_config(model.peft_config[name], inference_mode=True)
+    config = copy_config(model.peft_config[name], inference_mode=True)
     return InMemoryAdapter(config, {k: v.detach().to("cpu").clone() for k, v in state.items()})
 
 
@@ -211,6 +211,7 @@ __all__ = [
     "activate",
     "adapter_state",
     "attach",
+    "copy_config",
     "freeze",
     "has_injected_adapters",
     "read_adapter_config",

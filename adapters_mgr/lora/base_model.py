@@ -94,11 +94,6 @@ def weights_sha256(model: nn.Module) -> str:
     return value
 
 
-def forget_hash(model: nn.Module) -> None:
-    """Drop a cached hash (after the caller deliberately changed the weights)."""
-    _hash_cache.pop(backbone(model), None)
-
-
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in backbone(model).parameters())
 
@@ -122,6 +117,16 @@ class HeadSpec:
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.num_labels}" if self.kind == "seq_cls" else self.kind
+
+
+def head_for(peft_config: dict[str, Any], shapes: dict[str, list[int]]) -> HeadSpec:
+    """The task head the base needs for this adapter (a sequence classifier keeps its head in the file)."""
+    if peft_config.get("task_type") == "SEQ_CLS":
+        for key, shape in shapes.items():
+            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+                return HeadSpec("seq_cls", int(shape[0]))
+        return HeadSpec("seq_cls", 2)
+    return HeadSpec("encoder")
 
 
 def quiet_transformers() -> None:

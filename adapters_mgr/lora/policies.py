@@ -11,6 +11,10 @@
   combines the frozen long-term parent and the new short-term adapter in ``ensemble`` (outputs
   averaged) or ``weights`` (deltas summed) mode. The long-term adapter itself is trained with
   ``fresh`` on a long history and refreshed now and then by the caller.
+
+Each policy is a ``Policy`` record (``get_policy(name)``): what it needs and makes as data, and its
+rules checked in one place (``Policy.check``), by ``plan`` here and by the update workflow with the
+catalog's facts, so every caller refuses the same things with the same messages.
 """
 
 from __future__ import annotations
@@ -25,11 +29,91 @@ from torch import nn
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter
-from adapters_mgr.lora.peft_scoring import check_combination
+from adapters_mgr.lora.peft_scoring import MODES, check_combination
 from adapters_mgr.lora.settings import PEFT_TASK_TYPES, LoraSettings
 from adapters_mgr.lora.tasks import Task
 
-POLICIES = ("fresh", "warm_start", "stack", "long_short")
+
+@dataclass(frozen=True)
+class Policy:
+    """An update policy's rules as data; the planner, trainer and workflows read these fields instead
+    of testing the policy's name."""
+
+    name: str
+    needs_parent: bool
+    """fresh: False (trains on the bare base); every other policy builds on a parent."""
+    single_parent: bool
+    """warm_start, long_short: exactly one plain adapter as parent (not a stack node)."""
+    makes_stack_node: bool
+    """stack, long_short: the node to serve is the parents plus the new adapter."""
+    relation: str | None
+    """Lineage edge from the trained adapter to its parent: 'warm_start', 'stacked_on' or None."""
+    trains_on_parents: bool
+    """stack: the parents are active (frozen) while the new adapter trains."""
+    inherits_shape: bool
+    """warm_start: the new adapter keeps the parent's LoRA shape."""
+    parent_role: str = ""
+    """What the parent is, for messages (long_short: 'the long-term adapter')."""
+
+    def check(self, *, parents: int | None = None, mode: str, parent_is_stack: bool = False,
+              parent_label: str = "") -> None:
+        """Every rule of the policy, from facts only (no model, no file): ``parents`` is how many
+        parents were given (None: not known yet, only the mode is checked), ``mode`` the serving
+        combination, ``parent_is_stack`` whether the (single) parent is a stack node, named in the
+        message by ``parent_label`` (used as is, e.g. ``repr`` of the user's reference)."""
+        name = repr(self.name)
+        if parents is not None:
+            want = "exactly one parent" if self.single_parent else "at least one parent"
+            if self.parent_role:
+                want += f" ({self.parent_role})"
+            if not self.needs_parent and parents:
+                builders = ", ".join(repr(p.name) for p in _POLICIES.values() if p.needs_parent)
+                raise InvalidInput(
+                    f"policy {name} trains on the bare base and takes no parent, got {parents}: it needs no"
+                    f" parent, so drop it (or use a policy that builds on one: {builders})"
+                )
+            if self.needs_parent and not parents:
+                raise InvalidInput(f"policy {name} needs a parent, got none: it needs {want}")
+            if self.single_parent and parents != 1:
+                raise InvalidInput(f"policy {name} needs {want}, got {parents}")
+            if self.single_parent and parent_is_stack:
+                raise InvalidInput(
+                    f"policy {name} needs a single adapter as parent; {parent_label or 'the parent'} is a stack"
+                    " node (use policy 'stack', or name one of its members)"
+                )
+        if mode not in MODES:
+            raise InvalidInput(f"unknown combination mode {mode!r}: use {' or '.join(map(repr, MODES))}")
+        if self.trains_on_parents and mode != "weights":
+            raise InvalidInput(
+                f"policy {name} needs mode='weights', got {mode!r}: it trains on top of the parents' summed"
+                " deltas, so its mode must be 'weights'; for an output ensemble use policy 'long_short' with"
+                " mode='ensemble'"
+            )
+
+
+_POLICIES = {
+    p.name: p
+    for p in (
+        Policy("fresh", needs_parent=False, single_parent=False, makes_stack_node=False, relation=None,
+               trains_on_parents=False, inherits_shape=False),
+        Policy("warm_start", needs_parent=True, single_parent=True, makes_stack_node=False, relation="warm_start",
+               trains_on_parents=False, inherits_shape=True),
+        Policy("stack", needs_parent=True, single_parent=False, makes_stack_node=True, relation="stacked_on",
+               trains_on_parents=True, inherits_shape=False),
+        Policy("long_short", needs_parent=True, single_parent=True, makes_stack_node=True, relation=None,
+               trains_on_parents=False, inherits_shape=False, parent_role="the long-term adapter"),
+    )
+}
+POLICIES: tuple[str, ...] = tuple(_POLICIES)
+
+
+def get_policy(name: str | Policy) -> Policy:
+    """The ``Policy`` called ``name`` (a ``Policy`` passes through); ``InvalidInput`` for any other name."""
+    if isinstance(name, Policy):
+        return name
+    if not isinstance(name, str) or name not in _POLICIES:
+        raise InvalidInput(f"unknown policy {name!r}; choose one of {list(POLICIES)}")
+    return _POLICIES[name]
 
 
 @dataclass(frozen=True)
@@ -44,7 +128,7 @@ class ParentAdapter:
 class Plan:
     """Everything decided (and validated) before any model work."""
 
-    policy: str
+    policy: Policy
     parents: tuple[ParentAdapter, ...]
     settings: LoraSettings
     new_weight: float
@@ -58,24 +142,24 @@ class Plan:
     @property
     def node_names(self) -> list[str]:
         """Adapters of the node to serve, oldest first (the newest one's head is used in weights mode)."""
-        if self.policy in ("fresh", "warm_start"):
+        if not self.policy.makes_stack_node:
             return [self.adapter_name]
         return [*self.parent_names, self.adapter_name]
 
     @property
     def node_weights(self) -> list[float]:
-        if self.policy in ("fresh", "warm_start"):
+        if not self.policy.makes_stack_node:
             return [1.0]
         return [p.weight for p in self.parents] + [self.new_weight]
 
     @property
     def training_names(self) -> list[str]:
         """Adapters active while the new one trains (only ``stack`` trains on top of parents)."""
-        return self.node_names if self.policy == "stack" else [self.adapter_name]
+        return self.node_names if self.policy.trains_on_parents else [self.adapter_name]
 
     @property
     def training_weights(self) -> list[float]:
-        return self.node_weights if self.policy == "stack" else [1.0]
+        return self.node_weights if self.policy.trains_on_parents else [1.0]
 
 
 def _as_parent(item: Any) -> ParentAdapter:
@@ -90,7 +174,7 @@ def _as_parent(item: Any) -> ParentAdapter:
 
 def plan(
     task: Task,
-    policy: str,
+    policy: str | Policy,
     parents: Sequence[Any],
     settings: LoraSettings | None,
     new_weight: float,
@@ -98,20 +182,12 @@ def plan(
     adapter_name: str,
 ) -> Plan:
     """Validate the policy's arguments (parents readable, same task type, shapes) before any work."""
-    if policy not in POLICIES:
-        raise InvalidInput(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
+    rules = get_policy(policy)
     if not adapter_name or adapter_name.startswith("parent_") or "." in adapter_name:
         raise InvalidInput(f"adapter name {adapter_name!r} is not allowed (empty, dotted, or 'parent_*')")
     items = tuple(_as_parent(p) for p in parents)
-    expected = {"fresh": (0, 0), "warm_start": (1, 1), "stack": (1, 10_000), "long_short": (1, 1)}[policy]
-    if not expected[0] <= len(items) <= expected[1]:
-        want = {"fresh": "no parent", "warm_start": "exactly one parent", "stack": "at least one parent",
-                "long_short": "exactly one parent (the long-term adapter)"}[policy]
-        raise InvalidInput(f"policy {policy!r} needs {want}, got {len(items)}")
-    if policy == "stack" and mode != "weights":
-        raise InvalidInput("policy 'stack' trains on the parents' summed deltas, so its mode must be 'weights';"
-                           " for an output ensemble use policy 'long_short' with mode='ensemble'")
-    if policy in ("stack", "long_short"):
+    rules.check(parents=len(items), mode=mode)
+    if rules.makes_stack_node:
         check_combination([p.weight for p in items] + [float(new_weight)], mode)
     configs = [peft_wiring.source_config(p.source) for p in items]
     want_type = PEFT_TASK_TYPES[task.name]
@@ -119,7 +195,7 @@ def plan(
         got = getattr(config.task_type, "value", config.task_type)
         if got != want_type:
             raise InvalidInput(f"parent {parent.source} is a {got} adapter but task {task.name!r} needs {want_type}")
-    if policy == "warm_start":
+    if rules.inherits_shape:
         inherited = LoraSettings.from_peft_config(configs[0])
         if settings is not None and not settings.same_shape(inherited):
             raise InvalidInput(
@@ -128,7 +204,7 @@ def plan(
                 " or use policy 'fresh' for a new shape"
             )
         settings = inherited if settings is None else settings
-    return Plan(policy, items, settings or LoraSettings(), float(new_weight), mode, adapter_name)
+    return Plan(rules, items, settings or LoraSettings(), float(new_weight), mode, adapter_name)
 
 
 def build(task_model: nn.Module, task: Task, p: Plan, seed: int) -> Any:
@@ -141,7 +217,7 @@ def build(task_model: nn.Module, task: Task, p: Plan, seed: int) -> Any:
     from peft import get_peft_model
 
     set_seed(seed)
-    if p.policy == "warm_start":
+    if p.policy.inherits_shape:
         model = peft_wiring.attach(task_model, p.parents[0].source, p.adapter_name, trainable=True)
     else:
         model: Any = task_model
@@ -153,9 +229,9 @@ def build(task_model: nn.Module, task: Task, p: Plan, seed: int) -> Any:
             model = get_peft_model(task_model, config, adapter_name=p.adapter_name)
         else:
             model.add_adapter(p.adapter_name, config)
-        copy_from = p.parent_names[-1] if p.policy == "stack" else None
+        copy_from = p.parent_names[-1] if p.policy.trains_on_parents else None
         task.init_head(model, p.adapter_name, seed, copy_from=copy_from)
     return model
 
 
-__all__ = ["POLICIES", "ParentAdapter", "Plan", "build", "plan"]
+__all__ = ["POLICIES", "ParentAdapter", "Plan", "Policy", "build", "get_policy", "plan"]

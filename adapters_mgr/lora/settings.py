@@ -7,7 +7,7 @@ any model is loaded so a bad rank fails in milliseconds with a message that name
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,11 +73,6 @@ class LoraSettings:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LoraSettings:
-        known = {k: data[k] for k in ("r", "alpha", "dropout", "target_modules") if k in data}
-        return cls(**known)
 
     @classmethod
     def from_peft_config(cls, config: Any) -> LoraSettings:

@@ -6,11 +6,14 @@ need a model that trains in milliseconds and a stream whose signal a recommender
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from adapters_mgr.lora.base_model import embedded_model_path, quiet_transformers
 
 GENRES = ("rock", "jazz", "pop", "folk")
 _WORDS = ("user", "item", "age", "genre", "likes", "group", "a", "b", "song", "film", *GENRES)
@@ -83,11 +86,7 @@ def item_catalog(n_items: int = 16) -> dict[str, str]:
 def tiny_base_folder(folder: str | Path, seed: int = 0, hidden: int = 16) -> Path:
     """A random 2-layer BERT (real 30,522-token WordPiece vocabulary) saved with the embedded model's
     tokenizer: for demos (`--quick`), benchmarks' quick modes and tests that go through the catalog."""
-    import shutil
-
     from transformers import BertConfig, BertForSequenceClassification
-
-    from adapters_mgr.lora.base_model import embedded_model_path, quiet_transformers
 
     quiet_transformers()
     folder = Path(folder)

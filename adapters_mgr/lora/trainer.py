@@ -33,7 +33,7 @@ from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.adapters import InMemoryAdapter
 from adapters_mgr.lora.peft_scoring import ScoringModel
-from adapters_mgr.lora.policies import Plan, build, plan
+from adapters_mgr.lora.policies import Plan, Policy, build, plan
 from adapters_mgr.lora.settings import LoraSettings
 from adapters_mgr.lora.tasks import Task, get_task
 
@@ -115,7 +115,7 @@ def train_adapter(
     batch_size: int = 32,
     max_length: int = 64,
     seed: int = 0,
-    policy: str = "fresh",
+    policy: str | Policy = "fresh",
     parents: Sequence[Any] = (),
     new_weight: float = 1.0,
     mode: str = "weights",
@@ -207,7 +207,7 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
     for epoch in range(epochs):
         _train_mode(model, frozen)
         epoch_losses = []
-        bar = tqdm(loader, desc=f"train {task.name} {p.policy} epoch {epoch + 1}/{epochs}", leave=False,
+        bar = tqdm(loader, desc=f"train {task.name} {p.policy.name} epoch {epoch + 1}/{epochs}", leave=False,
                    disable=not progress or not accelerator.is_local_main_process)
         for batch in bar:
             loss = task.loss(model, batch)
@@ -227,7 +227,7 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
     peft_wiring.freeze(model, None)
     peft_wiring.activate(model, p.node_names, p.node_weights if p.mode == "weights" else None)
     result = TrainResult(
-        model=model, tokenizer=tokenizer, task=task, adapter_name=p.adapter_name, policy=p.policy,
+        model=model, tokenizer=tokenizer, task=task, adapter_name=p.adapter_name, policy=p.policy.name,
         settings=p.settings, node_names=p.node_names, node_weights=p.node_weights, mode=p.mode,
         metrics={"train_loss": float(np.mean(losses)) if losses else float("nan"), "n_train": len(data)},
         samples_per_s=len(data) * epochs / loop_s if loop_s > 0 else float("nan"), wall_s=0.0,
@@ -235,7 +235,7 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
         hyperparameters={
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
             "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "max_grad_norm": max_grad_norm,
-            "policy": p.policy, "mode": p.mode, "new_weight": p.new_weight,
+            "policy": p.policy.name, "mode": p.mode, "new_weight": p.new_weight,
             "parent_weights": [parent.weight for parent in p.parents], "lora": p.settings.to_dict(),
             **({"temperature": task.temperature} if hasattr(task, "temperature") else {}),
         },

@@ -47,7 +47,12 @@ from torch import nn
 
 from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter, has_injected_adapters, read_adapter_config
-from adapters_mgr.lora.merge import (
+from adapters_mgr.lora.peft_scoring import check_combination
+from adapters_mgr.lora.tasks import Task, get_task
+from adapters_mgr.lora.tasks.ranker import pair_probabilities
+from adapters_mgr.lora.tasks.retriever import encode_texts
+from adapters_mgr.lora.tensors import (
+    CONFIG_FILE,
     WEIGHTS_FILE,
     LoraTensors,
     check_compatible,
@@ -56,10 +61,6 @@ from adapters_mgr.lora.merge import (
     parse_state_dict,
     stacked_factors,
 )
-from adapters_mgr.lora.peft_scoring import check_combination
-from adapters_mgr.lora.tasks import Task, get_task
-from adapters_mgr.lora.tasks.ranker import pair_probabilities
-from adapters_mgr.lora.tasks.retriever import encode_texts
 
 
 # -- readers/writer lock ------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class AdapterCache:
     @staticmethod
     def _signature(folder: Path) -> tuple[Any, ...]:
         sig: tuple[Any, ...] = ()
-        for name in (WEIGHTS_FILE, "adapter_config.json"):
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
             st = os.stat(folder / name)
             sig += (st.st_size, st.st_mtime_ns, st.st_ino)
         return sig
@@ -320,9 +321,6 @@ class HotSwapModel:
             self._node = node
             self.switches += 1
         return node.label
-
-    def deactivate(self) -> None:
-        self.activate(None)
 
     @torch.no_grad()
     def _apply(self, new: _Pass) -> None:

@@ -10,67 +10,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
+from tqdm.auto import tqdm
 
 from adapters_mgr.catalog.sql import fetch_dicts, log_event, utcnow
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.faults import maybe_crash
-
-if TYPE_CHECKING:
-    from adapters_mgr.manager import AdapterManager
+from adapters_mgr.serving.scorer import Scorer, ServingSource
 
 USER_MODES = ("all", "changed")
 
 
-def seen_items(mgr: AdapterManager, users: Sequence[str] | None = None) -> dict[str, set[str]]:
-    """Items each user already interacted with (never recommended back)."""
-    sql = "SELECT user_id::VARCHAR, item_id::VARCHAR FROM interactions"
-    params: list[Any] = []
-    if users is not None:
-        sql += " WHERE user_id::VARCHAR IN (SELECT unnest(?::VARCHAR[]))"
-        params.append(list(users))
-    seen: dict[str, set[str]] = {}
-    with mgr.catalog.connect() as con:
-        for user, item in con.execute(sql, params).fetchall():
-            seen.setdefault(user, set()).add(item)
-    return seen
-
-
-def top_k(scores: np.ndarray, item_ids: Sequence[str], users: Sequence[str], seen: dict[str, set[str]],
-          k: int) -> dict[str, list[dict[str, Any]]]:
-    """Per user (row of ``scores``), the ``k`` best unseen items, best first."""
-    index = {item: j for j, item in enumerate(item_ids)}
-    scores = np.array(scores, dtype=np.float64, copy=True)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for row, user in enumerate(users):
-        for item in seen.get(user, ()):
-            j = index.get(item)
-            if j is not None:
-                scores[row, j] = -np.inf
-        valid = int(np.isfinite(scores[row]).sum())
-        n = min(k, valid)
-        if n == 0:
-            out[user] = []
-            continue
-        part = np.argpartition(-scores[row], n - 1)[:n]
-        order = part[np.argsort(-scores[row, part], kind="stable")]
-        out[user] = [{"item_id": item_ids[j], "score": float(scores[row, j])} for j in order]
-    return out
-
-
-def all_users(mgr: AdapterManager) -> tuple[list[str], int | None]:
+def all_users(ws: ServingSource) -> tuple[list[str], int | None]:
     """Every user with an interaction, and the newest batch's seq."""
-    with mgr.catalog.connect() as con:
+    with ws.catalog.connect() as con:
         newest = con.execute("SELECT max(seq) FROM batches WHERE kind = 'interactions'").fetchone()[0]
         users = [r[0] for r in con.execute("SELECT DISTINCT user_id::VARCHAR FROM interactions ORDER BY 1").fetchall()]
     return users, newest
 
 
-def changed_users(mgr: AdapterManager, alias: str | None) -> tuple[list[str], int | None]:
+def changed_users(ws: ServingSource, alias: str | None) -> tuple[list[str], int | None]:
     """Users with events in batches newer than the last run for ``alias`` (all users if none)."""
-    with mgr.catalog.connect() as con:
+    with ws.catalog.connect() as con:
         row = con.execute(
             "SELECT max(max_batch_seq) FROM recommendation_runs WHERE coalesce(alias, '') = coalesce(?, '')", [alias]
         ).fetchone()
@@ -87,7 +49,7 @@ def changed_users(mgr: AdapterManager, alias: str | None) -> tuple[list[str], in
 
 
 def recompute(
-    mgr: AdapterManager,
+    ws: ServingSource,
     alias: str = "production",
     *,
     users: str | Sequence[Any] = "changed",
@@ -98,29 +60,27 @@ def recompute(
     batch_users: int = 256,
 ) -> dict[str, Any]:
     """Recompute top-``k`` lists for all / changed / given users and store them as one run."""
-    from tqdm.auto import tqdm
-
     if k <= 0:
         raise InvalidInput(f"k must be positive, got {k}")
     if isinstance(users, str) and users not in USER_MODES:
         raise InvalidInput(f"invalid users {users!r}: use 'all', 'changed' or a list of user ids")
     started = time.perf_counter()
-    node = mgr.get(alias)
+    node = ws.get(alias)
     if node.task != "retriever":
         raise InvalidInput(
             f"{alias!r} points at a {node.task} node; recomputing for the whole catalog needs a retriever "
             "(pass the ranker as ranker= to rerank its top candidates)"
         )
-    follows = alias if mgr.alias_target(str(alias)) is not None else None
+    follows = alias if ws.alias_target(str(alias)) is not None else None
     if users == "changed":
-        wanted, newest = changed_users(mgr, follows)
+        wanted, newest = changed_users(ws, follows)
         mode = "changed"
     elif users == "all":
-        wanted, newest = all_users(mgr)
+        wanted, newest = all_users(ws)
         mode = "all"
     else:
         wanted, newest, mode = [str(u) for u in users], None, "list"
-    scorer = mgr.scorer(alias, ranker=ranker)
+    scorer = Scorer(ws, alias, ranker=ranker)
     try:
         lists: dict[str, list[dict[str, Any]]] = {}
         with tqdm(total=len(wanted), desc="recompute", unit="user", disable=not progress) as bar:
@@ -139,7 +99,7 @@ def recompute(
             item_col.append(rec["item_id"])
             score_col.append(rec["score"])
     wall = time.perf_counter() - started
-    with mgr.catalog.transaction() as con:
+    with ws.catalog.transaction() as con:
         run_id = con.execute(
             "INSERT INTO recommendation_runs (alias, node_id, ranker_node_id, k, users_mode, num_users, "
             "max_batch_seq, wall_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
@@ -158,12 +118,12 @@ def recompute(
             "rows": len(user_col), "mode": mode, "wall_s": wall}
 
 
-def current(mgr: AdapterManager, user: Any | None = None, alias: str | None = "production") -> list[dict[str, Any]]:
+def current(ws: ServingSource, user: Any | None = None, alias: str | None = "production") -> list[dict[str, Any]]:
     """The lists readers see now (newest complete run per user), with the node that produced them."""
     sql = "SELECT * FROM current_recommendations WHERE coalesce(alias, '') = coalesce(?, '')"
     params: list[Any] = [alias]
     if user is not None:
         sql += " AND user_id = ?"
         params.append(str(user))
-    with mgr.catalog.connect() as con:
+    with ws.catalog.connect() as con:
         return fetch_dicts(con, sql + " ORDER BY user_id, rank", params)

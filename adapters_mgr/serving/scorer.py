@@ -10,19 +10,47 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
+from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.catalog.records import Adapter
 from adapters_mgr.errors import InvalidInput, NotFound
-from adapters_mgr.lora.base_model import HeadSpec, load_base_model
-
-if TYPE_CHECKING:
-    from adapters_mgr.catalog.records import Adapter
-    from adapters_mgr.manager import AdapterManager
-    from adapters_mgr.serving.engine import HotSwapModel, NodeSpec
+from adapters_mgr.lora.base_model import load_base_model
+from adapters_mgr.lora.tasks import get_task
+from adapters_mgr.serving.engine import HotSwapModel, NodeSpec
+from adapters_mgr.serving.topk import seen_items, top_k
 
 RERANK_TOP_M = 50
+
+
+class TextSource(Protocol):
+    """Renders catalog users and items as the texts a model reads (the data layer does)."""
+
+    def user_texts(self, users: Sequence[str], as_of: Any = None, *,
+                   templates: dict[str, str] | None = None) -> dict[str, str]: ...
+
+    def item_texts(self, as_of: Any = None, *, templates: dict[str, str] | None = None) -> dict[str, str]: ...
+
+
+class ServingSource(Protocol):
+    """What serving needs from the rest of the system (a Workspace provides it): nodes and their
+    verified folders, bases, texts. Why a protocol: serving depends only on lora/ and catalog/, so a
+    serving process can be built on any object that offers these, never on the manager."""
+
+    catalog: Catalog
+    data: TextSource
+
+    def get(self, ref: Any) -> Adapter: ...
+    def members(self, node: Adapter) -> tuple[list[tuple[Adapter, float]], str]: ...
+    def newest_templates(self, adapters: list[Adapter]) -> dict[str, str] | None: ...
+    def adapter_folder(self, ref: Any) -> Path: ...
+    def alias_target(self, alias: str) -> int | None: ...
+    def base(self, ref: str) -> dict[str, Any]: ...
+    def tokenizer(self, base_ref: str) -> Any: ...
+    def check_base_hash(self, model: Any, row: dict[str, Any], *, force: bool, context: str) -> None: ...
 
 
 class Scorer:
@@ -33,9 +61,9 @@ class Scorer:
     >>> mgr.rollback("production"); scorer.refresh()         # picks up the move  # doctest: +SKIP
     """
 
-    def __init__(self, manager: AdapterManager, node_or_alias: Any = None, *, ranker: Any = None,
+    def __init__(self, source: ServingSource, node_or_alias: Any = None, *, ranker: Any = None,
                  max_length: int = 64, batch_size: int = 128) -> None:
-        self.mgr = manager
+        self.src = source
         self.max_length = max_length
         self.batch_size = batch_size
         self._engines: dict[tuple[str, str], HotSwapModel] = {}
@@ -53,44 +81,31 @@ class Scorer:
 
     # -- nodes -------------------------------------------------------------------------------------
     def _engine(self, base_id: str, task: str) -> HotSwapModel:
-        from adapters_mgr.serving.engine import HotSwapModel
-
         key = (base_id, task)
         engine = self._engines.get(key)
         if engine is None:
-            row = self.mgr.base(base_id)
-            head = HeadSpec("seq_cls", 2) if task == "ranker" else HeadSpec("encoder")
-            model = load_base_model(row["source"], head)
-            self.mgr._check_base_hash(model, row, force=False, context=f"serving base {base_id}")
-            engine = HotSwapModel(model, self.mgr.tokenizer(base_id), task, max_length=self.max_length,
+            row = self.src.base(base_id)
+            model = load_base_model(row["source"], get_task(task).head)
+            self.src.check_base_hash(model, row, force=False, context=f"serving base {base_id}")
+            engine = HotSwapModel(model, self.src.tokenizer(base_id), task, max_length=self.max_length,
                                   batch_size=self.batch_size)
             self._engines[key] = engine
         return engine
 
-    def node_spec(self, node: Adapter) -> NodeSpec:
-        """The adapters (verified folders) and combination a catalog node activates."""
-        from adapters_mgr.workflows.update import node_members
-
-        return self._spec(node, *node_members(self.mgr, node))
-
     def _spec(self, node: Adapter, members: list[tuple[Adapter, float]], mode: str) -> NodeSpec:
-        from adapters_mgr.serving.engine import NodeSpec
-
-        return NodeSpec(tuple((str(self.mgr.adapter_folder(m.id)), float(w)) for m, w in members), mode, node.id)
+        return NodeSpec(tuple((str(self.src.adapter_folder(m.id)), float(w)) for m, w in members), mode, node.id)
 
     def activate(self, node_or_alias: Any) -> int:
         """Activate a node (id, NAME@VERSION) or follow an alias; returns the node id now active."""
-        from adapters_mgr.workflows.update import newest_templates, node_members
-
-        node = self.mgr.get(node_or_alias)
+        node = self.src.get(node_or_alias)
         if node.task not in ("ranker", "retriever"):
             raise InvalidInput(f"adapter {node.id} is for task {node.task!r}; the scorer serves ranker or retriever")
         if node.status != "active":
             raise InvalidInput(f"adapter {node.id} is {node.status}; it cannot be served")
         engine = self._engine(node.base_id, node.task)
-        members, mode = node_members(self.mgr, node)  # once: a lineage query for stack nodes
+        members, mode = self.src.members(node)  # once: a lineage query for stack nodes
         prepared = engine.prepare(self._spec(node, members, mode))  # reads and checks outside the switch
-        templates = newest_templates(self.mgr, [m for m, _ in members])
+        templates = self.src.newest_templates([m for m, _ in members])
         with self._lock:
             engine.activate(prepared)
             self._refs[node.task] = node_or_alias
@@ -104,10 +119,8 @@ class Scorer:
         Why: a model reads text rendered the way it was trained; after ``data set-template`` the
         catalog renders differently, but a node trained before keeps its own templates.
         """
-        from adapters_mgr.workflows.update import newest_templates, node_members
-
-        members, _ = node_members(self.mgr, node)
-        return newest_templates(self.mgr, [m for m, _ in members])
+        members, _ = self.src.members(node)
+        return self.src.newest_templates([m for m, _ in members])
 
     @property
     def active(self) -> int | None:
@@ -123,7 +136,7 @@ class Scorer:
         """Re-resolve followed aliases (one short catalog read each); switch if they moved."""
         changed = False
         for task, ref in list(self._refs.items()):
-            target = self.mgr.alias_target(ref) if isinstance(ref, str) and not ref.isdigit() else None
+            target = self.src.alias_target(ref) if isinstance(ref, str) and not ref.isdigit() else None
             if target is not None and target != self._nodes[task].id:
                 self.activate(ref)
                 changed = True
@@ -175,8 +188,8 @@ class Scorer:
         users = [str(u) for u in users]
         items = [str(i) for i in items]
         templates = self._templates.get(self._primary_task())
-        user_text = self.mgr.data.user_texts(sorted(set(users)), as_of, templates=templates)
-        item_text = self.mgr.data.item_texts(as_of, templates=templates)
+        user_text = self.src.data.user_texts(sorted(set(users)), as_of, templates=templates)
+        item_text = self.src.data.item_texts(as_of, templates=templates)
         missing = [i for i in items if i not in item_text]
         if missing:
             raise NotFound(f"unknown item {missing[0]!r}; it has no interactions or attributes in the catalog")
@@ -187,7 +200,7 @@ class Scorer:
         engine = self._engine_for("retriever")
         key = (self._nodes["retriever"].id, str(as_of))
         if key not in self._item_cache:
-            texts = self.mgr.data.item_texts(as_of, templates=self._templates.get("retriever"))
+            texts = self.src.data.item_texts(as_of, templates=self._templates.get("retriever"))
             ids = sorted(texts)
             self._item_cache = {key: (ids, engine.encode([texts[i] for i in ids]))}
         return self._item_cache[key]
@@ -201,27 +214,25 @@ class Scorer:
     def recommend_many(self, users: Sequence[Any], k: int = 10, *, exclude_seen: bool = True,
                        top_m: int = RERANK_TOP_M, as_of: Any = None, progress: Any = None
                        ) -> dict[str, list[dict[str, Any]]]:
-        from adapters_mgr.serving.recommend import seen_items, top_k
-
         if k <= 0:
             raise InvalidInput(f"k must be positive, got {k}")
         users = [str(u) for u in users]
         ids, item_emb = self.item_embeddings(as_of)
-        user_text = self.mgr.data.user_texts(users, as_of, templates=self._templates.get("retriever"))
+        user_text = self.src.data.user_texts(users, as_of, templates=self._templates.get("retriever"))
         unknown = [u for u in users if u not in user_text]
         if unknown:
             raise NotFound(f"unknown user {unknown[0]!r}; it has no interactions or attributes in the catalog")
         engine = self._engine_for("retriever")
         user_emb = engine.encode([user_text[u] for u in users])
-        seen = seen_items(self.mgr, users) if exclude_seen else {}
+        seen = seen_items(self.src.catalog, users) if exclude_seen else {}
         ranker = "ranker" in self._nodes
         first = top_k(user_emb @ item_emb.T, ids, users, seen, max(k, top_m) if ranker else k)
         if not ranker:
             return first
         rank_templates = self._templates.get("ranker")
         if rank_templates != self._templates.get("retriever"):  # each stage reads its own training texts
-            user_text = self.mgr.data.user_texts(users, as_of, templates=rank_templates)
-        item_text = self.mgr.data.item_texts(as_of, templates=rank_templates)
+            user_text = self.src.data.user_texts(users, as_of, templates=rank_templates)
+        item_text = self.src.data.item_texts(as_of, templates=rank_templates)
         out: dict[str, list[dict[str, Any]]] = {}
         rank_engine = self._engine_for("ranker")
         for n, user in enumerate(users):

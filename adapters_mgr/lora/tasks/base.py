@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from adapters_mgr.errors import InvalidInput
+from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.examples import Interactions
 
 if TYPE_CHECKING:
@@ -27,6 +29,11 @@ class Task(ABC):
     name: ClassVar[str]
     primary_metric: ClassVar[str]
     """The metric promotion gates compare (higher is better)."""
+
+    @property
+    @abstractmethod
+    def head(self) -> HeadSpec:
+        """The head the shared base must be loaded with for this task (``load_base_model(source, task.head)``)."""
 
     @abstractmethod
     def task_model(self, base: nn.Module) -> nn.Module:
@@ -69,8 +76,6 @@ def task_names() -> list[str]:
 
 def get_task(task: str | Task, **options: Any) -> Task:
     """Resolve a task name ('ranker', 'retriever') or pass a Task instance through."""
-    from adapters_mgr.errors import InvalidInput
-
     if isinstance(task, Task):
         return task
     if task not in _REGISTRY:

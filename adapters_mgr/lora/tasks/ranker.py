@@ -18,6 +18,7 @@ from torch import nn
 
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora import metrics
+from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.examples import Interactions, as_interactions
 from adapters_mgr.lora.tasks.base import Task, register_task
 
@@ -25,6 +26,11 @@ from adapters_mgr.lora.tasks.base import Task, register_task
 class RankerTask(Task):
     name = "ranker"
     primary_metric = "auc"
+
+    @property
+    def head(self) -> HeadSpec:
+        """A 2-label sequence classifier: the adapters carry their own trained copy of its head."""
+        return HeadSpec("seq_cls", 2)
 
     def task_model(self, base: nn.Module) -> nn.Module:
         from peft import PeftModel

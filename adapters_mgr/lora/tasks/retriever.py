@@ -22,6 +22,7 @@ from torch import nn
 
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora import metrics
+from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.examples import (
     Interactions,
     RetrievalEvalSet,
@@ -41,6 +42,11 @@ class RetrieverTask(Task):
             raise InvalidInput(f"retriever temperature must be positive, got {temperature!r}; try 0.05")
         self.temperature = float(temperature)
         self.k = int(k)
+
+    @property
+    def head(self) -> HeadSpec:
+        """The bare encoder (no task head)."""
+        return HeadSpec("encoder")
 
     def task_model(self, base: nn.Module) -> nn.Module:
         """The bare encoder: a BertModel as is, or the backbone of a BertFor... model (shared, not copied)."""
