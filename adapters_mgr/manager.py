@@ -29,6 +29,7 @@ from adapters_mgr.catalog.sql import log_event
 from adapters_mgr.errors import AdaptersMgrError, InvalidInput, Locked
 from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.store import GC_GRACE_SECONDS
+from adapters_mgr.workflows import aliases as alias_flows
 from adapters_mgr.workflows import bases as base_flows
 from adapters_mgr.workflows import integrity, register
 from adapters_mgr.workflows.config import UpdateConfig
@@ -180,8 +181,10 @@ class AdapterManager:
 
         For people who train with their own code: ``register(model, name="ranker")`` is enough.
         ``parents`` entries are refs or ``(ref, relation, weight)``; ``batches`` are data batch ids
-        (role ``train``) or ``(id, role)`` pairs. Same name + same bytes + same parents returns the
-        existing id instead of a new version, so retries are safe.
+        (role ``train``) or ``(id, role)`` pairs. Same name + same bytes + same base + same parents
+        returns the existing id instead of a new version, so retries are safe; the same bytes on another
+        base are another node. An adapter whose tensor shapes do not fit the base is refused
+        (``InvalidInput``) before anything is written.
         """
         return register.register(self.workspace, source, name=name, base=base, parents=parents, batches=batches,
                                  eval_batches=eval_batches, metrics=metrics, task=task, kind=kind,
@@ -364,9 +367,12 @@ class AdapterManager:
     # ------------------------------------------------------------------ aliases
     @_logs_failures("set_alias")
     def set_alias(self, alias: str, ref: Ref, *, reason: str | None = None, action: str = "set") -> int:
-        """Point ``alias`` at a node; returns the node id. Every move is kept in ``alias_history``."""
-        with self.catalog.transaction() as con:
-            return alias_ops.point(con, alias, ref, action=action, reason=reason)
+        """Point ``alias`` at a node; returns the node id. Every move is kept in ``alias_history``.
+
+        Refused (``IntegrityError``, alias unchanged) when the node's files, or a stack member's, are
+        missing or differ from their checksums: an alias must never point at weights that cannot load.
+        """
+        return alias_flows.set_alias(self.workspace, alias, ref, action=action, reason=reason)
 
     def promote(self, ref: Ref, alias: str = "production", *, reason: str | None = None) -> int:
         """Point ``alias`` (default ``production``) at a node."""
@@ -376,10 +382,10 @@ class AdapterManager:
     def rollback(self, alias: str = "production", to: Ref | None = None, *, reason: str | None = None) -> int:
         """Move ``alias`` back: to its previous target by default, or to ``to``. Returns the new target.
 
-        Nothing is deleted or unmerged; repeated rollbacks keep walking back through the history.
+        Nothing is deleted or unmerged; repeated rollbacks keep walking back through the history. The
+        target's files are checked first, as for :meth:`set_alias`.
         """
-        with self.catalog.transaction() as con:
-            return alias_ops.roll_back(con, alias, to, reason=reason)
+        return alias_flows.rollback(self.workspace, alias, to, reason=reason)
 
     def alias_target(self, alias: str) -> int | None:
         """The node an alias points at now, or None when the alias does not exist."""

@@ -244,6 +244,30 @@ def read_safetensors_header(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def header_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, parsed directly: no torch, no tensor read.
+
+    For files already accepted (a stored adapter, a base checkpoint) where :func:`read_safetensors_header`'s
+    full check is not needed and importing torch would cost a catalog-only command a second. An
+    unreadable or malformed header raises ``InvalidInput`` naming the file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < size <= MAX_HEADER_BYTES:
+                raise ValueError(f"header length {size} out of range")
+            header = json.loads(fh.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return {str(k): [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidInput(f"cannot read the safetensors header of {path}: {_one_line(exc)}") from exc
+
+
 def check_peft_folder(folder: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
     """Refuse anything that is not a safetensors LoRA PEFT folder, naming what is wrong.
 

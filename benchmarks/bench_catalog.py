@@ -12,7 +12,9 @@ warm process, including opening and closing the short-lived DuckDB connection ea
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters_mgr import AdapterManager  # noqa: E402
 from adapters_mgr.catalog import lineage_index  # noqa: E402
 from adapters_mgr.catalog.sql import utcnow  # noqa: E402
+from adapters_mgr.store import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 from benchmarks._common import machine, md_table, samples_ms, write_results  # noqa: E402
 
 TARGETS = {
@@ -77,9 +80,21 @@ def populate(mgr: AdapterManager, n: int, depth: int) -> dict[str, int]:
     # sequences cannot be moved with setval in DuckDB: advance by drawing values (cheap)
     with mgr.catalog.transaction() as con:
         con.execute(f"SELECT max(nextval('adapter_id_seq')) FROM range({n})")
+    # promote checks the target's files, so the promoted nodes share one real 301 KB file set
+    promoted = min(depth, 200)
+    weights, config = os.urandom(301_000), b'{"peft_type": "LORA", "r": 8}'
+    w_sha, c_sha = hashlib.sha256(weights).hexdigest(), hashlib.sha256(config).hexdigest()
+    key = hashlib.sha256(f"{c_sha}:{w_sha}".encode()).hexdigest()
+    folder = mgr.store.path(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / WEIGHTS_FILE).write_bytes(weights)
+    (folder / CONFIG_FILE).write_bytes(config)
+    with mgr.catalog.transaction() as con:
+        con.execute("UPDATE adapters SET store_key = ?, weights_sha256 = ?, config_sha256 = ? WHERE id <= ?",
+                    [key, w_sha, c_sha, promoted])
     leaf = depth  # the end of the first chain: 1,000 generations up
     # an alias with a realistic history: 200 promotions through the first chain
-    for i in range(1, min(depth, 200) + 1):
+    for i in range(1, promoted + 1):
         mgr.promote(i, "production")
     return {"chains": chains, "leaf": leaf, "n": n}
 

@@ -6,10 +6,12 @@ stack, so repeated rollbacks keep walking back (C -> B -> A) instead of toggling
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import duckdb
 
+from adapters_mgr.catalog.nodes import StoredNode, stored_nodes
 from adapters_mgr.catalog.records import Ref, adapter_status, check_alias, fetch_ref, resolve
 from adapters_mgr.catalog.sql import fetch_dicts, log_event, utcnow
 from adapters_mgr.errors import Conflict, NotFound
@@ -104,29 +106,46 @@ def history(con: duckdb.DuckDBPyConnection, alias: str | None = None) -> list[di
     return fetch_dicts(con, sql + " ORDER BY id", params)
 
 
+#: checks, in the move's transaction, that a node can be loaded (raises to refuse the move); the
+#: store is not the catalog's to read, so :mod:`adapters_mgr.workflows.aliases` supplies it.
+TargetCheck = Callable[[duckdb.DuckDBPyConnection, StoredNode, list[StoredNode]], None]
+
+
 def point(con: duckdb.DuckDBPyConnection, alias: str, ref: Ref, *, action: str = "set",
-          reason: str | None = None) -> int:
-    """Point ``alias`` at an active node and log it (``action``: set or promote); returns the node id."""
+          reason: str | None = None, check: TargetCheck | None = None) -> int:
+    """Point ``alias`` at an active node and log it (``action``: set or promote); returns the node id.
+
+    ``check`` (given the node's storage row and, for a stack, its members') runs before the move.
+    """
     check_alias(alias)
     target = fetch_ref(con, ref)
     if target.status != "active":
         raise Conflict(f"adapter {target.id} is {target.status}; an alias can only point at an active one")
+    if check is not None:
+        check(con, *stored_nodes(con, target.id))
     previous = move(con, alias, target.id, action=action, reason=reason)
     log_event(con, action, {"alias": alias, "ref": ref, "reason": reason}, detail={"from": previous, "to": target.id})
     return target.id
 
 
 def roll_back(con: duckdb.DuckDBPyConnection, alias: str, to: Ref | None = None, *,
-              reason: str | None = None) -> int:
-    """Move ``alias`` back to its previous target (or to ``to``) and log it; returns the new target."""
+              reason: str | None = None, check: TargetCheck | None = None) -> int:
+    """Move ``alias`` back to its previous target (or to ``to``) and log it; returns the new target.
+
+    ``check`` as in :func:`point`; its storage rows come from the statement that reads the status.
+    """
     check_alias(alias)
     current, stack = rollback_state(con, alias)
     if current is None:
         raise NotFound(f"no alias {alias!r}; list them with `adapters-mgr alias`")
     target_id = resolve(con, to) if to is not None else rollback_target(alias, stack)
-    status = adapter_status(con, target_id)  # not fetch_adapter: rollback is a hot path
+    # not fetch_adapter: rollback is a hot path
+    stored = stored_nodes(con, target_id) if check is not None else None
+    status = stored[0].status if stored is not None else adapter_status(con, target_id)
     if status != "active":
         raise Conflict(f"cannot roll {alias!r} back to adapter {target_id}: it is {status}")
+    if check is not None and stored is not None:
+        check(con, *stored)
     move(con, alias, target_id, action="rollback", reason=reason, previous=current)
     log_event(con, "rollback", {"alias": alias, "to": to, "reason": reason}, detail={"from": current, "to": target_id})
     return target_id

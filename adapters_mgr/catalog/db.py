@@ -9,6 +9,7 @@ until ``lock_timeout`` and then becomes :class:`~adapters_mgr.errors.Locked`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import random
@@ -41,10 +42,44 @@ _instance_pid: int | None = None
 _instance_lock = threading.Lock()
 
 
+def _abandon(obj: object) -> None:
+    """Keep an object inherited through fork alive for good: its destructor must never run here.
+
+    Why: destroying a DuckDB instance joins its worker threads (``TaskScheduler`` destructor), and
+    ``fork`` copies only the calling thread, so in a child the join waits forever, holding the GIL.
+    That was the fork hang: the child's first catalog call replaced the parent's instance, the
+    old one's destructor ran and the call never returned (the lock timeout never started). A plain
+    module-level list is not enough: interpreter shutdown clears modules and would run the destructor
+    at exit, so the object gets one reference nothing ever drops (the price: the idle instance's memory
+    stays allocated in the child).
+    """
+    if obj is not None:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: forget the parent's DuckDB instance, attachments and locks.
+
+    The instance is abandoned, never destroyed (see :func:`_abandon`); the locks are new because a
+    parent thread may have held one at the moment of the fork, and no thread of the child would ever
+    release it. The migration cache stays: migrations are on disk, not in the instance.
+    """
+    global _instance, _instance_pid, _instance_lock, _attachments, _attachments_lock, _migrate_lock
+    _abandon(_instance)
+    _instance, _instance_pid = None, None
+    _instance_lock = threading.Lock()
+    _attachments = {}
+    _attachments_lock = threading.Lock()
+    _migrate_lock = threading.Lock()
+
+
 def _memory_instance() -> duckdb.DuckDBPyConnection:
     global _instance, _instance_pid
+    if _instance_pid is not None and _instance_pid != os.getpid():
+        # A fork that skipped the at-fork hook (a C-level fork()): same reset, same reason.
+        _reset_after_fork()
     with _instance_lock:
-        if _instance is None or _instance_pid != os.getpid():  # never reuse an instance across fork
+        if _instance is None:
             _instance = duckdb.connect(":memory:")
             _instance.execute("SET TimeZone = 'UTC'")
             # Detaching would otherwise checkpoint after every write (~15-25 ms on a 100k-adapter
@@ -69,6 +104,10 @@ class _Attachment:
 
 _attachments: dict[str, _Attachment] = {}
 _attachments_lock = threading.Lock()
+
+# A forked child (multiprocessing's default on Linux, DataLoader workers, pre-fork servers) starts
+# with fresh module state; see _reset_after_fork.
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _attachment(path: Path) -> _Attachment:

@@ -112,14 +112,17 @@ def insert_node(
     links: list[tuple[str, str]],
     columns: dict[str, Any],
     stack_mode: str | None = None,
+    event_detail: dict[str, Any] | None = None,
 ) -> int:
     """The node row with the next version of its name, its edges, batch links and event.
 
-    Same name + same bytes + same parents returns the existing id (logged ``exists``), so retries are safe.
+    Same name + same bytes + same base + same parents returns the existing id (logged ``exists``), so
+    retries are safe. The same bytes on another base are another node: a node is bytes + base + lineage.
+    ``event_detail`` is added to the register event's detail.
     """
     parent_ids = [resolve(con, p.ref) for p in parents]
     existing = _find_identical(con, name, columns.get("weights_sha256"), columns.get("config_sha256"),
-                               parent_ids, kind)
+                               parent_ids, kind, base_id)
     if existing is not None:
         log_event(con, "register", {"name": name}, outcome="exists", detail={"id": existing})
         return existing
@@ -165,19 +168,21 @@ def insert_node(
         con,
         "register",
         {"name": name, "kind": kind, "parents": parent_ids, "batches": links},
-        detail={"id": node_id, "version": cols["version"], "weights_sha256": columns.get("weights_sha256")},
+        detail={"id": node_id, "version": cols["version"], "weights_sha256": columns.get("weights_sha256"),
+                **(event_detail or {})},
     )
     return node_id
 
 
 def _find_identical(con: duckdb.DuckDBPyConnection, name: str, weights_sha: str | None, config_sha: str | None,
-                    parent_ids: list[int], kind: str) -> int | None:
+                    parent_ids: list[int], kind: str, base_id: str) -> int | None:
+    """The active node this registration repeats: same name, bytes, kind, base and parents."""
     if weights_sha is None:
         return None
     rows = con.execute(
         "SELECT id FROM adapters WHERE name = ? AND weights_sha256 = ? AND config_sha256 = ? AND kind = ? "
-        "AND status = 'active' ORDER BY id",
-        [name, weights_sha, config_sha, kind],
+        "AND base_id = ? AND status = 'active' ORDER BY id",
+        [name, weights_sha, config_sha, kind, base_id],
     ).fetchall()
     for (candidate,) in rows:
         existing = [r[0] for r in con.execute(
@@ -253,6 +258,47 @@ def node_members(con: duckdb.DuckDBPyConnection, node: Adapter) -> tuple[list[tu
     members = [(lin.nodes[e.parent_id], e.weight if e.weight is not None else 1.0)
                for e in lin.parents_of(node.id) if e.relation == "stacked_on"]
     return members, node.stack_mode or "weights"
+
+
+@dataclass(frozen=True)
+class StoredNode:
+    """What it takes to check that a node can be loaded: its status and where its bytes are."""
+
+    id: int
+    ref: str
+    kind: str
+    status: str
+    store_key: str | None
+    weights_sha256: str | None
+    config_sha256: str | None
+
+
+_STORED_COLUMNS = "a.id, a.name, a.version, a.kind, a.status, a.store_key, a.weights_sha256, a.config_sha256"
+
+
+def _stored(row: tuple[Any, ...]) -> StoredNode:
+    return StoredNode(int(row[0]), f"{row[1]}@{row[2]}", *row[3:])
+
+
+def stored_nodes(con: duckdb.DuckDBPyConnection, node_id: int) -> tuple[StoredNode, list[StoredNode]]:
+    """A node's storage row and, for a stack, its members' (in order).
+
+    A plain adapter costs one primary-key lookup, as cheap as reading its status (~0.7 ms here), because
+    rollback, a hot path, calls this; a stack costs a second statement for its members (a single
+    UNION ALL over both cost ~3 ms: the lineage join is planned even when it finds nothing).
+    """
+    row = con.execute(f"SELECT {_STORED_COLUMNS} FROM adapters a WHERE a.id = ?", [node_id]).fetchone()
+    if row is None:
+        raise NotFound(f"no adapter with id {node_id}; list them with `adapters-mgr ls`")
+    node = _stored(row)
+    if node.kind != "stack":
+        return node, []
+    rows = con.execute(
+        f"SELECT {_STORED_COLUMNS} FROM lineage l JOIN adapters a ON a.id = l.parent_id "
+        "WHERE l.child_id = ? AND l.relation = 'stacked_on' ORDER BY l.ord",
+        [node_id],
+    ).fetchall()
+    return node, [_stored(r) for r in rows]
 
 
 def newest_templates(con: duckdb.DuckDBPyConnection, adapters: list[Adapter]) -> dict[str, str] | None:

@@ -1,8 +1,9 @@
 """Adapters into and out of the registry: register (a PeftModel or a PEFT folder), stack, import, export.
 
 Order of every registration: validate everything (refs, batches, the folder's LoRA config and
-safetensors header), then commit the bytes to the store, then one catalog transaction. A crash
-between the last two leaves an orphan folder that ``verify`` reports and ``gc`` removes.
+safetensors header, every tensor's shape against the base's), then commit the bytes to the store,
+then one catalog transaction. A crash between the last two leaves an orphan folder that ``verify``
+reports and ``gc`` removes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 from adapters_mgr.catalog import nodes
 from adapters_mgr.catalog.nodes import ParentSpec
-from adapters_mgr.catalog.records import KINDS, Ref, check_name, fetch_ref
+from adapters_mgr.catalog.records import KINDS, Adapter, Ref, check_name, fetch_ref
 from adapters_mgr.catalog.sql import log_event, to_json, utcnow
 from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.faults import maybe_crash
 from adapters_mgr.lora.settings import PEFT_TASK_TYPES
-from adapters_mgr.store import check_peft_folder, export_folder, read_provenance
-from adapters_mgr.workflows.bases import base_for_source
+from adapters_mgr.store import WEIGHTS_FILE, check_peft_folder, export_folder, header_shapes, read_provenance
+from adapters_mgr.workflows.bases import base_for_source, check_fits_base
 from adapters_mgr.workflows.workspace import Workspace
 
 TASK_BY_PEFT_TYPE = {peft_type: task for task, peft_type in PEFT_TASK_TYPES.items()}
@@ -34,6 +35,7 @@ class PreparedAdapter:
     base_id: str
     task: str | None
     columns: dict[str, Any]
+    shape_check: str = ""  # how the tensors were checked against the base (for the register event)
 
 
 def store_adapter(ws: Workspace, source: Any, *, base: Any = None, adapter_name: str | None = None
@@ -47,6 +49,7 @@ def store_adapter(ws: Workspace, source: Any, *, base: Any = None, adapter_name:
         raise InvalidInput(f"cannot register {type(source).__name__}: pass a PeftModel or a PEFT folder path")
     try:
         base_row = base_for_source(ws, source, staged, base)
+        shape_check = check_fits_base(base_row, staged.shapes)  # refuses before any byte reaches the store
         trainable = nodes.param_count(staged.shapes)  # from the header validated at staging, not the stored copy
         maybe_crash("register:staged")
         key = ws.store.commit(staged)
@@ -71,6 +74,7 @@ def store_adapter(ws: Workspace, source: Any, *, base: Any = None, adapter_name:
             "config_sha256": staged.config_sha256,
             "trainable_params": trainable,
         },
+        shape_check=shape_check,
     )
 
 
@@ -121,7 +125,30 @@ def register(
             "metrics": to_json(metrics or {}),
             "description": description,
         },
+        event_detail={"shape_check": prepared.shape_check},
     )
+
+
+def check_members_fit(ws: Workspace, members: Sequence[Adapter]) -> None:
+    """Every member's stored tensors fit the stack's base (their headers only; no weights loaded).
+
+    Registration checks this since issue 15; a catalog filled before may hold adapters that do not
+    fit, and a stack of them would fail only when served. A member whose file is gone is left to
+    ``verify`` (and promoting the stack refuses it).
+    """
+    if not members:
+        return
+    base_row = ws.base(members[0].base_id)
+    for member in members:
+        if member.store_key is None:
+            continue
+        weights = ws.store.path(member.store_key) / WEIGHTS_FILE
+        if not weights.is_file():
+            continue
+        try:
+            check_fits_base(base_row, header_shapes(weights))
+        except InvalidInput as exc:
+            raise InvalidInput(f"cannot stack adapter {member.id} ({member.ref}): {exc}") from exc
 
 
 def stack(
@@ -150,6 +177,7 @@ def stack(
         raise Conflict(f"adapters {[m.id for m in members]} are on different bases {sorted(bases)}")
     if len(tasks) > 1:
         raise Conflict(f"adapters {[m.id for m in members]} are for different tasks {sorted(map(str, tasks))}")
+    check_members_fit(ws, members)
     name = check_name(name or f"stack-{'-'.join(str(m.id) for m in members)}")
     specs = [ParentSpec(m.id, "stacked_on", float(w)) for m, w in zip(members, weights, strict=True)]
     return insert_node(
