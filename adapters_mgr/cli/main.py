@@ -444,6 +444,8 @@ def train(
         batches or "latest", **config, parent=parent, name=name, base=base, eval_batches=eval_batch or None,
         promote=promote, alias=alias, tolerance=tolerance, progress=not json_out,
     )
+    if (getattr(result, "extra", None) or {}).get("role") == "worker":  # other processes of a launch: rank 0 reports
+        return
     if json_out:
         print_json(result.__dict__)
         return

@@ -4,9 +4,18 @@ Why ``accelerate.Accelerator`` and a short loop instead of ``transformers.Traine
 needs a custom in-batch-negatives loss and stacked parents need their dropout kept in eval mode,
 both awkward to bolt onto ``Trainer``; ``Trainer`` also writes checkpoints and logs to an output
 directory, and this module must write nothing (the manager owns all storage). ``Accelerator`` still
-gives device placement, mixed precision and DDP: the same code runs on CPU, one GPU, or under
-``accelerate launch`` / ``torchrun`` (each process then sees its shard of every epoch; the
-retriever's in-batch negatives are per process).
+gives device placement, mixed precision and DDP: the same code runs on CPU, one GPU, or several
+processes under ``torchrun`` / ``accelerate launch --multi_gpu`` (:func:`process_state`).
+
+Several processes (data-parallel): ``batch_size`` is the GLOBAL batch. Every process draws the same
+seeded order of global batches and takes its contiguous slice of each (``batch_size / processes``
+rows); DDP averages the gradients, and each slice's mean loss is weighted by its share of the global
+batch, so a step's gradient is the gradient of the global batch's mean loss, the step count and the
+learning-rate schedule are those of one process. Hence the ranker with every dropout at 0 trains the
+same adapter as one process, up to float summation order (tested). What differs: dropout masks are
+drawn per process (rank > 0 reseeds after the adapter's seeded initialisation), and the retriever's
+in-batch negatives are per process: each process contrasts its slice only (``batch_size / processes
+- 1`` negatives per row instead of ``batch_size - 1``), a different objective from one process.
 
 Reproducibility: ``seed`` seeds Python/numpy/torch (``accelerate.utils.set_seed``) before the new
 LoRA is initialised, the shuffling uses its own seeded generator, so the same seed and data on the
@@ -19,9 +28,12 @@ restored to bare, so a failed run leaves neither files nor injected layers behin
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +42,7 @@ import torch
 from torch import nn
 
 from adapters_mgr.errors import InvalidInput
+from adapters_mgr.faults import maybe_crash
 from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.adapters import InMemoryAdapter
 from adapters_mgr.lora.peft_scoring import ScoringModel
@@ -84,6 +97,126 @@ class TrainResult:
     def release(self) -> nn.Module:
         """Detach all adapters; returns the bare task model (the base's own weights, untouched)."""
         return peft_wiring.release(self.model)
+
+
+# -- several processes ---------------------------------------------------------------------------
+#: How long the other processes wait for the main one's messages: it plans and reads the rows before
+#: they can start, and evaluates, stores and registers after training while they wait. A dead peer is
+#: noticed at once (its sockets close); this bounds only a live but stuck one.
+MAIN_PROCESS_WAIT = timedelta(hours=float(os.environ.get("ADAPTERS_MGR_MAIN_WAIT_HOURS", "24")))
+
+
+class DistributedError(RuntimeError):
+    """A multi-process run that cannot go on: a bad launch, or another process failed. Deliberately
+    not an ``AdaptersMgrError``: only the main process records failures in the catalog."""
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 when not launched)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+def _has_accelerator() -> bool:
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, "is_available"):
+        return bool(accel.is_available())
+    return torch.cuda.is_available()
+
+
+def _cpu_only() -> bool:
+    """Whether accelerate must be told ``cpu=True``: asked for (``accelerate launch --cpu``), or
+    several processes on a machine without an accelerator. accelerate (>= 1.x) makes a MULTI_CPU
+    (gloo) process group only with ``cpu=True``; without it, ``torchrun`` on CPU gives every process
+    ``DistributedType.NO`` and each trains alone on all the data."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return launched_processes() > 1 and not _has_accelerator()
+
+
+def process_state() -> Any:
+    """accelerate's process state (a per-process singleton), created from the launcher's environment
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): gloo on CPU, nccl
+    on GPUs. Raises DistributedError when a launcher started several processes but the state is
+    single-process (something created ``Accelerator()``/``PartialState()`` first without ``cpu=True``
+    on a CPU machine): each would otherwise train alone and register."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_cpu_only())
+    world = launched_processes()
+    if world == 1 and os.environ.get("MASTER_ADDR") and _cpu_only() and not _warned_single:
+        # `accelerate launch --cpu --num_processes N` (no --mpirun_hostfile) starts ONE process: its
+        # simple launcher sets MASTER_ADDR and ACCELERATE_USE_CPU but starts no other process
+        _warned_single.append(True)
+        warnings.warn(
+            "accelerate launch --cpu runs a single process (accelerate starts several CPU processes only "
+            "through mpirun); for data-parallel training on CPU use `accelerate launch --multi_gpu "
+            "--num_processes N` (gloo is chosen when there is no GPU) or `torchrun --nproc_per_node N`",
+            RuntimeWarning, stacklevel=2,
+        )
+    if world > 1 and state.num_processes != world:
+        raise DistributedError(
+            f"launched as {world} processes but accelerate's state is {state.distributed_type} with "
+            f"{state.num_processes} process(es); on a CPU machine create Accelerator(cpu=True) (or let "
+            "adapters_mgr create the state first)"
+        )
+    return state
+
+
+_control_groups: dict[int, Any] = {}
+_warned_single: list[bool] = []
+
+
+@dataclass
+class Team:
+    """The processes of one run (a team of one without a launcher), and the few messages between the
+    main process (rank 0) and the others, over a gloo group that waits ``MAIN_PROCESS_WAIT``."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+    @classmethod
+    def join(cls) -> Team:
+        state = process_state()
+        if state.num_processes == 1:
+            return cls()
+        import torch.distributed as dist
+
+        key = id(dist.group.WORLD)
+        if key not in _control_groups:  # collective: every rank creates it, once per process group
+            _control_groups[key] = dist.new_group(backend="gloo", timeout=MAIN_PROCESS_WAIT)
+        return cls(state.process_index, state.num_processes, _control_groups[key])
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, message: Any = None) -> Any:
+        """The main process's ``message`` (picklable), on every process; the others pass nothing."""
+        if self.size == 1:
+            return message
+        import torch.distributed as dist
+
+        box = [message if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def _shard(collate: Callable[[list[int]], dict[str, Any]], rank: int, world: int
+           ) -> Callable[[list[int]], tuple[dict[str, Any], int, int]]:
+    """This process's contiguous slice of each global batch: (tensors, rows in the slice, global rows).
+    An empty slice (a global batch smaller than the team) collates one row, weighted 0 by the loop, so
+    every process still runs forward and backward (DDP needs every trainable parameter used)."""
+
+    def collate_fn(index: list[int]) -> tuple[dict[str, Any], int, int]:
+        lo, hi = len(index) * rank // world, len(index) * (rank + 1) // world
+        part = index[lo:hi]
+        return collate(part or index[:1]), len(part), len(index)
+
+    return collate_fn
 
 
 def _check_positive(name: str, value: float, integer: bool = False) -> None:
@@ -184,22 +317,30 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
          epochs: int, lr: float, batch_size: int, max_length: int, seed: int, weight_decay: float,
          warmup_ratio: float, max_grad_norm: float | None, eval_batch_size: int, progress: bool) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, send_to_device
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    accelerator = Accelerator()
+    process_state()  # before Accelerator(): the process group from the launcher's environment
+    # split_batches: one scheduler step per optimizer step (our batches are global ones, split below)
+    accelerator = Accelerator(cpu=_cpu_only(), dataloader_config=DataLoaderConfiguration(split_batches=True))
+    rank, world = accelerator.process_index, accelerator.num_processes
     trainable = peft_wiring.freeze(model, p.adapter_name)
     peft_wiring.activate(model, p.training_names, p.training_weights)
     params = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # the same seeded order of global batches in every process; each collates its slice of each
     loader = torch.utils.data.DataLoader(
         list(range(len(data))), batch_size=batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(seed), collate_fn=task.collate(data, tokenizer, max_length),
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=_shard(task.collate(data, tokenizer, max_length), rank, world),
     )
     total_steps = epochs * len(loader)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if rank > 0:  # the adapter's init was seeded alike everywhere; dropout masks must not be alike
+        torch.manual_seed(seed + 7_919 * rank)
     frozen = [n for n in p.training_names if n != p.adapter_name]
     losses: list[float] = []
     steps = 0
@@ -207,10 +348,17 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
     for epoch in range(epochs):
         _train_mode(model, frozen)
         epoch_losses = []
-        bar = tqdm(loader, desc=f"train {task.name} {p.policy.name} epoch {epoch + 1}/{epochs}", leave=False,
+        # one iter() of the loader per epoch: tqdm.auto calls iter() on what it wraps when created and
+        # again in the loop, and each iter() of a DataLoader draws a seed from its generator, which would
+        # change every epoch's order (and break the order the recorded adapters were trained with)
+        bar = tqdm((batch for batch in loader), total=len(loader), leave=False,
+                   desc=f"train {task.name} {p.policy.name} epoch {epoch + 1}/{epochs}",
                    disable=not progress or not accelerator.is_local_main_process)
-        for batch in bar:
-            loss = task.loss(model, batch)
+        for batch, n_local, n_global in bar:
+            loss = task.loss(model, send_to_device(batch, accelerator.device))
+            if world > 1:
+                # DDP averages over processes: weight = share of the global batch x processes
+                loss = loss * (n_local * world / n_global)
             accelerator.backward(loss)
             if max_grad_norm:
                 accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -220,7 +368,14 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
             epoch_losses.append(float(loss.detach()))
             steps += 1
             bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
+            if world > 1:
+                maybe_crash(f"train:rank{rank}:step{steps}")
         losses = epoch_losses
+    if world > 1:  # each step's global loss: the processes' weighted losses, averaged. The last
+        # collective of training: past it, every process has finished (the update workflow registers
+        # only then; a process that died before makes this raise in the others)
+        summed = accelerator.reduce(torch.tensor(losses, dtype=torch.float64, device=accelerator.device), "sum")
+        losses = (summed / world).tolist()
     loop_s = time.perf_counter() - loop_started
     model = accelerator.unwrap_model(model)
     model.eval()
@@ -238,6 +393,7 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
             "policy": p.policy.name, "mode": p.mode, "new_weight": p.new_weight,
             "parent_weights": [parent.weight for parent in p.parents], "lora": p.settings.to_dict(),
             **({"temperature": task.temperature} if hasattr(task, "temperature") else {}),
+            **({"processes": world} if world > 1 else {}),
         },
     )
     if eval_set is not None:
@@ -247,4 +403,5 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
     return result
 
 
-__all__ = ["TrainResult", "train_adapter"]
+__all__ = ["MAIN_PROCESS_WAIT", "DistributedError", "Team", "TrainResult", "launched_processes",
+           "process_state", "train_adapter"]

@@ -2,15 +2,28 @@
 
 :func:`run_update` is four steps, each its own function: :func:`plan_update` resolves and checks
 everything before any model work; :func:`load_rows` reads training, replay and eval rows (no model
-yet); :func:`train_step` trains and saves the new adapter to a temporary folder; :func:`gate_step`
+yet); :func:`train_together` trains (every process of a launch) and :func:`finish_training` evaluates
+the new node and saves the new adapter to a temporary folder; :func:`gate_step`
 evaluates the alias's current target on the same eval examples and decides; :func:`register_step`
 stores the bytes and writes the adapter (+ stack node) in ONE catalog transaction, then the alias
 moves if the gate said so. Ctrl-C or a crash at any point leaves either a complete registered
 update or nothing visible (at worst an orphan folder for ``gc``).
+
+Several processes (``torchrun`` / ``accelerate launch --multi_gpu``, see :class:`~adapters_mgr.lora.trainer.Team`):
+only the main process (rank 0) plans, reads the rows and hands the plan, the training rows, the base's
+row and the parents' verified folders to the others (:class:`TrainInputs`: every process trains on
+the same inputs even if the catalog moves meanwhile, and the others never open it); all train
+together (data-parallel); only once every process has finished training (the trainer's last
+collective) does rank 0 evaluate, gate, store and register, while the others wait for its verdict.
+The other processes never open the catalog, so never write it (not even a failure event: theirs is
+reported on their stderr and exit status, rank 0's in the catalog as usual). A process that dies or
+fails before every process has finished training makes rank 0 fail in a collective: nothing is
+registered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import tempfile
@@ -25,7 +38,6 @@ import duckdb
 import peft
 import torch
 import transformers
-from accelerate import PartialState
 
 from adapters_mgr.catalog import aliases, nodes
 from adapters_mgr.catalog.nodes import ParentSpec
@@ -34,11 +46,12 @@ from adapters_mgr.catalog.sql import log_event, to_json
 from adapters_mgr.data.sampling import subsample_rows
 from adapters_mgr.errors import Conflict, InvalidInput, NotFound
 from adapters_mgr.faults import maybe_crash
+from adapters_mgr.lora.base_model import load_base_model, load_tokenizer
 from adapters_mgr.lora.policies import Policy, get_policy
 from adapters_mgr.lora.replay import replay_mix
 from adapters_mgr.lora.settings import LoraSettings
 from adapters_mgr.lora.tasks import Task, get_task, task_names
-from adapters_mgr.lora.trainer import train_adapter
+from adapters_mgr.lora.trainer import DistributedError, Team, TrainResult, train_adapter
 from adapters_mgr.store import WEIGHTS_FILE, sha256_file
 from adapters_mgr.workflows.bases import default_base
 from adapters_mgr.workflows.config import UpdateConfig
@@ -113,11 +126,42 @@ class UpdateRows:
 
 
 @dataclass
+class TrainInputs:
+    """What every process of a launch trains from, resolved once by rank 0 and handed to the others,
+    so they train on the same rows, base and parents and never open the catalog."""
+
+    plan: UpdatePlan
+    rows: list[dict[str, Any]]
+    base: dict[str, Any]  # the base's catalog row (id, source, weights_sha256 ...)
+    parents: list[tuple[str, float]]  # verified folders of the parent node's adapters, with weights
+
+    @classmethod
+    def resolve(cls, ws: Workspace, plan: UpdatePlan, rows: UpdateRows) -> TrainInputs:
+        return cls(plan, rows.train, ws.base(plan.base_id), ws.member_folders(plan.members))
+
+    def base_model(self, ws: Workspace) -> Any:
+        """The shared base from the row (no catalog read), hash-checked, cached in the workspace."""
+        head = self.plan.task.head
+        key = (self.base["id"], head.key)
+        if key not in ws.base_models:
+            model = load_base_model(self.base["source"], head)
+            ws.check_base_hash(model, self.base, force=False,
+                               context=f"base {self.base['id']} loaded from {self.base['source']}")
+            ws.base_models[key] = model
+        return ws.base_models[key]
+
+    def tokenizer(self, ws: Workspace) -> Any:
+        if self.base["id"] not in ws.tokenizers:
+            ws.tokenizers[self.base["id"]] = load_tokenizer(self.base["source"])
+        return ws.tokenizers[self.base["id"]]
+
+
+@dataclass
 class Trained:
-    """What training produced, the model already released: a folder and the figures to record."""
+    """What training produced, the model already released: a folder and the figures to record (the
+    main process only: the others of a launch save and register nothing)."""
 
     folder: Path
-    main_process: bool  # False on the other ranks of a multi-process launch: they save and register nothing
     metrics: dict[str, Any]
     node_weights: list[float]
     node_mode: str
@@ -301,20 +345,24 @@ def load_rows(ws: Workspace, plan: UpdatePlan) -> UpdateRows:
 
 
 # -- 3. train -----------------------------------------------------------------------------------------
-def train_step(ws: Workspace, plan: UpdatePlan, rows: UpdateRows, out: Path, *, progress: bool) -> Trained:
-    """Train on the shared base and save the new adapter under ``out`` (only on the main process:
-    under ``accelerate launch`` / ``torchrun`` the other ranks save and register nothing)."""
-    cfg = plan.cfg
-    result = train_adapter(
-        ws.base_model(plan.base_id, plan.task.head), ws.tokenizer(plan.base_id), plan.task, rows.train,
+def train_together(ws: Workspace, inputs: TrainInputs, *, progress: bool) -> TrainResult:
+    """Train on the shared base (every process of a multi-process launch, data-parallel). Returns
+    once every process has finished training (the trainer's last collective); nothing evaluated or
+    saved yet. On failure the base is already bare again."""
+    plan, cfg = inputs.plan, inputs.plan.cfg
+    return train_adapter(
+        inputs.base_model(ws), inputs.tokenizer(ws), plan.task, inputs.rows,
         settings=plan.settings(), epochs=cfg.epochs, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
         batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, policy=cfg.policy,
-        parents=ws.member_folders(plan.members), new_weight=cfg.new_weight, mode=cfg.mode,
-        eval_examples=rows.examples, progress=progress,
+        parents=inputs.parents, new_weight=cfg.new_weight, mode=cfg.mode, progress=progress,
     )
+
+
+def finish_training(plan: UpdatePlan, eval_set: Any, result: TrainResult, out: Path) -> Trained:
+    """The main process's part after training: the node's eval metrics, the folder, the figures to
+    record; the model is released either way."""
     try:
-        if not PartialState().is_main_process:
-            return Trained(out, False, dict(result.metrics), [], result.mode, {})
+        result.metrics.update(plan.task.evaluate(result.scorer(), eval_set))
         result.save(out)
         hyper = {
             **{k: v for k, v in result.hyperparameters.items() if k != "settings"},
@@ -322,7 +370,7 @@ def train_step(ws: Workspace, plan: UpdatePlan, rows: UpdateRows, out: Path, *, 
             "samples_per_s": result.samples_per_s,
             "train_wall_s": result.wall_s,
         }
-        return Trained(out, True, dict(result.metrics), list(result.node_weights), result.mode, hyper)
+        return Trained(out, dict(result.metrics), list(result.node_weights), result.mode, hyper)
     finally:
         result.release()
 
@@ -419,34 +467,92 @@ def run_update(ws: Workspace, batches: Any, cfg: UpdateConfig, *, parent: Any = 
                name: str | None = None, eval_batches: Any = None, promote: str | None = None,
                alias: str = "production", tolerance: float = 0.0, progress: bool = True,
                dry_run: bool = False) -> UpdateResult:
-    """Train one incremental update and register it with full lineage (see ``AdapterManager.train``)."""
+    """Train one incremental update and register it with full lineage (see ``AdapterManager.train``).
+
+    Under a multi-process launch every process calls this; each gets rank 0's result, the others
+    with ``extra['role'] == 'worker'`` (they registered nothing themselves)."""
     started = time.perf_counter()
-    plan = plan_update(ws, batches, cfg, parent=parent, base=base, name=name, eval_batches=eval_batches,
-                       promote=promote, alias=alias, tolerance=tolerance)
-    rows = load_rows(ws, plan)
+    team = Team.join()
+    if not team.is_main:
+        return _follow_main(ws, team, progress=progress)
+    try:
+        plan = plan_update(ws, batches, cfg, parent=parent, base=base, name=name, eval_batches=eval_batches,
+                           promote=promote, alias=alias, tolerance=tolerance)
+        rows = load_rows(ws, plan)
+        eval_set = plan.task.parse_eval(rows.examples)  # checked before any model work
+        inputs = None if dry_run else TrainInputs.resolve(ws, plan, rows)
+    except Exception as exc:
+        _tell_failure(team, exc)
+        raise
     if dry_run:
-        return UpdateResult(0, 0, {}, None, None, False, plan.train_ids, plan.eval_ids,
-                            time.perf_counter() - started,
-                            extra={"train_rows": len(rows.train), "eval_rows": len(rows.eval)})
+        result = UpdateResult(0, 0, {}, None, None, False, plan.train_ids, plan.eval_ids,
+                              time.perf_counter() - started,
+                              extra={"train_rows": len(rows.train), "eval_rows": len(rows.eval)})
+        team.share(("done", result))
+        return result
+    assert inputs is not None
+    team.share(("train", inputs))
     tmp = Path(tempfile.mkdtemp(prefix="update-", dir=ws.store.tmp if ws.store.tmp.exists() else None))
     try:
-        trained = train_step(ws, plan, rows, tmp / "adapter", progress=progress)
-        if not trained.main_process:
-            return UpdateResult(0, 0, trained.metrics, None, None, False, plan.train_ids, plan.eval_ids,
-                                time.perf_counter() - started, extra={"role": "worker"})
-        maybe_crash("train:trained")
-        gate = gate_step(ws, plan, rows, trained.metrics)
-        node_id, adapter_id = register_step(ws, plan, rows, trained, gate, parent)
+        # A failure while training sends no message: the other processes are inside the trainer's
+        # collectives, and notice at once when this process exits (the CLI's case)
+        result = train_together(ws, inputs, progress=progress)
+        try:  # every process has finished training; the others wait for rank 0's verdict
+            trained = finish_training(plan, eval_set, result, tmp / "adapter")
+            maybe_crash("train:trained")
+            gate = gate_step(ws, plan, rows, trained.metrics)
+            node_id, adapter_id = register_step(ws, plan, rows, trained, gate, parent)
+        except Exception as exc:
+            _tell_failure(team, exc)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    promoted = promote_step(ws, plan, gate, node_id, trained.metrics)
-    return UpdateResult(
+    try:
+        promoted = promote_step(ws, plan, gate, node_id, trained.metrics)
+    except Exception as exc:
+        _tell_failure(team, exc)
+        raise
+    update = UpdateResult(
         node_id=node_id, adapter_id=adapter_id, metrics=gate.record, baseline=gate.baseline,
         decision=gate.decision, promoted=promoted, train_batches=plan.train_ids, eval_batches=plan.eval_ids,
         wall_s=time.perf_counter() - started,
         extra={"replay_batches": rows.replay_ids, "train_rows": len(rows.train),
-               "samples_per_s": trained.hyperparameters["samples_per_s"]},
+               "samples_per_s": trained.hyperparameters["samples_per_s"],
+               **({"processes": team.size} if team.size > 1 else {})},
     )
+    _quietly(team.share, ("done", update))  # registered: a peer gone by now changes nothing
+    return update
+
+
+def _follow_main(ws: Workspace, team: Team, *, progress: bool) -> UpdateResult:
+    """A non-main process: rank 0's inputs, training together, then rank 0's verdict. Never opens
+    the catalog; its failures are raised as DistributedError (not an AdaptersMgrError, so the
+    façade does not log them: rank 0 alone records failures)."""
+    message = team.share()
+    if message[0] == "failed":
+        raise DistributedError(f"the main process failed before training: {message[1]}")
+    if message[0] == "train":
+        try:
+            train_together(ws, message[1], progress=progress).release()
+        except Exception as exc:
+            raise DistributedError(f"process {team.rank} failed during training: {exc}") from exc
+        message = team.share()
+    if message[0] == "failed":
+        raise DistributedError(f"the main process failed after training: {message[1]}")
+    update: UpdateResult = message[1]
+    update.extra = {**update.extra, "role": "worker", "rank": team.rank}
+    return update
+
+
+def _tell_failure(team: Team, exc: Exception) -> None:
+    """Let the waiting processes go (they raise DistributedError); a no-op in a single process."""
+    _quietly(team.share, ("failed", f"{type(exc).__name__}: {exc}"))
+
+
+def _quietly(call: Any, *args: Any) -> None:
+    """A message to the other processes must not mask this one's outcome (a peer may be gone)."""
+    with contextlib.suppress(Exception):
+        call(*args)
 
 
 def reproduce(ws: Workspace, ref: Any, *, progress: bool = False) -> dict[str, Any]:
