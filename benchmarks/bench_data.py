@@ -2,6 +2,7 @@
 
     python benchmarks/bench_data.py --quick          # 200k rows
     python benchmarks/bench_data.py --rows 10000000  # the target: >= 1M rows/s, within 3x of bare DuckDB
+    python benchmarks/bench_data.py --same-rows 0    # skip the identical-rows memory run
 
 Two synthetic sources (Parquet with epoch ms, CSV with ISO times in three zone styles), 1% duplicates
 (exact and cross-source) and 1% bad rows of every kind, plus user and item entity sources. Both
@@ -9,18 +10,23 @@ runs read the same files in one process, one after the other; DuckDB threads are
 --threads (default 2, the target machine). Peak memory is the process's max RSS.
 --repeat N alternates N bare runs and N syncs (each into a fresh catalog) and reports the median
 of each, with every run listed: on a shared machine one pair can be off by 25% either way.
+--same-rows N (default 13,100,000; 1,000,000 with --quick) then syncs a gzip of N identical rows
+in a child process and reports its peak RSS (target <= 2 GB) and time: one kept row, every other
+one an exact duplicate.
 Writes benchmarks/results/bench_data.json and bench_data.md (bench_data_quick.* with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +75,49 @@ def bare_duckdb(files: dict[str, Path], threads: int) -> tuple[float, int]:
     return elapsed, int(n)
 
 
+SAME_ROWS_TARGET_MB = 2048
+_SAME_ROWS_CHILD = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.data.api import DataAPI
+root, path, threads = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+api = DataAPI(Catalog(root / "catalog.duckdb"), root)
+with api.catalog.connect() as con:
+    con.execute(f"SET threads = {threads}")
+api.add_source("same", path, ts_format="epoch_s")
+t0 = time.perf_counter()
+[bid] = api.sync()
+sync_s = time.perf_counter() - t0
+b = api.batch(bid)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (the benchmark, ~2 GB)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"sync_s": round(sync_s, 2), "rows_in": b["rows_in"], "kept": b["rows_kept"],
+                  "duplicates": b["rows_duplicate"], "quarantined": b["rows_quarantined"],
+                  "peak_rss_mb": round(hwm / 1024, 1)}))
+"""
+
+
+def same_rows_run(rows: int, work: Path, threads: int) -> dict:
+    """Sync a gzip of ``rows`` identical rows in a child process (its own peak RSS, nothing else's)."""
+    path = work / "same.csv.gz"
+    line, block = b"u1,i1,4,1700000000\n", 1_000_000
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"user_id,item_id,rating,ts\n")
+        for start in range(0, rows, block):
+            fh.write(line * min(block, rows - start))
+    out = subprocess.run([sys.executable, "-c", _SAME_ROWS_CHILD, str(Path(__file__).resolve().parents[1]),
+                          str(work / "same_root"), str(path), str(threads)],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result.update(rows=rows, gzip_bytes=path.stat().st_size, target_peak_rss_mb=SAME_ROWS_TARGET_MB,
+                  accounted=result["rows_in"] == rows == result["kept"] + result["duplicates"] + result["quarantined"]
+                  and result["kept"] == 1,
+                  meets_memory_target=result["peak_rss_mb"] <= SAME_ROWS_TARGET_MB)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=10_000_000)
@@ -76,8 +125,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="alternate N bare runs and N syncs; report medians")
+    ap.add_argument("--same-rows", type=int, default=None,
+                    help="identical rows in the memory run (default 13.1M, 1M with --quick; 0: skip it)")
     args = ap.parse_args()
     rows = 200_000 if args.quick else args.rows
+    same_rows = args.same_rows if args.same_rows is not None else (1_000_000 if args.quick else 13_100_000)
     os.environ.setdefault("DUCKDB_THREADS", str(args.threads))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
     shutil.rmtree(work, ignore_errors=True)
@@ -113,6 +165,7 @@ def main() -> None:
         t0 = time.perf_counter()
         again = api.sync()
         resync_s = time.perf_counter() - t0
+        same = same_rows_run(same_rows, work, args.threads) if same_rows > 0 else None
         b = api.batch(ids[0])
         ok = (b["rows_in"] == b["rows_kept"] + b["rows_quarantined"] + b["rows_duplicate"] == rows
               and b["duplicates_by_kind"] == syn.truth["duplicates_by_kind"]
@@ -131,7 +184,7 @@ def main() -> None:
             "target_rows_per_s": 1_000_000, "target_ratio": 3.0,
             "meets_throughput_target": rows / sync_s >= 1_000_000, "meets_ratio_target": sync_s / bare_s <= 3.0,
             "meets_targets": rows / sync_s >= 1_000_000 and sync_s / bare_s <= 3.0,
-            "repeat": len(runs), "runs": runs,
+            "repeat": len(runs), "runs": runs, "same_rows": same,
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()} {platform.release()}",
             "python": platform.python_version(), "duckdb": duckdb.__version__,
         }
@@ -161,6 +214,11 @@ def main() -> None:
         f"(1-minute load average at the end: {result['load_avg_1m_at_end']}; the machine is shared). "
         f"Peak RSS {result['peak_rss_mb']:.0f} MB (after the bare run: {bare_rss:.0f} MB). "
         f"Accounting matches the injected truth: {ok}.", "",
+        *([f"Identical rows: a {same['gzip_bytes'] / 1024:,.0f} KB gzip of {same['rows']:,} identical rows synced "
+           f"in {same['sync_s']:.1f} s with a peak RSS of **{same['peak_rss_mb']:,.0f} MB** (target <= "
+           f"{SAME_ROWS_TARGET_MB} MB: **{'met' if same['meets_memory_target'] else 'not met'}**); "
+           f"{same['kept']} row kept, {same['duplicates']:,} duplicates, accounting exact: {same['accounted']}.", ""]
+          if same else []),
     ]
     (RESULTS / f"{name}.md").write_text("\n".join(md))
     print(json.dumps(result, indent=2))

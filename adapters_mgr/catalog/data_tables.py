@@ -1,7 +1,7 @@
 """The data side's tables in the catalog, and the helper that keeps their source ids.
 
 The data side lives in the one catalog file so adapters can link to batches in the same
-transaction-consistent store; the catalog owns the DDL (migrations ``d001_...``, ``d002_...`` in
+transaction-consistent store; the catalog owns the DDL (migrations ``d001_...`` to ``d003_...`` in
 :mod:`adapters_mgr.catalog.migrations`), and :mod:`adapters_mgr.data` reads and writes the rows.
 
 Tables (all queryable by users directly):
@@ -12,10 +12,15 @@ Tables (all queryable by users directly):
 - ``interactions``: every kept row with the batch and source it arrived from. A view (since
   ``d002``) over ``interaction_rows``, which stores the batch as its ``seq`` number and the source as
   a small id (``data_source_ids``); see ``d002_interaction_rows`` for why.
-- ``quarantine``: every row a cleaning rule rejected, with the rule and the source row.
+- ``quarantine``: every row a cleaning rule rejected, with the rule and the source row; for a line
+  that could not be read at all (``malformed_line``, ``bad_encoding``; since ``d003``) its number
+  and text in ``line_no`` / ``line_text`` instead of a row.
 - ``duplicates``: every row dropped as a duplicate, with the kind of duplicate.
 - ``users`` / ``items``: entity attribute versions, each with the time it became valid.
-- ``data_sources``, ``data_source_files``, ``data_watermarks``, ``data_syncs``, ``data_templates``.
+- ``data_sources``, ``data_source_files`` (each file read, with, since ``d003``, the watermark it
+  was last read against and how many of its rows lay before it: what late rows are counted from),
+  ``data_watermarks``, ``data_syncs`` (the sync report: ``detail`` holds ``late_rows``,
+  ``empty_files`` and the entity counts), ``data_templates``.
 """
 
 from __future__ import annotations

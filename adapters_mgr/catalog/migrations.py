@@ -387,3 +387,27 @@ def d002_interaction_rows(con: duckdb.DuckDBPyConnection) -> None:
                            "the catalog is left as it was")
     con.execute("DROP TABLE interactions")
     con.execute(INTERACTIONS_VIEW)
+
+
+@migration
+def d003_bad_lines_and_late_rows(con: duckdb.DuckDBPyConnection) -> None:
+    """Quarantine whole lines a reader could not read; count per file what the watermark skips.
+
+    ``quarantine.line_no`` / ``line_text``: a line that could not be read (``malformed_line``,
+    ``bad_encoding``) has no columns for ``row``; its number in the file and its text are kept
+    instead (NULL for rows that were read).
+
+    ``data_source_files.before_ts`` / ``rows_before``: the source's watermark after the file was
+    last read, and how many of the file's rows then lay before it. A later read of the changed file
+    skips the rows before ``before_ts``; those beyond ``rows_before`` were appended since, and the
+    sync reports them as late rows instead of losing count of them. NULL for files read before this
+    migration (their late rows cannot be told apart, and are reported as unmeasured once).
+    """
+    con.execute(
+        """
+        ALTER TABLE quarantine ADD COLUMN line_no BIGINT;
+        ALTER TABLE quarantine ADD COLUMN line_text VARCHAR;
+        ALTER TABLE data_source_files ADD COLUMN before_ts TIMESTAMPTZ;
+        ALTER TABLE data_source_files ADD COLUMN rows_before BIGINT;
+        """
+    )

@@ -112,12 +112,34 @@ def sync_cmd(
         ids = api.sync(sources=source or None, window=window, dedup_tolerance=dedup_tolerance,
                        progress=lambda m: status.update(m))
     rows = [api.batch(i) for i in ids]
+    report = (api.last_sync() or {}).get("detail") or {}
+    notes = _sync_notes(report)
     if as_json:
-        print_json({"batches": ids, "details": rows})
-    elif not ids:
+        print_json({"batches": ids, "details": rows, "late_rows": report.get("late_rows", 0),
+                    **{k: report[k] for k in ("late_rows_by_file", "late_rows_unmeasured_files", "empty_files")
+                       if k in report}})
+        return
+    if not ids:
         console.print("nothing new: no batch created")
     else:
         _batch_table(rows, f"{len(ids)} new batches")
+    for note in notes:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
+
+
+def _sync_notes(report: dict[str, Any]) -> list[str]:
+    """One line per thing a sync left out on purpose: late rows, unmeasured files, empty files."""
+    notes = []
+    if report.get("late_rows"):
+        files = ", ".join(f"{f} ({n})" for f, n in report.get("late_rows_by_file", {}).items())
+        notes.append(f"late rows: {report['late_rows']} appended to already-read files lie before their file's "
+                     f"watermark and were not taken in: {files}; put late data in a new file to take it in")
+    if report.get("late_rows_unmeasured_files"):
+        notes.append("late rows not counted (files read before this version): "
+                     + ", ".join(report["late_rows_unmeasured_files"]))
+    if report.get("empty_files"):
+        notes.append("empty files, left unread until they are filled: " + ", ".join(report["empty_files"]))
+    return notes
 
 
 def _batch_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -158,16 +180,19 @@ def quarantine_cmd(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rows a cleaning rule rejected, with the rule and the source row (--json lists every row unless --limit)."""
+    """Rows a cleaning rule rejected, with the rule and the source row, or for a line that could not be
+    read its number and text (--json lists every row unless --limit)."""
     check_limit(limit, "--limit")
     if as_json:
         print_json(_api(ctx).quarantine(batch=batch, rule=rule, limit=limit))
         return
     rows = _api(ctx).quarantine(batch=batch, rule=rule, limit=table_fetch_limit(limit, show_all))
     rows, note = cap_rows(rows, limit, show_all)
+    for r in rows:  # a line that could not be read has no columns: show its number and text
+        r["row"] = json.dumps(r["row"]) if r["row"] is not None or r.get("line_text") is None else (
+            f"line {r['line_no']}: {r['line_text']}" if r.get("line_no") is not None else r["line_text"])
     print_table(rows, ["batch_id", "source", "rule", "detail", "row"],
-                title=f"quarantine ({len(rows)} rows{'; ' + note if note else ''})",
-                formatters={"row": lambda v: json.dumps(v)})
+                title=f"quarantine ({len(rows)} rows{'; ' + note if note else ''})")
 
 
 @data_app.command("templates")

@@ -183,6 +183,9 @@ class DataAPI:
     ) -> list[dict[str, Any]]:
         """Quarantined rows (rule, detail, source, file, the source row), filtered as asked.
 
+        A line that could not be read at all (``malformed_line``, ``bad_encoding``) has no ``row``;
+        ``line_no`` and ``line_text`` hold its number in the file and its text instead (``\\xNN``
+        for the bytes of a ``bad_encoding`` line that are not UTF-8).
         ``rule`` must be one of :data:`adapters_mgr.data.classify.RULES`; ``limit`` a whole number >= 0.
         """
         if rule is not None and rule not in RULES:
@@ -195,16 +198,33 @@ class DataAPI:
             if val is not None:
                 where.append(f"{col} = ?")
                 params.append(val)
-        sql = "SELECT batch_id, sync_id, source, rule, detail, file, row FROM quarantine"
+        sql = "SELECT batch_id, sync_id, source, rule, detail, file, row, line_no, line_text FROM quarantine"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY sync_id, batch_id, rule"
+        sql += " ORDER BY sync_id, batch_id, rule, file, line_no"
         if limit is not None:
             sql += f" LIMIT {limit}"
         rows = self.catalog.query(sql, params)
         for r in rows:
             r["row"] = from_json(r["row"])
         return rows
+
+    def last_sync(self) -> dict[str, Any] | None:
+        """The newest sync's report: its id, times, sources, rows read, batches and ``detail``.
+
+        ``detail`` holds ``late_rows`` (rows appended to an already-read file with a time before
+        that file's watermark: skipped, not taken in, counted here; ``late_rows_by_file`` names the
+        files), ``empty_files`` (left unread until they are filled) and per entity source its counts.
+        """
+        with self.catalog.connect() as con:
+            con.execute("SET TimeZone = 'UTC'")
+            rows = fetch_dicts(con, "SELECT * FROM data_syncs ORDER BY started_at DESC, id DESC LIMIT 1")
+        if not rows:
+            return None
+        row = rows[0]
+        for key in ("sources", "batch_ids", "detail"):
+            row[key] = from_json(row[key]) if row[key] is not None else None
+        return row
 
     def duplicates(self, batch: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         where, params = [], []

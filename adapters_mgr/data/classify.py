@@ -30,12 +30,13 @@ from datetime import timedelta
 import duckdb
 import numpy as np
 
-from adapters_mgr.data.digest import fetch_arrays
+from adapters_mgr.data import badlines
+from adapters_mgr.data.digest import fetch_table_arrays
 from adapters_mgr.data.sources import Source, sql_literal
 
 RULES = (
     "missing_key", "bad_timestamp", "future_timestamp", "rating_out_of_range", "label_out_of_range",
-    "unknown_user", "unknown_item", "noise_burst",
+    "unknown_user", "unknown_item", "noise_burst", *badlines.RULES,
 )
 DUP_KINDS = ("exact", "same_event_id", "cross_source", "earlier_batch")
 # Candidate time buckets are GRID tolerances wide; a pair within a tolerance either shares a bucket
@@ -99,29 +100,38 @@ def _repeated(values: np.ndarray, none: int | None = None) -> np.ndarray:
     """Per element: does its value occur more than once among the non-NULL ``values``?
 
     NULLs (masked entries) and elements equal to ``none`` never match. Sorted neighbours give the
-    repeated values; membership is a flag table indexed by the top bits of the value (exact for
-    absent values in all but ~1% of the cases) followed by an exact ``isin`` on the few elements
-    the flags let through.
+    repeated values (the first of each run of equal neighbours, so no second sort); membership is
+    a flag table indexed by the top bits of the value (exact for absent values in all but ~1% of
+    the cases) followed by an exact ``isin`` on the few elements the flags let through. The
+    membership test runs over ``_CHUNK`` elements at a time: with many repeated values (a file of
+    millions of identical rows) its temporaries would otherwise be as large as the input, twice.
     """
     mask = np.ma.getmaskarray(values) if isinstance(values, np.ma.MaskedArray) else None
     data = np.asarray(np.ma.getdata(values), dtype=np.uint64)
     if none is not None:
         mask = (data == np.uint64(none)) if mask is None else (mask | (data == np.uint64(none)))
-    present = data if mask is None else data[~mask]
-    ordered = np.sort(present)
-    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    ordered = np.sort(data if mask is None else data[~mask])
+    equal = ordered[1:] == ordered[:-1]
+    equal[1:] &= ~equal[:-1]  # keep the first pair of each run of equal values
+    repeated = ordered[1:][equal]
+    del ordered, equal
     out = np.zeros(len(data), dtype=bool)
     if len(repeated) == 0:
         return out
     shift = np.uint64(64 - _FILTER_BITS)
     flags = np.zeros(1 << _FILTER_BITS, dtype=bool)
     flags[repeated >> shift] = True
-    maybe = flags[data >> shift]
-    if mask is not None:
-        maybe &= ~mask
-    idx = np.flatnonzero(maybe)
-    out[idx] = np.isin(data[idx], repeated)
+    for lo in range(0, len(data), _CHUNK):
+        part = data[lo:lo + _CHUNK]
+        maybe = flags[part >> shift]
+        if mask is not None:
+            maybe &= ~mask[lo:lo + _CHUNK]
+        idx = np.flatnonzero(maybe)
+        out[lo + idx] = np.isin(part[idx], repeated)
     return out
+
+
+_CHUNK = 1 << 21
 
 
 def _source_columns(sources: list[Source]) -> tuple[str, str]:
@@ -161,18 +171,29 @@ def classify(
     multi_source: bool,
     sources: list[Source],
     also: dict[str, str] | None = None,
+    lean: bool = False,
 ) -> dict[str, np.ndarray]:
     """Create ``_dup (rid, kind)``: the ``_stage`` rows (by rowid) that duplicate another row.
 
-    Returns ``rid`` and the ``also`` columns (name -> SQL over ``_stage`` columns) of every clean
-    row (rule IS NULL) as read by the one scan that computes the dedup keys, so a caller that needs
-    a per-row value of the kept rows (the digest's row hashes) gets it without another scan.
+    ``lean``: keep numpy's memory low rather than use both cores (see its use below).
+
+    Returns ``rid``, ``h`` (the row hash ``_h``, which the digests need too) and the ``also``
+    columns (name -> SQL over ``_stage`` columns) of every clean row (rule IS NULL) as read by the
+    one scan that computes the dedup keys, so a caller that needs a per-row value of the kept rows
+    gets it without another scan.
 
     The window pass over (user_id, item_id) ordered by time finds both exact copies (the previous
     row is identical, same source) and the same event from another source (the previous row is
     from a different source within ``tolerance``); the earliest copy is kept, then the
     higher-priority source. Chains count: each copy is compared with its predecessor. Rows sharing
     a ``source_event_id`` keep the best-priority, earliest one.
+
+    Identical candidates (same source, file and values) are collapsed first: all but one are
+    ``exact`` copies whatever their neighbours, and the one left meets the same neighbours in the
+    window. Why: a file of 13M identical rows made one window partition of 13M rows (most of a
+    59 s, 6 GB sync); grouped, the window sees one row. Only candidates whose row hash (``_h``,
+    fetched as ``h``) occurs more than once among the candidates can be identical to another, so
+    only those are grouped (at 10M ordinary rows, a few thousand instead of every candidate).
     """
     tol_us = int(tolerance.total_seconds() * 1_000_000)
     width = GRID * max(tol_us, 1)
@@ -181,30 +202,40 @@ def classify(
     # one scan of the clean rows' keys (see ``stage_keys``); keys seen more than once mark the
     # candidates (a hash collision only adds a candidate, never loses one). The keys go to numpy
     # and only the candidate row ids come back.
-    extra = "".join(f", {sql} AS {name}" for name, sql in (also or {}).items())
-    keys = fetch_arrays(con, f"SELECT rowid AS rid, {', '.join(KEY_COLUMNS)}{extra} FROM _stage WHERE rule IS NULL")
+    extra = "".join(f", {sql} AS {name}" for name, sql in {"h": "_h", **(also or {})}.items())
+    keys = fetch_table_arrays(con, "_stage", f"rowid AS rid, {', '.join(KEY_COLUMNS)}{extra}", "rule IS NULL")
     rid = np.asarray(keys["rid"], dtype=np.int64)
     # numpy sorts without the GIL: the three key columns on two threads take ~0.45 s instead of
-    # ~0.9 s at 10M rows (measured), time in which DuckDB would leave a core idle
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    # ~0.9 s at 10M rows (measured), time in which DuckDB would leave a core idle; ``lean`` (the
+    # caller found the rows mostly copies) sorts one at a time, holding one sort's copies at once
+    with ThreadPoolExecutor(max_workers=1 if lean else 2) as pool:
         ha, hb, he = (pool.submit(_repeated, keys.pop(k), none) for k, none in (("_ha", None), ("_hb", 0), ("_he", 0)))
         near = ha.result() | hb.result()
         shared = he.result()
     pick = near | shared
-    con.register("_cand_np", {"rid": rid[pick], "near": near[pick], "shared": shared[pick]})
+    near_picked = near[pick]
+    same = np.zeros(len(near_picked), dtype=bool)  # candidates that may be identical to another
+    same[near_picked] = _repeated(keys["h"][near & pick])
+    con.register("_cand_np", {"rid": rid[pick], "near": near_picked, "shared": shared[pick], "same": same})
     try:
-        con.execute("CREATE OR REPLACE TEMP TABLE _cand AS SELECT rid, near, shared FROM _cand_np")
+        con.execute("CREATE OR REPLACE TEMP TABLE _cand AS SELECT rid, near, shared, same FROM _cand_np")
     finally:
         con.unregister("_cand_np")
-    del near, shared, pick
+    del near, shared, pick, near_picked, same
     keys["rid"] = rid
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _dup AS
         WITH files AS (SELECT * FROM _files),
+        near AS MATERIALIZED (
+            SELECT s.rowid AS rid, c.same, sidx, fidx, user_id, item_id, ts, rating, label, source_event_id
+            FROM _stage s JOIN (SELECT rid, same FROM _cand WHERE near) c ON s.rowid = c.rid),
+        firsts AS MATERIALIZED (
+            SELECT min(rid) AS rid FROM near WHERE same
+            GROUP BY sidx, fidx, user_id, item_id, ts, rating, label, source_event_id),
         cand AS (
-            SELECT s.rowid AS rid, s.*, {source} AS source, {prio} AS prio, epoch_us(ts) AS t
-            FROM _stage s WHERE s.rowid IN (SELECT rid FROM _cand WHERE near)),
+            SELECT n.*, {source} AS source, {prio} AS prio, epoch_us(ts) AS t
+            FROM near n WHERE NOT same OR rid IN (SELECT rid FROM firsts)),
         w AS (
             SELECT c.*, f.path AS file,
                 lag(source) OVER w AS prev_source, lag(t) OVER w AS prev_t,
@@ -219,6 +250,8 @@ def classify(
                 WHEN {cross} THEN 'cross_source'
             END AS kind
         FROM w WHERE kind IS NOT NULL
+        UNION ALL
+        SELECT rid, 'exact' FROM near WHERE same AND rid NOT IN (SELECT rid FROM firsts)
         """
     )
     # the same source_event_id on surviving rows: keep the best-priority, earliest one
@@ -287,18 +320,20 @@ def mark_seen_quarantined(con: duckdb.DuckDBPyConnection, sources: list[Source])
 
     Why: rows without a usable time cannot be compared with the watermark, so a changed file's
     such rows are read again on every sync; without this they would be quarantined (and counted)
-    once per re-read, and a merely touched file would make a new batch.
+    once per re-read, and a merely touched file would make a new batch. A bad line is the same
+    line when its number and text are (``badlines.line_json``).
     """
     if not con.execute("SELECT EXISTS (SELECT 1 FROM quarantine WHERE batch_id IS NOT NULL)").fetchone()[0]:
         return
     source, _ = _source_columns(sources)
+    line = badlines.line_json("line_no", "line_text")
     con.execute(
         f"""
         INSERT INTO _dup
         SELECT s.rid, 'earlier_batch' FROM (
             SELECT rowid AS rid, {source} AS source, rule, raw_row FROM _stage
             WHERE rule IS NOT NULL AND raw_row IS NOT NULL) s
-        SEMI JOIN (SELECT source, rule, CAST("row" AS VARCHAR) AS raw_row FROM quarantine
+        SEMI JOIN (SELECT source, rule, coalesce(CAST("row" AS VARCHAR), {line}) AS raw_row FROM quarantine
                    WHERE batch_id IS NOT NULL) q
             ON q.source = s.source AND q.rule = s.rule AND q.raw_row = s.raw_row
         """

@@ -33,6 +33,42 @@ def fetch_arrays(con: duckdb.DuckDBPyConnection, sql: str, params: list | None =
     return con.sql(sql, params=params or None).fetchnumpy()
 
 
+FETCH_CHUNK = 1 << 21  # rows of a table read at a time by fetch_table_arrays
+
+
+def fetch_table_arrays(
+    con: duckdb.DuckDBPyConnection, table: str, columns: str, where: str = "true", chunk: int = FETCH_CHUNK
+) -> dict[str, np.ndarray]:
+    """``SELECT {columns} FROM {table} WHERE {where}`` as numpy arrays, read ``chunk`` row ids at a
+    time into arrays sized up front (masked only where a column has NULLs).
+
+    Why: a whole result fetched at once is held twice at its peak, once by DuckDB and once as the
+    arrays (1 GB over 0.5 GB of keys for 13M staged rows); in chunks the transient is one chunk.
+    Ranges of ``rowid`` skip the other row groups, so the chunks cost no more than one read.
+    """
+    con.complete()
+    # the row ids of a table are dense from an offset (a table made in a transaction starts high)
+    total, first, last = con.execute(
+        f"SELECT count(*) FILTER (WHERE {where}), min(rowid), max(rowid) FROM {table}").fetchone()
+    out: dict[str, np.ndarray] = {}
+    masks: dict[str, np.ndarray] = {}
+    at = 0
+    for lo in range(first or 0, (last or -1) + 1, chunk):
+        part = fetch_arrays(con, f"SELECT {columns} FROM {table} WHERE ({where}) "
+                                 f"AND rowid >= {lo} AND rowid < {lo + chunk}")
+        n = len(next(iter(part.values()))) if part else 0
+        for name, arr in part.items():
+            if name not in out:
+                out[name] = np.empty(total, dtype=np.ma.getdata(arr).dtype)
+            out[name][at:at + n] = np.ma.getdata(arr)
+            if isinstance(arr, np.ma.MaskedArray) and np.ma.getmaskarray(arr).any():
+                masks.setdefault(name, np.zeros(total, dtype=bool))[at:at + n] = np.ma.getmaskarray(arr)
+        at += n
+    if not out:  # nothing read: the columns' names and types from an empty result
+        return fetch_arrays(con, f"SELECT {columns} FROM {table} WHERE false")
+    return {name: np.ma.MaskedArray(arr, mask=masks[name]) if name in masks else arr for name, arr in out.items()}
+
+
 def batch_digests(con: duckdb.DuckDBPyConnection, rows_sql: str, params: list | None = None) -> dict[int, str]:
     """Digest per batch number for a query yielding (bno, user_id, item_id, ts, rating, label)."""
     arrays = fetch_arrays(con, f"SELECT bno, {ROW_HASH} AS h FROM ({rows_sql})", params)

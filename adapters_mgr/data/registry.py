@@ -16,6 +16,8 @@ from adapters_mgr.data.sources import (
     check_uri,
     describe,
     infer_format,
+    is_empty,
+    is_glob,
     list_files,
     resolve_mapping,
 )
@@ -78,7 +80,10 @@ def add_source(
     fmt = infer_format(uri, format)
     options = _check_options({k: v for k, v in options.items() if v is not None})
     files = list_files(uri)
-    columns = list(describe(con, fmt, files[:1], options.get("read", {}))) if files else None
+    # the columns come from the first file with something in it; a plain path to an empty file is
+    # refused by describe ("empty file"), a glob's empty files are read once they are filled
+    sample = files[:1] if not is_glob(uri) or fmt == "parquet" else [f for f in files if not is_empty(f)][:1]
+    columns = list(describe(con, fmt, sample, options.get("read", {}))) if sample else None
     full = resolve_mapping(kind, mapping, columns)
     existing = con.execute("SELECT mapping, uri, kind, priority FROM data_sources WHERE name = ?", [name]).fetchone()
     now = utcnow()

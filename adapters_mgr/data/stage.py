@@ -8,12 +8,14 @@ one place that knows them all. The result of every source has the same columns a
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
 
-from adapters_mgr.data.sources import Source, describe, reader_sql, sql_literal
+from adapters_mgr.data import badlines
+from adapters_mgr.data.sources import Reader, Source, open_reader, sql_literal
 from adapters_mgr.data.timeparse import detect_ts_format, parse_duration, ts_expr
 
 NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
@@ -58,13 +60,37 @@ def _absent(col: str | None, numeric: bool, parsed: str) -> str:
     return f"({q(col)} IS NULL OR ({parsed} IS NULL AND trim(CAST({q(col)} AS VARCHAR)) = ''))"
 
 
+def source_row(reader: Reader) -> str:
+    """SQL for the source row as read, to carry along: the line itself for JSON read by line,
+    else the struct of every column (see :func:`row_struct`); ``to_json`` makes either JSON text."""
+    return "_json" if reader.by_line else row_struct(reader.columns)
+
+
+def not_an_object(reader: Reader, col: str = "_json") -> str:
+    """SQL: the row is a JSON line (column ``col``) holding no object (a number, an array): malformed."""
+    return f"json_type({col}) <> 'OBJECT'" if reader.by_line else "false"
+
+
 def detect_source_ts(con: duckdb.DuckDBPyConnection, src: Source, files: list[Path]) -> str:
     """Look at up to 1,000 timestamps of the source and name their form (recorded by the caller)."""
     col = q(src.mapping["ts"])
-    sample = con.execute(
-        f"SELECT {col} FROM {reader_sql(src.format, files, src.option('read'))} WHERE {col} IS NOT NULL LIMIT 1000"
-    ).fetchall()
+    reader = open_reader(con, src.format, files, src.option("read"))
+    sample = con.execute(f"SELECT {col} FROM {reader.sql()} WHERE {col} IS NOT NULL LIMIT 1000").fetchall()
     return detect_ts_format([r[0] for r in sample])
+
+
+def rejects_prefix(sidx: int) -> str:
+    """The rejects tables of source ``sidx``'s read in this sync (see :mod:`adapters_mgr.data.badlines`)."""
+    return f"_rej{int(sidx)}"
+
+
+@dataclass
+class StageSQL:
+    """The staging SELECT of one source, and (when it re-reads changed files) the count of the
+    changed files' rows it skips because they lie before the file's watermark: (fidx, skipped)."""
+
+    rows: str
+    skipped: str | None
 
 
 def interaction_sql(
@@ -73,12 +99,12 @@ def interaction_sql(
     sidx: int,
     new_files: list[Path],
     changed_files: list[Path],
-    watermark: datetime | None,
+    changed_since: list[datetime | None],
     now: datetime,
     *,
     check_users: bool = False,
     check_items: bool = False,
-) -> str:
+) -> StageSQL:
     """SELECT producing STAGE_COLUMNS for the rows of ``src`` that are new since its watermark.
 
     One pass decides every row rule, including unknown users / items (``check_users`` /
@@ -89,13 +115,20 @@ def interaction_sql(
     every row of a source with a noise rule, which can still quarantine later). Why: each byte kept
     here is written and read again by every later step, and at 10M rows that is most of a sync's time.
 
-    Rows of a changed file are taken when they are at or after the watermark, or have no usable
+    Rows of a changed file are taken when they are at or after its watermark (``changed_since``:
+    the source's watermark when the file was last read; None takes every row), or have no usable
     time (which cannot be compared with it): rows seen before are then recognised by dedup (kept
-    ones as ``earlier_batch`` duplicates, quarantined ones against the quarantine), so nothing
-    appended is skipped unaccounted and nothing seen before is counted twice.
+    ones as ``earlier_batch`` duplicates, quarantined ones against the quarantine), so nothing seen
+    before is counted twice. The rows skipped are counted (``StageSQL.skipped``): the caller
+    subtracts those the file held before the watermark at its last read, and reports the rest,
+    rows appended before the watermark, as late rows.
+
+    Lines the reader cannot read at all are not in this SELECT: they wait in the read's rejects
+    tables (``rejects_prefix(sidx)``) for :mod:`adapters_mgr.data.badlines`.
     """
     files = new_files + changed_files
-    types = describe(con, src.format, files, src.option("read"))
+    reader = open_reader(con, src.format, files, src.option("read"))
+    types = reader.columns
     m = src.mapping
 
     def numeric(field: str) -> bool:
@@ -145,7 +178,9 @@ def interaction_sql(
     unknown_item = ("item_id NOT IN (SELECT DISTINCT item_id FROM items)"
                     if check_unknown and check_items else "false")
 
+    not_object = not_an_object(reader, '_src')
     rule = f"""CASE
+        WHEN {not_object} THEN 'malformed_line'
         WHEN user_id IS NULL THEN 'missing_key'
         WHEN item_id IS NULL THEN 'missing_key'
         WHEN {_absent(raw_ts, num_ts, 'ts')} THEN 'missing_key'
@@ -160,6 +195,7 @@ def interaction_sql(
     # the reason in words, only for the few rows with a rule (a clean row stops at the first WHEN)
     detail = f"""CASE
         WHEN rule IS NULL THEN NULL
+        WHEN {not_object} THEN 'the line is JSON but not an object'
         WHEN user_id IS NULL THEN 'user_id is empty'
         WHEN item_id IS NULL THEN 'item_id is empty'
         WHEN {_absent(raw_ts, num_ts, 'ts')} THEN 'ts is empty'
@@ -173,19 +209,21 @@ def interaction_sql(
     END"""
     fidx = "1" if len(files) == 1 else f"list_position({sql_literal([str(f) for f in files])}, filename)"
     where = ""
-    if changed_files and watermark is not None:
-        where = (f"WHERE fidx <= {len(new_files)} OR ts IS NULL "
-                 f"OR ts >= {sql_literal(watermark.isoformat())}::TIMESTAMPTZ")
+    since = {len(new_files) + k + 1: t for k, t in enumerate(changed_since) if t is not None}
+    if since:
+        after = "CASE fidx " + " ".join(f"WHEN {k} THEN ts >= {sql_literal(t.isoformat())}::TIMESTAMPTZ"
+                                        for k, t in since.items()) + " ELSE true END"
+        where = f"WHERE fidx <= {len(new_files)} OR ts IS NULL OR {after}"
     passthrough = "".join(f", {q(col)} AS {alias}" for col, alias in ((ts_col, raw_ts), (rating_col, raw_rating),
                                                                    (label_col, raw_label)) if col is not None)
-    passthrough += f", {row_struct(types)} AS _src"
+    passthrough += f", {source_row(reader)} AS _src"
     inner = f"""
         SELECT CAST({fidx} AS INTEGER) AS fidx,
                {_text(m['user_id'], numeric('user_id'))} AS user_id,
                {_text(m['item_id'], numeric('item_id'))} AS item_id,
                {ts_sql} AS ts, {rating_in} AS rating, {label_in} AS label_in,
                {_text(event_col, numeric('source_event_id'))} AS source_event_id{passthrough}
-        FROM {reader_sql(src.format, files, src.option('read'))}
+        FROM {reader.sql(rejects_prefix(sidx))}
     """
     checked = f"""
         SELECT *, {unknown_user} AS unknown_user, {unknown_item} AS unknown_item FROM ({inner}) {where}
@@ -194,8 +232,25 @@ def interaction_sql(
     ruled = f"""
         SELECT *, CAST({label} AS TINYINT) AS label, {rule} AS rule FROM ({checked})
     """
-    return f"""
+    raw = "CAST(to_json(_src) AS VARCHAR)"
+    if reader.by_line:  # a line holding no object is a bad line: its text, as for a line that is not JSON
+        line = badlines.line_json("NULL", "CAST(_src AS VARCHAR)")
+        raw = f"CASE WHEN rule = 'malformed_line' THEN {line} ELSE {raw} END"
+    rows = f"""
         SELECT CAST({int(sidx)} AS UTINYINT) AS sidx, fidx, user_id, item_id, ts, rating, label, source_event_id,
-               rule, {detail} AS detail, CASE WHEN {keep_raw} THEN CAST(to_json(_src) AS VARCHAR) END AS raw_row
+               rule, {detail} AS detail, CASE WHEN {keep_raw} THEN {raw} END AS raw_row
         FROM ({ruled})
     """
+    skipped = None
+    if since:  # a second read, of the changed files only: their time column, counted below each one's watermark
+        old = Reader(reader.fmt, changed_files, reader.options, by_line=reader.by_line, columns=reader.columns)
+        names = sql_literal([str(f) for f in changed_files])
+        pos = "1" if len(changed_files) == 1 else f"list_position({names}, filename)"
+        before = "CASE fidx " + " ".join(f"WHEN {k} THEN ts < {sql_literal(t.isoformat())}::TIMESTAMPTZ"
+                                         for k, t in since.items()) + " ELSE false END"
+        skipped = f"""
+            SELECT fidx, count(*) AS skipped FROM (
+                SELECT {len(new_files)} + CAST({pos} AS INTEGER) AS fidx, {ts_sql} AS ts FROM {old.sql()})
+            WHERE {before} GROUP BY fidx
+        """
+    return StageSQL(rows, skipped)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ import numpy as np
 from adapters_mgr.catalog.data_tables import source_ids
 from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.sql import log_event, to_json, utcnow
-from adapters_mgr.data import classify, digest
+from adapters_mgr.data import badlines, classify, digest
 from adapters_mgr.data.entities import sync_entities
 from adapters_mgr.data.registry import load_sources
-from adapters_mgr.data.sources import Source, describe, resolve_mapping, sql_literal
-from adapters_mgr.data.stage import detect_source_ts, interaction_sql
+from adapters_mgr.data.sources import Source, describe, is_empty, resolve_mapping, sql_literal
+from adapters_mgr.data.stage import detect_source_ts, interaction_sql, rejects_prefix
 from adapters_mgr.data.timeparse import parse_duration
 from adapters_mgr.errors import InvalidInput, NotFound
 from adapters_mgr.faults import maybe_crash
@@ -36,13 +37,22 @@ FAULT_POINTS = ("staged", "classified", "inserted", "before_commit")
 
 @dataclass
 class FilePlan:
-    """Which files of a source to read this time, and the watermark for re-read ones."""
+    """Which files of a source to read this time, and the watermark for re-read ones.
+
+    ``since``: per changed file, the time before which its rows are skipped (the source's watermark
+    when the file was last read); ``before``: how many of its rows lay before that time then (None
+    for a file read before migration d003: its late rows cannot be counted). ``empty``: files
+    holding nothing yet, left unread and unrecorded so that they are read once they are filled.
+    """
 
     source: Source
     new: list[Path]
     changed: list[Path]
     watermark: datetime | None
     stats: dict[Path, tuple[int, int]]
+    since: dict[Path, datetime | None] = field(default_factory=dict)
+    before: dict[Path, int | None] = field(default_factory=dict)
+    empty: list[Path] = field(default_factory=list)
 
     @property
     def files(self) -> list[Path]:
@@ -54,18 +64,27 @@ def _fault(point: str) -> None:
 
 
 def plan_files(con: duckdb.DuckDBPyConnection, src: Source) -> FilePlan:
-    seen = {r[0]: (r[1], r[2]) for r in con.execute(
-        "SELECT path, size, mtime_ns FROM data_source_files WHERE source = ?", [src.name]).fetchall()}
+    seen = {r[0]: r[1:] for r in con.execute(
+        "SELECT path, size, mtime_ns, before_ts, rows_before FROM data_source_files WHERE source = ?",
+        [src.name]).fetchall()}
     wm = con.execute("SELECT ts_max FROM data_watermarks WHERE source = ?", [src.name]).fetchone()
-    new, changed, stats = [], [], {}
+    plan = FilePlan(src, [], [], wm[0] if wm else None, {})
     for path in src.files():
         st = os.stat(path)
-        stats[path] = (st.st_size, st.st_mtime_ns)
-        if str(path) not in seen:
-            new.append(path)
-        elif seen[str(path)] != stats[path]:
-            changed.append(path)
-    return FilePlan(src, new, changed, wm[0] if wm else None, stats)
+        plan.stats[path] = (st.st_size, st.st_mtime_ns)
+        old = seen.get(str(path))
+        if old is not None and old[:2] == plan.stats[path]:
+            continue
+        if src.format != "parquet" and is_empty(path):
+            plan.empty.append(path)
+        elif old is None:
+            plan.new.append(path)
+        else:
+            plan.changed.append(path)
+            measured = old[3] is not None
+            plan.since[path] = old[2] if measured else plan.watermark
+            plan.before[path] = int(old[3]) if measured else None
+    return plan
 
 
 def _settle_mapping(con: duckdb.DuckDBPyConnection, plan: FilePlan, now: datetime) -> None:
@@ -126,6 +145,9 @@ def run_sync(
     say = progress or (lambda _msg: None)
     restore: dict[str, Any] = {}  # global DuckDB settings this sync changes -> their values before
     try:
+        cap = memory_cap()
+        with catalog.connect() as con:  # outside the transaction: a refused SET would abort it
+            restore.update(_bound_memory(con, catalog.path.parent, cap))
         with catalog.transaction() as con:
             con.execute("SET TimeZone = 'UTC'")
             registered = load_sources(con)
@@ -160,27 +182,36 @@ def run_sync(
                 say(f"reading interactions from {', '.join(p.source.name for p in inter)}")
                 srcs = [p.source for p in inter]
                 check_users, check_items = classify.entity_checks(con)
-                selects = [
-                    interaction_sql(con, p.source, i, p.new, p.changed, p.watermark, started,
+                stage_sql = [
+                    interaction_sql(con, p.source, i, p.new, p.changed, [p.since[f] for f in p.changed], started,
                                     check_users=check_users, check_items=check_items)
                     for i, p in enumerate(inter)
                 ]
                 con.execute("CREATE OR REPLACE TEMP TABLE _files (sidx UTINYINT, fidx INTEGER, path VARCHAR)")
                 con.executemany("INSERT INTO _files VALUES (?, ?, ?)",
                                 [[i, k + 1, str(f)] for i, p in enumerate(inter) for k, f in enumerate(p.files)])
-                staged = " UNION ALL ".join(selects)
+                for i in range(len(inter)):
+                    badlines.drop(con, rejects_prefix(i))
+                staged = " UNION ALL ".join(st.rows for st in stage_sql)
                 con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS "
                             f"SELECT *, {digest.ROW_HASH} AS _h FROM ({classify.stage_keys(tol, staged)})")
+                _stage_bad_lines(con, inter)
+                lean = _mostly_copies(con)
+                if lean:  # dedup sets as large as the input: half the cap for DuckDB, numpy on one thread
+                    con.execute("SET memory_limit = ?", [f"{cap // 2}B"])
+                skipped = _count_skipped(con, inter, stage_sql)
+                detail.update(_late_rows(inter, skipped))
                 _fault("staged")
                 say("cleaning")
                 classify.apply_noise_rules(con, srcs)
                 multi = len({p.source.priority for p in inter}) > 1
-                maxima, bno = _windows(con, win, _window_origin(con, window))
+                maxima, bno, valid = _windows(con, win, _window_origin(con, window))
+                before = _rows_before(con, inter, maxima, valid, skipped)
                 origin = bno.origin
                 say("deduplicating")
                 # the dedup scan also hands back each clean row's batch number and digest hash
                 clean = classify.classify(con, tolerance=tol, multi_source=multi, sources=srcs,
-                                          also={"h": "_h", **({"bno": bno.sql} if win is not None else {})})
+                                          also={"bno": bno.sql} if win is not None else None, lean=lean)
                 classify.mark_seen_quarantined(con, srcs)
                 _fault("classified")
                 say("writing batches")
@@ -190,11 +221,14 @@ def run_sync(
                     detail.update(window_origin=origin.isoformat(), window_seconds=str(int(win.total_seconds())))
                 batch_rows, read = _write_batches(con, sync_id, started, srcs, win, bno, clean)
                 rows_read += read
-                _advance_watermarks(con, inter, maxima, sync_id, started)
-                _drop_scratch(con)
+                _advance_watermarks(con, inter, maxima, before, sync_id, started)
+                _drop_scratch(con, len(inter))
             for plan in plans:
                 if plan.source.kind != "interactions":
-                    _record_files(con, plan, sync_id)
+                    _record_files(con, plan, sync_id, {})
+            empty = [str(f) for p in plans for f in p.empty]
+            if empty:
+                detail["empty_files"] = empty
             _fault("before_commit")
             ids = [b["id"] for b in batch_rows]
             con.execute(
@@ -219,10 +253,10 @@ def _setting(con: duckdb.DuckDBPyConnection, name: str) -> Any:
     return con.execute("SELECT current_setting(?)", [name]).fetchall()[0][0]
 
 
-SCRATCH_TABLES = ("_stage", "_files", "_cand", "_dup", "_dupb", "_bmap")
+SCRATCH_TABLES = ("_stage", "_files", "_cand", "_dup", "_dupb", "_bmap", "_bad")
 
 
-def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
+def _drop_scratch(con: duckdb.DuckDBPyConnection, sources: int = 0) -> None:
     """Drop this sync's temp tables before the commit.
 
     Why: temp tables created and changed (the delete of duplicates from ``_stage``) inside the
@@ -230,6 +264,150 @@ def _drop_scratch(con: duckdb.DuckDBPyConnection) -> None:
     """
     for table in SCRATCH_TABLES:
         con.execute(f"DROP TABLE IF EXISTS {table}")
+    for sidx in range(sources):
+        badlines.drop(con, rejects_prefix(sidx))
+
+
+def _stage_bad_lines(con: duckdb.DuckDBPyConnection, plans: list[FilePlan]) -> None:
+    """Add to ``_stage`` one row per line a source's read rejected (rule ``malformed_line`` or
+    ``bad_encoding``, no columns, the line's number and text as its ``raw_row``), so a bad line is
+    counted in and quarantined like any other rule-breaking row."""
+    for sidx, plan in enumerate(plans):
+        if badlines.collect(con, rejects_prefix(sidx), plan.files):
+            con.execute(
+                f"""
+                INSERT INTO _stage BY NAME
+                SELECT CAST({sidx} AS UTINYINT) AS sidx, fidx, rule, detail,
+                       {badlines.line_json('line_no', 'text')} AS raw_row
+                FROM _bad
+                """
+            )
+
+
+def _count_skipped(con: duckdb.DuckDBPyConnection, plans: list[FilePlan], stage_sql: list[Any]) -> dict:
+    """(sidx, fidx) -> rows of a changed file skipped as lying before its watermark."""
+    out: dict[tuple[int, int], int] = {}
+    for sidx, st in enumerate(stage_sql):
+        if st.skipped is not None:
+            out.update(((sidx, int(f)), int(n)) for f, n in con.execute(st.skipped).fetchall())
+    return out
+
+
+def _late_rows(plans: list[FilePlan], skipped: dict[tuple[int, int], int]) -> dict[str, Any]:
+    """The sync report's late rows: rows appended to an already-read file before its watermark.
+
+    A changed file's rows before its watermark are skipped (reading them would count every old row
+    again as a duplicate); the file held ``before`` of them when last read, so the rest were
+    appended since: late rows, not taken in, reported per file. Exact for files that only grow
+    (a rewritten file that now holds fewer such rows reports none).
+    """
+    by_file: dict[str, int] = {}
+    unmeasured: list[str] = []
+    for sidx, plan in enumerate(plans):
+        for k, path in enumerate(plan.files):
+            if path not in plan.since:
+                continue
+            n = skipped.get((sidx, k + 1), 0)
+            if plan.before.get(path) is None:
+                if n:
+                    unmeasured.append(str(path))
+            elif n > plan.before[path]:
+                by_file[str(path)] = n - plan.before[path]
+    out: dict[str, Any] = {"late_rows": sum(by_file.values())}
+    if by_file:
+        out["late_rows_by_file"] = by_file
+    if unmeasured:
+        out["late_rows_unmeasured_files"] = unmeasured
+    return out
+
+
+def _rows_before(
+    con: duckdb.DuckDBPyConnection, plans: list[FilePlan], maxima: dict[int, datetime],
+    valid: dict[tuple[int, int], int], skipped: dict[tuple[int, int], int],
+) -> dict[tuple[int, int], tuple[datetime | None, int]]:
+    """(sidx, fidx) -> (the source's watermark after this sync, rows of the file before it): what
+    the next read of the file, should it change, skips and subtracts (see ``_late_rows``).
+
+    The rows before the new watermark are the rows with a usable time (``valid``: no usable time
+    lies beyond the newest one) but those exactly at it, plus the rows skipped. Why not count
+    ``ts < watermark`` directly: that is one more scan of every staged time (~0.1 CPU s at 10M
+    rows), while rows equal to the newest time sit in a few row groups, which DuckDB finds by
+    their min/max statistics.
+    """
+    out: dict[tuple[int, int], tuple[datetime | None, int]] = {}
+    for sidx, plan in enumerate(plans):
+        top = maxima.get(sidx)
+        marks = [t for t in (plan.watermark, top) if t is not None]
+        after = max(marks) if marks else None
+        at_top: dict[int, int] = {}
+        if top is not None and top == after:
+            at_top = {int(f): int(n) for f, n in con.execute(
+                f"SELECT fidx, count(*) FROM _stage WHERE sidx = {sidx} AND ts = ?::TIMESTAMPTZ "
+                f"AND {_VALID_TS} GROUP BY 1", [top]).fetchall()}
+        for k in range(len(plan.files)):
+            n = valid.get((sidx, k + 1), 0) - at_top.get(k + 1, 0) + skipped.get((sidx, k + 1), 0)
+            out[(sidx, k + 1)] = (after, n)
+    return out
+
+
+SYNC_MEMORY_ENV = "ADAPTERS_MGR_SYNC_MEMORY"
+DEFAULT_SYNC_MEMORY = "2GB"
+SPILL_FOLDER = ".duckdb_tmp"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def memory_cap() -> int:
+    """The sync's DuckDB memory cap in bytes: ``ADAPTERS_MGR_SYNC_MEMORY`` (e.g. 2GB, 1500MiB), default 2GB."""
+    text = os.environ.get(SYNC_MEMORY_ENV) or DEFAULT_SYNC_MEMORY
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text, re.IGNORECASE)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) * _UNITS[m.group(2).lower()] < 2**24:
+        raise InvalidInput(f"{SYNC_MEMORY_ENV}={text!r} is not a memory size of 16MiB or more; use e.g. 2GB or 1500MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _bound_memory(con: duckdb.DuckDBPyConnection, folder: Path, cap: int) -> dict[str, Any]:
+    """Cap DuckDB's memory for this sync at ``cap`` bytes; return the old cap.
+
+    Why: DuckDB's default cap is 80% of the machine's memory, and a sync's scratch tables (the
+    staged rows, the dedup candidates) grow with the input: a 400 KB gzip of 13.1M identical rows
+    took 6 GB. Capped, DuckDB spills what does not fit to ``<catalog folder>/.duckdb_tmp`` instead
+    of its default, a ``.tmp`` folder in the working directory. DuckDB keeps the first folder it
+    spilled to for the life of the process (and does not create missing parents), so a later sync
+    of another catalog spills there too, recreated if it was removed. The memory cap is global to
+    the process's DuckDB instance, so the caller restores it. 2GB leaves a 10M-row sync unspilled
+    (it holds ~1.5 GB in DuckDB; a 1GB cap cost it ~1 CPU s of spilling, ~7%).
+    """
+    old = _setting(con, "memory_limit")
+    con.execute("SET memory_limit = ?", [f"{cap}B"])
+    current = _setting(con, "temp_directory") or ""
+    if current in ("", ".tmp") or current.endswith(SPILL_FOLDER):
+        try:
+            con.execute("SET temp_directory = ?", [str(folder / SPILL_FOLDER)])
+        except duckdb.Error:  # DuckDB keeps the folder it spilled to once; it must still exist
+            Path(current).mkdir(parents=True, exist_ok=True)
+    return {"memory_limit": old}
+
+
+def _mostly_copies(con: duckdb.DuckDBPyConnection, windows: int = 8, width: int = 4096) -> bool:
+    """Whether the staged rows are mostly copies of each other, judged on ``windows`` runs of
+    ``width`` rows spread evenly over ``_stage`` (by row id, so the same rows every time).
+
+    Why: the dedup and write steps of such a sync work on sets as large as the input (every copy
+    is a candidate, a ``_dup`` row, a ``duplicates`` row) while numpy holds the dedup keys beside
+    DuckDB; a 13.1M-row file of one row repeated peaked at 2.1-2.5 GB under a 2GB cap. Reading the
+    runs by row-id range skips the other row groups: ~2 ms at 10M rows. (A random sample was
+    tried first: at 1M rows it held too few rows to judge, some times and not others.)
+    """
+    first, last = con.execute("SELECT min(rowid), max(rowid) FROM _stage").fetchone()
+    if first is None or last - first + 1 < windows * width:
+        return False
+    step = (last - first + 1) // windows
+    runs = " UNION ALL ".join(
+        f"SELECT _ha FROM _stage WHERE rowid >= {first + k * step} AND rowid < {first + k * step + width}"
+        for k in range(windows))
+    n, distinct = con.execute(f"SELECT count(*), approx_count_distinct(_ha) FROM ({runs})").fetchone()
+    return distinct < n // 2
 
 
 def _cheap_string_compression(con: duckdb.DuckDBPyConnection) -> str:
@@ -282,23 +460,28 @@ _VALID_TS = "ts IS NOT NULL AND coalesce(rule, '') NOT IN ('bad_timestamp', 'fut
 
 def _windows(
     con: duckdb.DuckDBPyConnection, win: timedelta | None, origin: datetime | None
-) -> tuple[dict[int, datetime], BatchNumber]:
-    """Newest usable time per source (for the watermarks) and the batch-number expression."""
-    per = con.execute(f"SELECT sidx, min(ts), max(ts) FROM _stage WHERE {_VALID_TS} GROUP BY 1").fetchall()
-    maxima = {int(r[0]): r[2] for r in per}
+) -> tuple[dict[int, datetime], BatchNumber, dict[tuple[int, int], int]]:
+    """Newest usable time per source (for the watermarks), the batch-number expression, and the
+    number of rows with a usable time per (sidx, fidx) (for ``_rows_before``), in one scan."""
+    per_file = con.execute(
+        f"SELECT sidx, fidx, min(ts), max(ts), count(*) FROM _stage WHERE {_VALID_TS} GROUP BY 1, 2").fetchall()
+    valid = {(int(r[0]), int(r[1])): int(r[4]) for r in per_file}
+    maxima: dict[int, datetime] = {}
+    for r in per_file:
+        maxima[int(r[0])] = max(maxima.get(int(r[0]), r[3]), r[3])
     if win is None:
-        return maxima, BatchNumber("0", None)
-    first = min((r[1] for r in per), default=None)
+        return maxima, BatchNumber("0", None), valid
+    first = min((r[2] for r in per_file), default=None)
     last_ts = max(maxima.values(), default=None)
     if origin is None and first is not None:
         origin = first.replace(hour=0, minute=0, second=0, microsecond=0)
     if origin is None:
-        return maxima, BatchNumber("0", None)
+        return maxima, BatchNumber("0", None), valid
     w_us = int(win.total_seconds() * 1_000_000)
     o_us = round((origin - datetime(1970, 1, 1, tzinfo=origin.tzinfo)).total_seconds() * 1_000_000)
     number = f"CAST(floor((epoch_us(ts) - {o_us}) / {w_us}) AS INTEGER)"
     last = con.execute(f"SELECT {number.replace('ts', '?::TIMESTAMPTZ')}", [last_ts]).fetchone()[0] if last_ts else 0
-    return maxima, BatchNumber(f"CASE WHEN {_VALID_TS} THEN {number} ELSE {int(last)} END", origin)
+    return maxima, BatchNumber(f"CASE WHEN {_VALID_TS} THEN {number} ELSE {int(last)} END", origin), valid
 
 
 def _write_batches(
@@ -379,10 +562,14 @@ def _write_batches(
             """
         )
     _fault("inserted")
+    bad = sql_literal(list(badlines.RULES))
     con.execute(
         f"""
-        INSERT INTO quarantine
-        SELECT ?, m.batch_id, {names}[sidx + 1], rule, detail, f.path, raw_row
+        INSERT INTO quarantine (sync_id, batch_id, source, rule, detail, file, row, line_no, line_text)
+        SELECT ?, m.batch_id, {names}[sidx + 1], rule, detail, f.path,
+               CASE WHEN NOT list_contains({bad}, rule) THEN raw_row END,
+               CASE WHEN list_contains({bad}, rule) THEN CAST(raw_row->>'line' AS BIGINT) END,
+               CASE WHEN list_contains({bad}, rule) THEN raw_row->>'text' END
         FROM (SELECT {bno.sql} AS bno, * FROM _stage WHERE rule IS NOT NULL) q
         JOIN _bmap m USING (bno) LEFT JOIN _files f USING (sidx, fidx)
         """,
@@ -445,7 +632,8 @@ def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[int, dict[str, int
 
 
 def _advance_watermarks(
-    con: duckdb.DuckDBPyConnection, plans: list[FilePlan], maxima: dict[int, datetime], sync_id: str, now: datetime
+    con: duckdb.DuckDBPyConnection, plans: list[FilePlan], maxima: dict[int, datetime],
+    before: dict[tuple[int, int], tuple[datetime | None, int]], sync_id: str, now: datetime,
 ) -> None:
     """Watermark = newest usable event time read from the source (kept, quarantined or duplicate alike),
     so re-read files only contribute rows newer than anything already accounted for."""
@@ -455,19 +643,24 @@ def _advance_watermarks(
             con.execute(
                 "INSERT OR REPLACE INTO data_watermarks VALUES (?, ?, ?, ?)", [plan.source.name, new_max, sync_id, now]
             )
-        _record_files(con, plan, sync_id)
+        _record_files(con, plan, sync_id, {path: before[(sidx, k + 1)] for k, path in enumerate(plan.files)})
 
 
-def _record_files(con: duckdb.DuckDBPyConnection, plan: FilePlan, sync_id: str) -> None:
+def _record_files(
+    con: duckdb.DuckDBPyConnection, plan: FilePlan, sync_id: str,
+    before: dict[Path, tuple[datetime | None, int]],
+) -> None:
     for path in plan.files:
         size, mtime = plan.stats[path]
+        since, rows = before.get(path, (None, None))
         con.execute(
             """
-            INSERT INTO data_source_files VALUES (?, ?, ?, ?, ?, ?)
+            INSERT INTO data_source_files (source, path, size, mtime_ns, first_sync, last_sync, before_ts, rows_before)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (source, path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,
-                last_sync = excluded.last_sync
+                last_sync = excluded.last_sync, before_ts = excluded.before_ts, rows_before = excluded.rows_before
             """,
-            [plan.source.name, str(path), size, mtime, sync_id, sync_id],
+            [plan.source.name, str(path), size, mtime, sync_id, sync_id, since, rows],
         )
 
 
