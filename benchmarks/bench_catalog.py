@@ -80,8 +80,10 @@ def populate(mgr: AdapterManager, n: int, depth: int) -> dict[str, int]:
     # sequences cannot be moved with setval in DuckDB: advance by drawing values (cheap)
     with mgr.catalog.transaction() as con:
         con.execute(f"SELECT max(nextval('adapter_id_seq')) FROM range({n})")
-    # promote checks the target's files, so the promoted nodes share one real 301 KB file set
+    # promote checks the target's files, so every node the benchmark promotes (the 200-step history
+    # below and the timed rollbacks' targets 200..249) shares one real 301 KB file set
     promoted = min(depth, 200)
+    with_files = min(depth, 250)
     weights, config = os.urandom(301_000), b'{"peft_type": "LORA", "r": 8}'
     w_sha, c_sha = hashlib.sha256(weights).hexdigest(), hashlib.sha256(config).hexdigest()
     key = hashlib.sha256(f"{c_sha}:{w_sha}".encode()).hexdigest()
@@ -91,7 +93,7 @@ def populate(mgr: AdapterManager, n: int, depth: int) -> dict[str, int]:
     (folder / CONFIG_FILE).write_bytes(config)
     with mgr.catalog.transaction() as con:
         con.execute("UPDATE adapters SET store_key = ?, weights_sha256 = ?, config_sha256 = ? WHERE id <= ?",
-                    [key, w_sha, c_sha, promoted])
+                    [key, w_sha, c_sha, with_files])
     leaf = depth  # the end of the first chain: 1,000 generations up
     # an alias with a realistic history: 200 promotions through the first chain
     for i in range(1, promoted + 1):
