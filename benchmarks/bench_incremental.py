@@ -203,12 +203,13 @@ class Bench:
         return res
 
     def eval_stale(self, side: str, key: str, period: int, adapter_id: int, examples: Any) -> None:
-        from adapters_mgr.lora.peft_scoring import evaluate_adapters
+        from adapters_mgr.lora.tasks import get_task
+        from adapters_mgr.workflows.evaluation import evaluate_node
 
         base = self.ranker_base if side == "ranker" else self.encoder_base
-        folder = str(self.mgr.adapter_folder(adapter_id))
-        metrics, wall, peak = measured(lambda: evaluate_adapters(
-            base, self.tok, side, [(folder, 1.0)], examples, "weights", max_length=self.args.max_length))
+        node = self.mgr.get(adapter_id)  # scored with its own as-of prior, as train_update's gate does
+        metrics, wall, peak = measured(lambda: evaluate_node(
+            self.mgr.workspace, base, self.tok, get_task(side), node, examples, max_length=self.args.max_length))
         self.record(side, key, period, metrics=_clean(metrics), wall_s=0.0, eval_s=wall, train_rows=0, bytes=0,
                     peak_rss_mib=peak, adapter_id=adapter_id)
         primary = metrics.get("auc" if side == "ranker" else "ndcg@10")

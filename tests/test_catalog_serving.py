@@ -13,6 +13,12 @@ from tests.stream_fixtures import synced_manager
 FAST = dict(max_length=32, max_train_rows=120, max_eval_rows=120, progress=False)
 
 
+def _model_only(scorer, users, items):
+    """Raw texts carry no ids to compute the as-of prior from: these nodes (trained with prior 'bias')
+    are compared by their model's part alone, sigmoid(0 + residual)."""
+    return scorer.score_texts(users, items, prior_logits=np.zeros(len(users)))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
@@ -30,7 +36,7 @@ def test_cat_merge_equals_the_weights_stack_and_is_recorded(trained):
     users = ["user a", "user b", "user c"]
     items = ["item x", "item y", "item z"]
     scorer = mgr.scorer(ids["s2"])
-    stack_scores = scorer.score_texts(users, items)
+    stack_scores = _model_only(scorer, users, items)
     merged = mgr.merge([ids["s2"]], "cat", name="rk-merged")
     node = mgr.get(merged)
     assert node.kind == "merged" and node.metrics["reconstruction_error"] == pytest.approx(0.0, abs=1e-6)
@@ -40,7 +46,7 @@ def test_cat_merge_equals_the_weights_stack_and_is_recorded(trained):
     assert edges[0].params["method"] == "cat"
     assert node.hyperparams["merge"]["source_nodes"] == [e.parent_id for e in edges]
     scorer.activate(merged)
-    np.testing.assert_allclose(scorer.score_texts(users, items), stack_scores, atol=1e-5)
+    np.testing.assert_allclose(_model_only(scorer, users, items), stack_scores, atol=1e-5)
     svd = mgr.merge([ids["s2"]], "svd", target_rank=2, name="rk-svd")
     assert mgr.get(svd).metrics["reconstruction_error"] > 0
     scorer.close()
@@ -69,7 +75,7 @@ def test_fold_export_loads_with_plain_transformers(trained, tmp_path):
     with torch.no_grad():
         plain = torch.softmax(model(**enc).logits, -1)[0, 1].item()
     scorer = mgr.scorer(ids["s1"], max_length=32)
-    ours = float(scorer.score_texts(["user a"], ["item x"])[0])
+    ours = float(_model_only(scorer, ["user a"], ["item x"])[0])
     scorer.close()
     assert ours == pytest.approx(plain, abs=1e-5)
 
@@ -79,16 +85,16 @@ def test_scorer_follows_rollback_and_returns_the_old_outputs(trained):
     mgr.promote(ids["s2"], "serve")
     scorer = mgr.scorer("serve")
     users, items = ["user q"] * 3, ["item 1", "item 2", "item 3"]
-    new_scores = scorer.score_texts(users, items)
+    new_scores = _model_only(scorer, users, items)
     old = mgr.scorer(ids["s1"])
-    old_scores = old.score_texts(users, items)
+    old_scores = _model_only(old, users, items)
     old.close()
     mgr.promote(ids["s1"], "serve")
     mgr.promote(ids["s2"], "serve")
     mgr.rollback("serve")  # back to s1, made "by another process"
     assert scorer.active == ids["s2"]
     assert scorer.refresh() is True and scorer.active == ids["s1"]
-    np.testing.assert_array_equal(scorer.score_texts(users, items), old_scores)  # exactly the old outputs
+    np.testing.assert_array_equal(_model_only(scorer, users, items), old_scores)  # exactly the old outputs
     assert not np.allclose(new_scores, old_scores)
     assert scorer.refresh() is False
     scorer.close()
@@ -132,16 +138,16 @@ def test_concurrent_switching_never_mixes_nodes(trained):
     mgr, _, ids = trained
     scorer = mgr.scorer(ids["s1"])
     users, items = ["user q"] * 4, ["item 1", "item 2", "item 3", "item 4"]
-    expected = {ids["s1"]: scorer.score_texts(users, items)}
+    expected = {ids["s1"]: _model_only(scorer, users, items)}
     scorer.activate(ids["s2"])
-    expected[ids["s2"]] = scorer.score_texts(users, items)
+    expected[ids["s2"]] = _model_only(scorer, users, items)
     engine = scorer._engine_for("ranker")
     errors: list[str] = []
     stop = threading.Event()
 
     def reader() -> None:
         while not stop.is_set():
-            scores, label = engine.score_pairs(users, items, with_node=True)
+            scores, label = engine.score_pairs(users, items, with_node=True, offsets=np.zeros(len(users)))
             if not np.array_equal(scores, expected[label]):
                 errors.append(f"mixed scores under node {label}")
 
@@ -237,6 +243,9 @@ def test_cli_merge_score_recommend_recompute_compact(trained, capsys, tmp_path):
     assert merged["kind"] == "merged" and merged["metrics"]["reconstruction_error"] >= 0
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("user_text,item_text\nuser a,item x\nuser b,item y\n")
+    code, _, err = _cli(capsys, mgr, "score", str(pairs), "--node", str(ids["s1"]), "--json")
+    assert code == 2 and "prior" in err  # a ranker with the prior needs it beside raw texts
+    pairs.write_text("user_text,item_text,prior_logit\nuser a,item x,0.3\nuser b,item y,-1.2\n")
     code, scored, err = _cli(capsys, mgr, "score", str(pairs), "--node", str(ids["s1"]), "--json")
     assert code == 0, err
     assert len(scored) == 2 and all(0 <= r["score"] <= 1 and r["node_id"] == ids["s1"] for r in scored)

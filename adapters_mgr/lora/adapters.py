@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from adapters_mgr.errors import InvalidInput, NotFound
+from adapters_mgr.lora.quiet import known_warnings_silenced
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def source_config(source: AdapterSource) -> Any:
     return source.config if isinstance(source, InMemoryAdapter) else read_adapter_config(source)
 
 
+@known_warnings_silenced()  # peft's constructor trips a transformers deprecation (see lora/quiet.py)
 def attach(model: nn.Module, source: AdapterSource, name: str, *, trainable: bool = False) -> Any:
     """Attach ``source`` under ``name``; ``model`` is the task model or a PeftModel built on it.
 

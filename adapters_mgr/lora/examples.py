@@ -8,7 +8,7 @@ model work (empty set, a missing column, a label that is not 0/1).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -16,17 +16,26 @@ import numpy as np
 from adapters_mgr.errors import InvalidInput
 
 PAIR_COLUMNS = ("user_id", "item_id", "user_text", "item_text")
+OFFSET_COLUMN = "prior_logit"
+POPULARITY_COLUMN = "item_pop_count"  # a row's item: its interactions strictly before the row (data/popularity.py)
 
 
 @dataclass(frozen=True)
 class Interactions:
-    """Columns of (user, item) interactions with texts rendered as of event time; label optional."""
+    """Columns of (user, item) interactions with texts rendered as of event time; label optional.
+
+    ``offsets``: the as-of prior's logit per row (column ``prior_logit``), when the rows carry one;
+    a ranker trained with the prior learns a residual on top of it and scores ``offset + residual``.
+    """
 
     user_ids: np.ndarray
     item_ids: np.ndarray
     user_texts: list[str]
     item_texts: list[str]
     labels: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    item_counts: np.ndarray | None = None
+    """Column ``item_pop_count``: the row's item's as-of popularity count (the retriever's popularity term)."""
 
     def __len__(self) -> int:
         return len(self.user_texts)
@@ -38,6 +47,8 @@ class Interactions:
             [self.user_texts[i] for i in index],
             [self.item_texts[i] for i in index],
             None if self.labels is None else self.labels[index],
+            None if self.offsets is None else self.offsets[index],
+            None if self.item_counts is None else self.item_counts[index],
         )
 
 
@@ -70,12 +81,20 @@ def as_interactions(examples: Any, *, need_labels: bool, what: str = "training e
         labels = None
         if "label" in cols:
             labels = np.asarray(cols["label"], dtype=np.float64).reshape(-1)
+        offsets = None
+        if OFFSET_COLUMN in cols:
+            offsets = np.asarray(cols[OFFSET_COLUMN], dtype=np.float64).reshape(-1)
+        item_counts = None
+        if POPULARITY_COLUMN in cols:
+            item_counts = np.asarray(cols[POPULARITY_COLUMN], dtype=np.float64).reshape(-1)
         data = Interactions(
             np.asarray(cols["user_id"], dtype=object).reshape(-1),
             np.asarray(cols["item_id"], dtype=object).reshape(-1),
             [str(t) for t in cols["user_text"]],
             [str(t) for t in cols["item_text"]],
             labels,
+            offsets,
+            item_counts,
         )
     n = len(data.user_texts)
     if n == 0:
@@ -83,6 +102,14 @@ def as_interactions(examples: Any, *, need_labels: bool, what: str = "training e
     lengths = {len(data.user_ids), len(data.item_ids), len(data.item_texts)}
     if data.labels is not None:
         lengths.add(len(data.labels))
+    if data.offsets is not None:
+        lengths.add(len(data.offsets))
+        if not np.isfinite(data.offsets).all():
+            raise InvalidInput(f"{what}: {OFFSET_COLUMN} must be finite numbers")
+    if data.item_counts is not None:
+        lengths.add(len(data.item_counts))
+        if not (np.isfinite(data.item_counts).all() and (data.item_counts >= 0).all()):
+            raise InvalidInput(f"{what}: {POPULARITY_COLUMN} must be counts (finite, >= 0)")
     if lengths != {n}:
         raise InvalidInput(f"{what}: columns differ in length ({sorted(lengths | {n})})")
     if need_labels:
@@ -91,8 +118,7 @@ def as_interactions(examples: Any, *, need_labels: bool, what: str = "training e
         if not np.isin(data.labels, (0.0, 1.0)).all():
             bad = data.labels[~np.isin(data.labels, (0.0, 1.0))][:3]
             raise InvalidInput(f"{what}: labels must be 0 or 1, got e.g. {bad.tolist()}")
-        data = Interactions(data.user_ids, data.item_ids, data.user_texts, data.item_texts,
-                            data.labels.astype(np.int64))
+        data = replace(data, labels=data.labels.astype(np.int64))
     return data
 
 
@@ -118,6 +144,9 @@ class RetrievalEvalSet:
     rows: Interactions
     catalog: Mapping[Any, str]
     seen: Mapping[Any, set[Any]]
+    popularity: Mapping[Any, float] | None = None
+    """item_id -> its interactions before the period (key ``popularity``; a retriever with the
+    popularity term adds ``pop_weight * log(count + smoothing)``; missing items count 0)."""
 
 
 def as_retrieval_eval(examples: Any, what: str = "eval examples") -> RetrievalEvalSet:
@@ -134,7 +163,10 @@ def as_retrieval_eval(examples: Any, what: str = "eval examples") -> RetrievalEv
     if not catalog:
         raise InvalidInput(f"retriever {what}: the item catalog is empty")
     seen = {k: set(v) for k, v in dict(examples.get("seen") or {}).items()}
-    return RetrievalEvalSet(rows, catalog, seen)
+    popularity = examples.get("popularity")
+    return RetrievalEvalSet(rows, catalog, seen, None if popularity is None else dict(popularity))
 
 
-__all__ = ["Interactions", "PAIR_COLUMNS", "RetrievalEvalSet", "as_interactions", "as_retrieval_eval", "positives"]
+__all__ = ["OFFSET_COLUMN", "PAIR_COLUMNS", "POPULARITY_COLUMN",
+           "Interactions", "RetrievalEvalSet", "as_interactions", "as_retrieval_eval",
+           "positives"]

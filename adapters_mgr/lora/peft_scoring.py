@@ -14,6 +14,11 @@ Two combination modes (the stack node's ``mode`` in the catalog):
   so that a dot product of ``encode_users`` and ``encode_items`` outputs is exactly that mean and
   full-catalog ranking is still one matrix product (weights must then be >= 0).
 
+The as-of prior (ranker adapters trained with ``prior='bias'``) is not part of any folder: the
+caller passes its logits as ``offsets`` and every forward pass adds them to its residual logit
+before the sigmoid, so a weights-mode stack or a merge adds the prior once (one residual: the summed
+deltas read by the newest head) and an ensemble averages members that each added it once.
+
 Retriever scores are always the dot product of ``encode_users`` and ``encode_items`` outputs (the
 cosine similarity in ``weights`` mode). ``ScoringModel`` attaches adapters to the base in place;
 call ``release()`` to get the bare base back. Serving (hot swap, folding) builds on this contract.
@@ -149,15 +154,22 @@ class ScoringModel:
                 self.model.train()
 
     # -- ranker -----------------------------------------------------------------------------------
-    def score_pairs(self, user_texts: Sequence[str], item_texts: Sequence[str]) -> np.ndarray:
-        """Ranker: P(like) per pair. Retriever: similarity (dot of the encodings) per pair."""
+    def score_pairs(self, user_texts: Sequence[str], item_texts: Sequence[str], *,
+                    offsets: np.ndarray | None = None) -> np.ndarray:
+        """Ranker: P(like) per pair. Retriever: similarity (dot of the encodings) per pair.
+
+        ``offsets``: the as-of prior's logit per pair, for a ranker trained with the prior: each
+        forward pass scores sigmoid(offset + its residual), so the prior is added ONCE per output
+        (weights mode: one pass; ensemble: each member's P(like), then the weighted mean)."""
         if len(user_texts) != len(item_texts):
             raise InvalidInput(f"{len(user_texts)} user texts but {len(item_texts)} item texts")
         if self.task.name == "retriever":
+            if offsets is not None:
+                raise InvalidInput("prior offsets apply to the ranker only")
             return np.sum(self.encode_users(user_texts) * self.encode_items(item_texts), axis=1).astype(np.float64)
         outputs = self._run(lambda: pair_probabilities(
             self.model, self.tokenizer, list(user_texts), list(item_texts),
-            max_length=self.max_length, batch_size=self.batch_size, device=self.device,
+            max_length=self.max_length, batch_size=self.batch_size, device=self.device, offsets=offsets,
         ))
         return sum(w * out for w, out in outputs)
 

@@ -30,6 +30,7 @@ from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter
 from adapters_mgr.lora.peft_scoring import MODES, check_combination
+from adapters_mgr.lora.quiet import known_warnings_silenced
 from adapters_mgr.lora.settings import PEFT_TASK_TYPES, LoraSettings
 from adapters_mgr.lora.tasks import Task
 
@@ -207,6 +208,7 @@ def plan(
     return Plan(rules, items, settings or LoraSettings(), float(new_weight), mode, adapter_name)
 
 
+@known_warnings_silenced()  # get_peft_model trips a transformers deprecation (see lora/quiet.py)
 def build(task_model: nn.Module, task: Task, p: Plan, seed: int) -> Any:
     """Attach the parents and the new adapter to ``task_model``; returns the PeftModel.
 

@@ -49,6 +49,7 @@ from adapters_mgr.lora.peft_scoring import ScoringModel
 from adapters_mgr.lora.policies import Plan, Policy, build, plan
 from adapters_mgr.lora.settings import LoraSettings
 from adapters_mgr.lora.tasks import Task, get_task
+from adapters_mgr.progress import progress_bar
 
 
 @dataclass
@@ -277,7 +278,7 @@ def train_adapter(
         mode: combination of the node, 'weights' | 'ensemble' ('stack' needs 'weights').
         eval_examples: ranker rows, or for the retriever a dict with rows, catalog, seen; when
             given, ``metrics`` holds the node's eval metrics.
-        progress: tqdm bar per epoch (main process only).
+        progress: a report per epoch, main process only (a bar on a terminal, lines in a log: progress.py).
 
     Raises:
         InvalidInput: before any model work, for any bad argument or empty training set.
@@ -318,7 +319,6 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
          warmup_ratio: float, max_grad_norm: float | None, eval_batch_size: int, progress: bool) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, send_to_device
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     process_state()  # before Accelerator(): the process group from the launcher's environment
@@ -328,7 +328,11 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
     trainable = peft_wiring.freeze(model, p.adapter_name)
     peft_wiring.activate(model, p.training_names, p.training_weights)
     params = [param for param in model.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scalars = task.scalars()  # learned numbers the task keeps outside the folder (retriever weights)
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if scalars:
+        groups.append({"params": scalars, "lr": task.scalar_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     # the same seeded order of global batches in every process; each collates its slice of each
     loader = torch.utils.data.DataLoader(
         list(range(len(data))), batch_size=batch_size, shuffle=True,
@@ -348,18 +352,22 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
     for epoch in range(epochs):
         _train_mode(model, frozen)
         epoch_losses = []
-        # one iter() of the loader per epoch: tqdm.auto calls iter() on what it wraps when created and
+        # one iter() of the loader per epoch: a tqdm bar calls iter() on what it wraps when created and
         # again in the loop, and each iter() of a DataLoader draws a seed from its generator, which would
         # change every epoch's order (and break the order the recorded adapters were trained with)
-        bar = tqdm((batch for batch in loader), total=len(loader), leave=False,
-                   desc=f"train {task.name} {p.policy.name} epoch {epoch + 1}/{epochs}",
-                   disable=not progress or not accelerator.is_local_main_process)
+        bar = progress_bar((batch for batch in loader), total=len(loader), leave=False, unit="step",
+                           desc=f"train {task.name} {p.policy.name} epoch {epoch + 1}/{epochs}",
+                           enabled=progress and accelerator.is_local_main_process)
         for batch, n_local, n_global in bar:
             loss = task.loss(model, send_to_device(batch, accelerator.device))
             if world > 1:
                 # DDP averages over processes: weight = share of the global batch x processes
                 loss = loss * (n_local * world / n_global)
             accelerator.backward(loss)
+            if world > 1:  # outside the model, so DDP does not average them: sum the weighted shares
+                for scalar in scalars:
+                    if scalar.grad is not None:
+                        scalar.grad = accelerator.reduce(scalar.grad, "sum") / world
             if max_grad_norm:
                 accelerator.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
@@ -394,6 +402,7 @@ def _fit(model: Any, tokenizer: Any, task: Task, data: Any, eval_set: Any, p: Pl
             "parent_weights": [parent.weight for parent in p.parents], "lora": p.settings.to_dict(),
             **({"temperature": task.temperature} if hasattr(task, "temperature") else {}),
             **({"processes": world} if world > 1 else {}),
+            **task.learned(),
         },
     )
     if eval_set is not None:

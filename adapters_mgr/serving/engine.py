@@ -379,12 +379,17 @@ class HotSwapModel:
                     outputs.append((p.weight, fn()))
                 return outputs, node
 
-    def score_pairs(self, user_texts: Sequence[str], item_texts: Sequence[str], *, with_node: bool = False) -> Any:
+    def score_pairs(self, user_texts: Sequence[str], item_texts: Sequence[str], *, with_node: bool = False,
+                    offsets: np.ndarray | None = None) -> Any:
         """Ranker: P(like) per pair; retriever: similarity (dot of the encodings) per pair. float64.
-        ``with_node=True`` returns ``(scores, label)`` of the node that scored the whole request."""
+        ``with_node=True`` returns ``(scores, label)`` of the node that scored the whole request.
+        ``offsets``: the as-of prior's logits (ranker nodes trained with the prior), added once to
+        each pass's residual logit, exactly as ``ScoringModel.score_pairs`` does."""
         if len(user_texts) != len(item_texts):
             raise InvalidInput(f"{len(user_texts)} user texts but {len(item_texts)} item texts")
         if self.task.name == "retriever":
+            if offsets is not None:
+                raise InvalidInput("prior offsets apply to the ranker only")
             with self._lock.read():
                 users, label = self.encode(user_texts, with_node=True)
                 items = self.encode(item_texts)
@@ -392,7 +397,7 @@ class HotSwapModel:
             return (scores, label) if with_node else scores
         outputs, node = self._run(lambda: pair_probabilities(
             self.model, self.tokenizer, list(user_texts), list(item_texts),
-            max_length=self.max_length, batch_size=self.batch_size, device=self.device,
+            max_length=self.max_length, batch_size=self.batch_size, device=self.device, offsets=offsets,
         ))
         scores = sum(w * out for w, out in outputs)
         return (scores, node.label) if with_node else scores
@@ -411,9 +416,10 @@ class HotSwapModel:
             emb = np.concatenate([np.sqrt(w) * e for w, e in outputs], axis=1).astype(np.float32)
         return (emb, node.label) if with_node else emb
 
-    def score_texts(self, user_texts: Sequence[str], item_texts: Sequence[str], *, with_node: bool = False) -> Any:
+    def score_texts(self, user_texts: Sequence[str], item_texts: Sequence[str], *, with_node: bool = False,
+                    offsets: np.ndarray | None = None) -> Any:
         """Raw-text scores: ranker P(like) per pair; retriever cosine similarity per pair."""
-        return self.score_pairs(user_texts, item_texts, with_node=with_node)
+        return self.score_pairs(user_texts, item_texts, with_node=with_node, offsets=offsets)
 
 
 @contextlib.contextmanager

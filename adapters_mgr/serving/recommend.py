@@ -12,11 +12,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from adapters_mgr.catalog.sql import fetch_dicts, log_event, utcnow
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.faults import maybe_crash
+from adapters_mgr.progress import progress_bar
 from adapters_mgr.serving.scorer import Scorer, ServingSource
 
 USER_MODES = ("all", "changed")
@@ -83,7 +82,7 @@ def recompute(
     scorer = Scorer(ws, alias, ranker=ranker)
     try:
         lists: dict[str, list[dict[str, Any]]] = {}
-        with tqdm(total=len(wanted), desc="recompute", unit="user", disable=not progress) as bar:
+        with progress_bar(total=len(wanted), desc="recompute", unit="user", enabled=progress) as bar:
             for start in range(0, len(wanted), batch_users):
                 chunk = wanted[start:start + batch_users]
                 lists.update(scorer.recommend_many(chunk, k, top_m=top_m))

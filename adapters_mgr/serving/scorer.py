@@ -4,6 +4,11 @@ one in-memory base per task (:class:`~adapters_mgr.serving.engine.HotSwapModel`)
 It follows an alias: :meth:`Scorer.refresh` (or a polling thread) re-reads the alias with one
 short catalog read and switches when another process promoted or rolled back. It keeps its own base
 copies (never the manager's training base), because a folded node changes weights in place.
+
+A ranker node trained with the as-of prior (recipe recorded with its adapters) scores
+``sigmoid(prior_logit + residual)``: the scorer asks the data layer for the prior's logits of the
+pairs, from every event synced so far (or strictly before ``as_of``), and the engine adds them once
+to the model's residual. Nodes from before the prior score as they always did.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ class TextSource(Protocol):
 
     def item_texts(self, as_of: Any = None, *, templates: dict[str, str] | None = None) -> dict[str, str]: ...
 
+    def pair_prior_logits(self, users: list[Any], items: list[Any], as_of: Any = None, *,
+                          recipe: Any = None) -> np.ndarray | None: ...
+
+    def item_popularity(self, items: list[Any], as_of: Any = None, *, recipe: Any = None) -> np.ndarray: ...
+
 
 class ServingSource(Protocol):
     """What serving needs from the rest of the system (a Workspace provides it): nodes and their
@@ -46,6 +56,8 @@ class ServingSource(Protocol):
     def get(self, ref: Any) -> Adapter: ...
     def members(self, node: Adapter) -> tuple[list[tuple[Adapter, float]], str]: ...
     def newest_templates(self, adapters: list[Adapter]) -> dict[str, str] | None: ...
+    def prior_recipe(self, adapters: list[Adapter]) -> Any: ...
+    def popularity_recipe(self, adapters: list[Adapter]) -> Any: ...
     def adapter_folder(self, ref: Any) -> Path: ...
     def alias_target(self, alias: str) -> int | None: ...
     def base(self, ref: str) -> dict[str, Any]: ...
@@ -70,6 +82,8 @@ class Scorer:
         self._refs: dict[str, Any] = {}  # task -> the ref (alias or id) that task follows
         self._nodes: dict[str, Adapter] = {}  # task -> active node
         self._templates: dict[str, dict[str, str] | None] = {}  # task -> the texts' templates it was trained on
+        self._priors: dict[str, Any] = {}  # task -> the prior recipe its node adds (``.used``: whether it adds one)
+        self._popularity: Any = None  # the retriever node's popularity term (``.used``, weights, ``term``)
         self._lock = threading.RLock()
         self._poller: threading.Thread | None = None
         self._stop = threading.Event()
@@ -106,11 +120,16 @@ class Scorer:
         members, mode = self.src.members(node)  # once: a lineage query for stack nodes
         prepared = engine.prepare(self._spec(node, members, mode))  # reads and checks outside the switch
         templates = self.src.newest_templates([m for m, _ in members])
+        recipe = self.src.prior_recipe([m for m, _ in members])
+        pop = self.src.popularity_recipe([m for m, _ in members]) if node.task == "retriever" else None
         with self._lock:
             engine.activate(prepared)
             self._refs[node.task] = node_or_alias
             self._nodes[node.task] = node
             self._templates[node.task] = templates
+            self._priors[node.task] = recipe
+            if node.task == "retriever":
+                self._popularity = pop
         return node.id
 
     def recorded_templates(self, node: Adapter) -> dict[str, str] | None:
@@ -179,21 +198,47 @@ class Scorer:
         raise InvalidInput("no node is active; activate an adapter or alias first")
 
     # -- scoring -----------------------------------------------------------------------------------
-    def score_texts(self, user_texts: Sequence[str], item_texts: Sequence[str]) -> np.ndarray:
-        """Raw text in: ranker P(like) per pair (when a ranker is active), else retriever similarity."""
-        return self._engine_for(self._primary_task()).score_texts(list(user_texts), list(item_texts))
+    def uses_prior(self, task: str = "ranker") -> bool:
+        """Whether the active ``task`` node adds the as-of prior to its model's residual."""
+        recipe = self._priors.get(task)
+        return bool(recipe is not None and recipe.used)
+
+    def prior_logits(self, users: Sequence[Any], items: Sequence[Any], *, as_of: Any = None) -> np.ndarray | None:
+        """The active ranker's prior logits of the pairs (None when it adds no prior)."""
+        if not self.uses_prior("ranker"):
+            return None
+        return self.src.data.pair_prior_logits([str(u) for u in users], [str(i) for i in items], as_of,
+                                               recipe=self._priors["ranker"])
+
+    def score_texts(self, user_texts: Sequence[str], item_texts: Sequence[str], *,
+                    prior_logits: Sequence[float] | None = None) -> np.ndarray:
+        """Raw text in: ranker P(like) per pair (when a ranker is active), else retriever similarity.
+
+        A ranker trained with the prior needs the pairs' ``prior_logits`` (texts carry no ids to
+        compute them from): :meth:`score` computes them, or ``DataAPI.prior_logits`` for rows."""
+        task = self._primary_task()
+        offsets = None
+        if task == "ranker" and self.uses_prior():
+            if prior_logits is None:
+                raise InvalidInput(f"ranker node {self._nodes['ranker'].id} adds the as-of prior to its model's "
+                                   "output; pass prior_logits (or score catalog ids with score())")
+            offsets = np.asarray(prior_logits, dtype=np.float64)
+        return self._engine_for(task).score_texts(list(user_texts), list(item_texts), offsets=offsets)
 
     def score(self, users: Sequence[Any], items: Sequence[Any], *, as_of: Any = None) -> np.ndarray:
-        """Catalog ids in: texts rendered from the catalog (as of ``as_of``, default now), then scored."""
+        """Catalog ids in: texts rendered from the catalog (as of ``as_of``, default now), then scored;
+        a ranker with the prior adds its logit as of the same time."""
         users = [str(u) for u in users]
         items = [str(i) for i in items]
-        templates = self._templates.get(self._primary_task())
+        task = self._primary_task()
+        templates = self._templates.get(task)
         user_text = self.src.data.user_texts(sorted(set(users)), as_of, templates=templates)
         item_text = self.src.data.item_texts(as_of, templates=templates)
         missing = [i for i in items if i not in item_text]
         if missing:
             raise NotFound(f"unknown item {missing[0]!r}; it has no interactions or attributes in the catalog")
-        return self.score_texts([user_text[u] for u in users], [item_text[i] for i in items])
+        offsets = self.prior_logits(users, items, as_of=as_of) if task == "ranker" else None
+        return self.score_texts([user_text[u] for u in users], [item_text[i] for i in items], prior_logits=offsets)
 
     def item_embeddings(self, as_of: Any = None) -> tuple[list[str], np.ndarray]:
         """Every catalog item encoded by the active retriever (cached per node and time)."""
@@ -204,6 +249,19 @@ class Scorer:
             ids = sorted(texts)
             self._item_cache = {key: (ids, engine.encode([texts[i] for i in ids]))}
         return self._item_cache[key]
+
+    def retrieval_scores(self, user_emb: np.ndarray, item_emb: np.ndarray, item_ids: Sequence[str], *,
+                         as_of: Any = None) -> np.ndarray:
+        """The active retriever's (users x items) scores: the dot product of the encodings, or for a
+        node trained with the popularity term ``sim_weight * dot + pop_weight * log(count + smoothing)``
+        with each item's interactions strictly before ``as_of`` (None: everything synced so far) and
+        the node's recorded weights (float64, as evaluation computes them)."""
+        pop = self._popularity
+        if pop is None or not pop.used:
+            return user_emb @ item_emb.T
+        counts = self.src.data.item_popularity(list(item_ids), as_of, recipe=pop)
+        sim = np.asarray(user_emb, dtype=np.float64) @ np.asarray(item_emb, dtype=np.float64).T
+        return pop.sim_weight * sim + pop.pop_weight * pop.term(counts)[None, :]
 
     def recommend(self, user: Any, k: int = 10, *, exclude_seen: bool = True, top_m: int = RERANK_TOP_M,
                   as_of: Any = None) -> list[dict[str, Any]]:
@@ -226,7 +284,8 @@ class Scorer:
         user_emb = engine.encode([user_text[u] for u in users])
         seen = seen_items(self.src.catalog, users) if exclude_seen else {}
         ranker = "ranker" in self._nodes
-        first = top_k(user_emb @ item_emb.T, ids, users, seen, max(k, top_m) if ranker else k)
+        first = top_k(self.retrieval_scores(user_emb, item_emb, ids, as_of=as_of), ids, users, seen,
+                      max(k, top_m) if ranker else k)
         if not ranker:
             return first
         rank_templates = self._templates.get("ranker")
@@ -235,9 +294,16 @@ class Scorer:
         item_text = self.src.data.item_texts(as_of, templates=rank_templates)
         out: dict[str, list[dict[str, Any]]] = {}
         rank_engine = self._engine_for("ranker")
+        # the prior of every candidate pair in one query, as of the same time as the texts
+        pairs = [(user, c["item_id"]) for user in users for c in first[user]]
+        logits = self.prior_logits([u for u, _ in pairs], [i for _, i in pairs], as_of=as_of)
+        start = 0
         for n, user in enumerate(users):
             cands = first[user]
-            scores = rank_engine.score_pairs([user_text[user]] * len(cands), [item_text[c["item_id"]] for c in cands])
+            offsets = None if logits is None else logits[start:start + len(cands)]
+            start += len(cands)
+            scores = rank_engine.score_pairs([user_text[user]] * len(cands), [item_text[c["item_id"]] for c in cands],
+                                             offsets=offsets)
             order = np.argsort(-scores, kind="stable")[:k]
             out[user] = [{"item_id": cands[i]["item_id"], "score": float(scores[i]),
                           "retriever_score": cands[i]["score"]} for i in order]

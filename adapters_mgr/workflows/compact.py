@@ -15,8 +15,13 @@ from adapters_mgr.catalog.records import Adapter
 from adapters_mgr.catalog.sql import log_event
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora.peft_scoring import evaluate_adapters
-from adapters_mgr.lora.tasks import get_task
-from adapters_mgr.workflows.evaluation import eval_examples, with_primary, within_tolerance
+from adapters_mgr.workflows.evaluation import (
+    eval_examples,
+    task_with_prior,
+    with_primary,
+    with_prior,
+    within_tolerance,
+)
 from adapters_mgr.workflows.merge import merge_to_folder, plan_base, plan_merge, register_merged, staging_dir
 from adapters_mgr.workflows.workspace import Workspace
 
@@ -52,8 +57,10 @@ def compact_alias(ws: Workspace, alias: str, *, max_depth: int, method: str, tar
     if node.kind != "stack" or len(plan.members) <= max_depth:
         return {"compacted": False, "reason": f"{alias} is a {node.kind} of {len(plan.members)} adapter(s), "
                 f"not deeper than {max_depth}", "node_id": node.id}
-    task = get_task(plan.task)
+    task = task_with_prior(plan.task, plan.prior)
     examples, eval_ids = compaction_examples(ws, node, plan.task, eval_batches)
+    if plan.task == "ranker":
+        examples = with_prior(ws, examples, plan.prior)
     base_model = plan_base(ws, plan)
     tok = ws.tokenizer(plan.base_id)
     stack_metrics = evaluate_adapters(base_model, tok, task, ws.member_folders(plan.members), examples,

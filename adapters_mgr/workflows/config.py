@@ -40,6 +40,17 @@ class UpdateConfig:
     replay_relevance: float = knob(0.0, "Extra replay weight for rows of the new batch's users and items.", min=0.0)
     mode: str = knob("weights", "How a stack combines: weights (deltas summed) or ensemble (outputs averaged).")
     new_weight: float = knob(1.0, "Weight of the newly trained adapter in the node to serve (stack, long_short).")
+    prior: str = knob("auto", "Ranker: bias (score = as-of like-rate prior logit + the model's residual), "
+                              "none (the model alone), or auto (the parent's; bias for a fresh ranker, "
+                              "none for a retriever).")
+    prior_shrinkage: float = knob(10.0, "Prior 'bias': pseudo-events that shrink user and item like rates "
+                                        "toward the global rate.", min=1e-9)
+    popularity: str = knob("auto", "Retriever: log (score = sim_weight x cosine + pop_weight x log(1 + the item's "
+                                   "as-of interactions), both learned, starting at 0 and 1: a fresh retriever "
+                                   "ranks like popularity), none (the cosine alone), or auto (the parent's; log "
+                                   "for a fresh retriever).")
+    popularity_logq: bool = knob(True, "Retriever with popularity 'log': subtract log of each item's in-batch "
+                                       "sampling probability from the training logits (logQ correction).")
     max_train_rows: int | None = knob(None, "Seeded subsample of training rows.", min=1)
     max_eval_rows: int | None = knob(None, "Seeded subsample of eval rows.", min=1)
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from adapters_mgr.catalog.records import Adapter
+from adapters_mgr.data.popularity import PopularityRecipe
+from adapters_mgr.data.prior import PriorRecipe
+from adapters_mgr.lora.examples import OFFSET_COLUMN, POPULARITY_COLUMN
 from adapters_mgr.lora.peft_scoring import evaluate_adapters
-from adapters_mgr.lora.tasks import Task
+from adapters_mgr.lora.tasks import Task, get_task
 from adapters_mgr.workflows.workspace import Workspace
 
 PROMOTE_CHOICES = (None, "always", "if_better")
@@ -40,15 +43,66 @@ def eval_examples(ws: Workspace, task: str, rows: list[dict[str, Any]], history_
     history = ws.data.interactions(history_before) if history_before else []
     for r in [*history, *extra_seen]:
         seen.setdefault(str(r["user_id"]), set()).add(str(r["item_id"]))
-    return {"rows": rows, "catalog": catalog, "seen": seen}
+    # ``as_of``: the time the popularity term counts up to (with_eval_popularity adds the counts)
+    return {"rows": rows, "catalog": catalog, "seen": seen, "as_of": cutoff}
+
+
+def retriever_task(recipe: PopularityRecipe) -> Task:
+    """The retriever recipe that scores the way a node with this popularity recipe (and its
+    learned weights) was trained; no recipe: the cosine alone, as every older retriever."""
+    return get_task("retriever", popularity=recipe.to_dict() if recipe.used else None)
+
+
+def with_popularity(ws: Workspace, rows: list[dict[str, Any]], recipe: PopularityRecipe) -> list[dict[str, Any]]:
+    """Retriever training rows with the column ``item_pop_count`` (the item's interactions strictly
+    before the row) when ``recipe`` adds the popularity term; the rows as they are otherwise."""
+    if not recipe.used or not rows:
+        return rows
+    counts = ws.data.row_popularity(rows, recipe)
+    return [{**r, POPULARITY_COLUMN: int(c)} for r, c in zip(rows, counts, strict=True)]
+
+
+def with_eval_popularity(ws: Workspace, examples: Any, recipe: PopularityRecipe) -> Any:
+    """Retriever eval examples plus ``popularity`` (each catalog item's interactions strictly
+    before the period: the examples' ``as_of``) when ``recipe`` adds the popularity term."""
+    if not recipe.used or not isinstance(examples, dict) or "catalog" not in examples:
+        return examples
+    items = list(examples["catalog"])
+    counts = ws.data.item_popularity(items, examples.get("as_of"), recipe=recipe)
+    return {**examples, "popularity": dict(zip(items, counts.tolist(), strict=True))}
+
+
+def task_with_prior(task: str, recipe: PriorRecipe) -> Task:
+    """The task recipe that scores the way a node with this prior was trained (the ranker adds the
+    prior's logit to its residual; the retriever takes no prior)."""
+    if task == "ranker":
+        return get_task("ranker", prior=recipe.kind)
+    return get_task(task)
+
+
+def with_prior(ws: Workspace, rows: list[dict[str, Any]], recipe: PriorRecipe) -> list[dict[str, Any]]:
+    """Ranker rows with the column ``prior_logit`` of ``recipe``, each as of its own event (copies;
+    the rows are returned as they are for prior 'none', whose scores add nothing)."""
+    logits = ws.data.prior_logits(rows, recipe) if rows else None
+    if logits is None:
+        return rows
+    return [{**r, OFFSET_COLUMN: float(v)} for r, v in zip(rows, logits, strict=True)]
 
 
 def evaluate_node(ws: Workspace, base_model: Any, tokenizer: Any, task: Task, node: Adapter, examples: Any, *,
                   max_length: int = 64) -> dict[str, float]:
-    """Metrics of a catalog node (an adapter, or a stack in its own mode) on ``examples``."""
+    """Metrics of a catalog node (an adapter, or a stack in its own mode) on ``examples``, scored
+    with the node's own prior (so a gate compares an old node without it fairly to a new one with it)."""
     members, mode = ws.members(node)
-    return evaluate_adapters(base_model, tokenizer, task, ws.member_folders(members), examples, mode,
-                             max_length=max_length)
+    if task.name == "retriever":  # the node's own popularity term and learned weights (none: the cosine)
+        pop = ws.popularity_recipe([m for m, _ in members])
+        return evaluate_adapters(base_model, tokenizer, retriever_task(pop), ws.member_folders(members),
+                                 with_eval_popularity(ws, examples, pop), mode, max_length=max_length)
+    recipe = ws.prior_recipe([m for m, _ in members])
+    if task.name == "ranker" and recipe.used:
+        examples = with_prior(ws, list(examples), recipe)
+    return evaluate_adapters(base_model, tokenizer, task_with_prior(task.name, recipe), ws.member_folders(members),
+                             examples, mode, max_length=max_length)
 
 
 def with_primary(metrics: dict[str, Any], task: Task, baseline: dict[str, Any] | None = None) -> dict[str, Any]:

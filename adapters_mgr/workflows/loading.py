@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from adapters_mgr.catalog.records import Ref
 from adapters_mgr.errors import Conflict
 from adapters_mgr.lora.base_model import head_for
+from adapters_mgr.lora.quiet import known_warnings_silenced
 from adapters_mgr.store import CONFIG_FILE, WEIGHTS_FILE, read_safetensors_header
 from adapters_mgr.workflows.workspace import Workspace
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+@known_warnings_silenced()  # PeftModel.from_pretrained trips a transformers deprecation (lora/quiet.py)
 def load(ws: Workspace, ref: Ref, *, base_model: nn.Module | None = None, force: bool = False) -> Any:
     """Adapters of one base share one PeftModel: loading another adds it by name (peft ``load_adapter``
     + ``set_adapter``), so the base is never copied. ``base_model``: attach to your own model instead

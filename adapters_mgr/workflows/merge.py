@@ -17,8 +17,11 @@ from adapters_mgr.catalog import nodes
 from adapters_mgr.catalog.nodes import ParentSpec
 from adapters_mgr.catalog.records import Adapter, check_name
 from adapters_mgr.catalog.sql import log_event, to_json
+from adapters_mgr.data import popularity, prior
+from adapters_mgr.data.prior import PriorRecipe
 from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.lora import merge as merge_maths
+from adapters_mgr.lora.merge_methods import COPYING_METHODS
 from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.workflows.register import store_adapter
 from adapters_mgr.workflows.workspace import Workspace
@@ -30,6 +33,7 @@ class MergePlan:
     task: str
     base_id: str
     source_mode: str
+    prior: PriorRecipe  # the sources' one prior; the merged adapter adds it once, as they did
 
 
 def plan_merge(ws: Workspace, refs: Sequence[Any], weights: Sequence[float] | None) -> MergePlan:
@@ -58,8 +62,9 @@ def plan_merge(ws: Workspace, refs: Sequence[Any], weights: Sequence[float] | No
     targets = {tuple(sorted(m.target_modules or [])) for m, _ in members}
     if len(targets) > 1:
         raise Conflict(f"adapters {[m.id for m, _ in members]} adapt different modules {sorted(targets)}")
+    recipe = ws.prior_recipe([m for m, _ in members])  # Conflict for sources trained with different priors
     return MergePlan(members, next(iter(tasks)) or "ranker", next(iter(bases)),
-                     "ensemble" if "ensemble" in modes else "weights")
+                     "ensemble" if "ensemble" in modes else "weights", recipe)
 
 
 def plan_base(ws: Workspace, plan: MergePlan) -> Any:
@@ -84,13 +89,17 @@ def register_merged(ws: Workspace, plan: MergePlan, result: merge_maths.MergeRes
     params = {k: recipe.get(k) for k in ("method", "target_rank", "density", "seed")}
     parents = [ParentSpec(m.id, "merged_from", w, params) for m, w in plan.members]
     record = {"reconstruction_error": result.reconstruction_error, **(metrics or {})}
+    # a merged retriever scores with its newest source's popularity term and weights, as a stack does
+    pop = ws.popularity_recipe([m for m, _ in plan.members]) if plan.task == "retriever" else popularity.NO_POPULARITY
     with ws.catalog.transaction() as con:
         # the merged adapter reads texts as its newest source was trained to (see Scorer)
         templates = nodes.newest_templates(con, [m for m, _ in plan.members])
         node_id = nodes.insert_node(
             con, name=name, kind="merged", task=plan.task, base_id=plan.base_id, parents=parents, links=[],
             columns={**prepared.columns, "metrics": to_json(record),
-                     "hyperparams": to_json({"merge": recipe, "templates": templates})},
+                     "hyperparams": to_json({"merge": recipe, "templates": templates,
+                                             prior.RECORD_KEY: plan.prior.to_dict(),
+                                             **({popularity.RECORD_KEY: pop.to_dict()} if pop.used else {})})},
         )
         log_event(con, "merge", {"sources": recipe["source_nodes"], "method": recipe["method"]},
                   detail={"id": node_id, "reconstruction_error": result.reconstruction_error})
@@ -106,6 +115,12 @@ def staging_dir(ws: Workspace) -> str:
 def merge_nodes(ws: Workspace, refs: Sequence[Any], method: str, weights: Sequence[float] | None, *,
                 target_rank: int | None, density: float | None, name: str | None, seed: int) -> int:
     plan = plan_merge(ws, refs, weights)
+    if len(plan.members) == 1 and method in COPYING_METHODS:
+        only = plan.members[0][0]
+        raise InvalidInput(
+            f"nothing to merge: {refs[0]!r} is one plain adapter (#{only.id} {only.ref}), and a {method} merge of "
+            "one adapter is a copy of it; merge two or more adapters or a stack node (svd, ties or dare reshape "
+            "a single adapter)")
     name = check_name(name or f"{plan.task}-merged")
     with tempfile.TemporaryDirectory(dir=staging_dir(ws)) as tmp:
         out = Path(tmp) / "merged"

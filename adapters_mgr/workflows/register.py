@@ -18,6 +18,7 @@ from adapters_mgr.catalog import nodes
 from adapters_mgr.catalog.nodes import ParentSpec
 from adapters_mgr.catalog.records import KINDS, Adapter, Ref, check_name, fetch_ref
 from adapters_mgr.catalog.sql import log_event, to_json, utcnow
+from adapters_mgr.data import prior
 from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.faults import maybe_crash
 from adapters_mgr.lora.settings import PEFT_TASK_TYPES
@@ -178,6 +179,7 @@ def stack(
     if len(tasks) > 1:
         raise Conflict(f"adapters {[m.id for m in members]} are for different tasks {sorted(map(str, tasks))}")
     check_members_fit(ws, members)
+    ws.prior_recipe(members)  # a node adds ONE prior: members trained with different ones are refused
     name = check_name(name or f"stack-{'-'.join(str(m.id) for m in members)}")
     specs = [ParentSpec(m.id, "stacked_on", float(w)) for m, w in zip(members, weights, strict=True)]
     return insert_node(
@@ -231,6 +233,9 @@ def import_peft(ws: Workspace, folder: Path, *, name: str | None = None, base: s
         )
         if rows:
             parents.append((rows[0]["id"], "imported"))
+    # the prior is not in the folder: an export's provenance carries the recipe the adapter scores with
+    recipe = (prov_adapter.get("hyperparams") or {}).get(prior.RECORD_KEY)
     return register(ws, folder, name=name, base=base, parents=parents, kind="imported",
                     task=task or prov_adapter.get("task"), metrics=metrics or prov_adapter.get("metrics"),
-                    hyperparams={"imported_from": str(folder.resolve())})
+                    hyperparams={"imported_from": str(folder.resolve()),
+                                 **({prior.RECORD_KEY: recipe} if recipe else {})})

@@ -24,6 +24,7 @@ registered.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import shutil
 import tempfile
@@ -43,6 +44,9 @@ from adapters_mgr.catalog import aliases, nodes
 from adapters_mgr.catalog.nodes import ParentSpec
 from adapters_mgr.catalog.records import Adapter, check_alias, check_name
 from adapters_mgr.catalog.sql import log_event, to_json
+from adapters_mgr.data import popularity, prior
+from adapters_mgr.data.popularity import NO_POPULARITY, PopularityRecipe
+from adapters_mgr.data.prior import NO_PRIOR, PriorRecipe
 from adapters_mgr.data.sampling import subsample_rows
 from adapters_mgr.errors import Conflict, InvalidInput, NotFound
 from adapters_mgr.faults import maybe_crash
@@ -60,12 +64,19 @@ from adapters_mgr.workflows.evaluation import (
     eval_examples,
     evaluate_node,
     gate_decision,
+    retriever_task,
+    task_with_prior,
+    with_eval_popularity,
+    with_popularity,
     with_primary,
+    with_prior,
 )
 from adapters_mgr.workflows.register import store_adapter
 from adapters_mgr.workflows.workspace import Workspace
 
 HOLDOUT_FRACTION = 0.1
+PRIOR_CHOICES = ("auto", "bias", "none")
+POPULARITY_CHOICES = ("auto", "log", "none")
 
 
 @dataclass
@@ -101,6 +112,8 @@ class UpdatePlan:
     promote: str | None = None
     alias: str = "production"
     tolerance: float = 0.0
+    prior: PriorRecipe = NO_PRIOR  # the as-of prior the new adapter scores on top of (recorded with it)
+    popularity: PopularityRecipe = NO_POPULARITY  # retriever: the popularity term, with its starting weights
 
     @property
     def seq(self) -> dict[str, int]:
@@ -203,7 +216,52 @@ def check_config(cfg: UpdateConfig) -> tuple[Task, Policy]:
         value = getattr(cfg, knob)
         if value is not None and value <= 0:
             raise InvalidInput(f"{knob} must be positive, got {value!r}")
+    if cfg.prior not in PRIOR_CHOICES:
+        raise InvalidInput(f"prior {cfg.prior!r} is unknown; use one of {', '.join(PRIOR_CHOICES)}")
+    if cfg.prior == "bias" and cfg.task != "ranker":
+        raise InvalidInput(f"prior 'bias' is for the ranker; a {cfg.task} takes prior 'none' (or 'auto')")
+    PriorRecipe(shrinkage=cfg.prior_shrinkage)  # checks the shrinkage
+    if cfg.popularity not in POPULARITY_CHOICES:
+        raise InvalidInput(f"popularity {cfg.popularity!r} is unknown; use one of {', '.join(POPULARITY_CHOICES)}")
+    if cfg.popularity == "log" and cfg.task != "retriever":
+        raise InvalidInput(f"popularity 'log' is for the retriever; a {cfg.task} takes 'none' (or 'auto')")
     return get_task(cfg.task), policy
+
+
+def resolve_prior(ws: Workspace, cfg: UpdateConfig, members: list[tuple[Adapter, float]]) -> PriorRecipe:
+    """The prior the new adapter trains on: as asked, or ('auto') its parents' (bias for a fresh
+    ranker, none for a retriever). It must be the parents' own: the new adapter is combined with
+    them, or continues their head, and a node adds ONE prior to its output."""
+    parents = ws.prior_recipe([m for m, _ in members]) if members else None
+    kind = cfg.prior
+    if kind == "auto":
+        kind = parents.kind if parents is not None else ("bias" if cfg.task == "ranker" else "none")
+    recipe = PriorRecipe(kind="bias", shrinkage=float(cfg.prior_shrinkage)) if kind == "bias" else NO_PRIOR
+    if parents is not None and parents != recipe:
+        ids = [m.id for m, _ in members]
+        raise Conflict(f"the parent adapters {ids} were trained with prior {parents.kind!r}"
+                       f"{f' (shrinkage {parents.shrinkage:g})' if parents.used else ''}; the new adapter would use "
+                       f"{recipe.kind!r}{f' (shrinkage {recipe.shrinkage:g})' if recipe.used else ''}. Train with "
+                       "prior='auto' (--prior auto) to continue theirs, or policy 'fresh' to start over")
+    return recipe
+
+
+def resolve_popularity(ws: Workspace, cfg: UpdateConfig, members: list[tuple[Adapter, float]]) -> PopularityRecipe:
+    """The retriever's popularity term: as asked, or ('auto') its parents' (log for a fresh
+    retriever, none for a ranker). A fresh term starts at sim_weight 0, pop_weight 1 (exactly
+    popularity); on top of parents that have one, it starts from the newest parent's learned weights."""
+    if cfg.task != "retriever":
+        return NO_POPULARITY
+    parents = ws.popularity_recipe([m for m, _ in members]) if members else None
+    kind = cfg.popularity
+    if kind == "auto":
+        kind = "log" if parents is None or parents.used else "none"
+    if kind == "none":
+        return NO_POPULARITY
+    recipe = PopularityRecipe(logq=bool(cfg.popularity_logq))
+    if parents is not None and parents.used:
+        recipe = recipe.with_weights(parents.sim_weight, parents.pop_weight)
+    return recipe
 
 
 def resolve_train_batches(batches: list[dict[str, Any]], wanted: Any) -> list[str]:
@@ -270,7 +328,7 @@ def resolve_parent(ws: Workspace, cfg: UpdateConfig, policy: Policy, parent: Any
 def plan_update(ws: Workspace, batches: Any, cfg: UpdateConfig, *, parent: Any = None, base: str | None = None,
                 name: str | None = None, eval_batches: Any = None, promote: str | None = None,
                 alias: str = "production", tolerance: float = 0.0) -> UpdatePlan:
-    task, policy = check_config(cfg)
+    _, policy = check_config(cfg)
     if promote not in PROMOTE_CHOICES:
         raise InvalidInput(f"invalid promote {promote!r}: use None, 'always' or 'if_better'")
     if promote is not None:
@@ -285,8 +343,13 @@ def plan_update(ws: Workspace, batches: Any, cfg: UpdateConfig, *, parent: Any =
     parent_node, members = resolve_parent(ws, cfg, policy, parent, base_id)
     if base_id is None:
         base_id = parent_node.base_id if parent_node is not None else default_base(ws)
-    return UpdatePlan(cfg, policy, task, name, base_id, parent_node, members, train_ids, eval_ids, all_batches,
-                      promote, alias, tolerance)
+    recipe = resolve_prior(ws, cfg, members)
+    pop = resolve_popularity(ws, cfg, members)
+    # recorded as resolved: 'auto' never reaches the catalog
+    cfg = dataclasses.replace(cfg, prior=recipe.kind, popularity=pop.kind)
+    task = retriever_task(pop) if cfg.task == "retriever" else task_with_prior(cfg.task, recipe)
+    return UpdatePlan(cfg, policy, task, name, base_id, parent_node, members, train_ids,
+                      eval_ids, all_batches, promote, alias, tolerance, recipe, pop)
 
 
 # -- 2. rows ------------------------------------------------------------------------------------------
@@ -332,8 +395,9 @@ def load_rows(ws: Workspace, plan: UpdatePlan) -> UpdateRows:
         rows, eval_rows = rows[:-cut], rows[-cut:]
         first_eval = eval_rows[0]["ts"]
         history = [b["id"] for b in plan.batches if b["seq"] < min(seq[t] for t in plan.train_ids)]
-    eval_rows = subsample_rows(eval_rows, cfg.max_eval_rows, cfg.seed + 1)
+    eval_rows = with_prior(ws, subsample_rows(eval_rows, cfg.max_eval_rows, cfg.seed + 1), plan.prior)
     train_rows, replay_ids = replay_rows(ws, plan, rows, templates)
+    train_rows = with_popularity(ws, with_prior(ws, train_rows, plan.prior), plan.popularity)
     if cfg.task == "ranker" and len({r["label"] for r in eval_rows}) < 2:
         raise InvalidInput("evaluation rows hold a single label class; AUC is undefined (choose other eval batches)")
     if plan.eval_ids:  # everything before the eval batch counts as seen
@@ -341,6 +405,7 @@ def load_rows(ws: Workspace, plan: UpdatePlan) -> UpdateRows:
                                  templates=templates)
     else:  # held-out tail: earlier batches plus the training part of this one
         examples = eval_examples(ws, cfg.task, eval_rows, history, first_eval, extra_seen=rows, templates=templates)
+    examples = with_eval_popularity(ws, examples, plan.popularity)
     return UpdateRows(templates, train_rows, eval_rows, replay_ids, examples)
 
 
@@ -410,6 +475,7 @@ def register_step(ws: Workspace, plan: UpdatePlan, rows: UpdateRows, trained: Tr
         "policy": cfg.policy,
         "parent": parent.id if parent is not None else None,
         "templates": rows.templates,
+        prior.RECORD_KEY: plan.prior.to_dict(),
     }
     links = ([(b, "train") for b in plan.train_ids] + [(b, "eval") for b in plan.eval_ids]
              + [(b, "replay") for b in rows.replay_ids])
@@ -561,8 +627,11 @@ def reproduce(ws: Workspace, ref: Any, *, progress: bool = False) -> dict[str, A
     if node.kind != "trained":
         raise InvalidInput(f"adapter {node.id} is {node.kind}; only trained adapters can be reproduced")
     hp = dict(node.hyperparams or {})
-    cfg = UpdateConfig.from_record(hp)
-    task, policy = get_task(cfg.task), get_policy(cfg.policy)
+    recipe = prior.recipe_of(hp)  # adapters from before the prior: 'none', as they were trained
+    pop = popularity.start_recipe_of(hp)  # retrievers from before the popularity term: none
+    cfg = dataclasses.replace(UpdateConfig.from_record(hp), prior=recipe.kind, popularity=pop.kind)
+    task = retriever_task(pop) if cfg.task == "retriever" else task_with_prior(cfg.task, recipe)
+    policy = get_policy(cfg.policy)
     lin = ws.lineage(node.id, depth=1)
     links = lin.batches.get(node.id, [])
     train_ids = [b["batch_id"] for b in links if b["role"] == "train"]
@@ -576,13 +645,15 @@ def reproduce(ws: Workspace, ref: Any, *, progress: bool = False) -> dict[str, A
         if stack_edges:
             stack_node = ws.get(stack_edges[0].child_id)
             members = [(m, w) for m, w in ws.members(stack_node)[0] if m.id != node.id]
-    plan = UpdatePlan(cfg, policy, task, node.name, node.base_id, None, members, train_ids, [], ws.data.batches())
+    plan = UpdatePlan(cfg, policy, task, node.name, node.base_id, None, members, train_ids, [], ws.data.batches(),
+                      prior=recipe, popularity=pop)
     # adapters registered before templates were recorded: the catalog's current templates
     templates = hp.get("templates") or ws.data.templates()
     rows = subsample_rows(ws.data.training_rows(train_ids, templates=templates), cfg.max_train_rows, cfg.seed)
     if hp.get("eval") == "holdout_tail":
         rows = rows[: -max(1, int(len(rows) * HOLDOUT_FRACTION))]
     train_rows = replay_rows(ws, plan, rows, templates)[0] if replay_ids or cfg.replay_ratio else rows
+    train_rows = with_popularity(ws, with_prior(ws, train_rows, recipe), pop)
     result = train_adapter(ws.base_model(node.base_id, task.head), ws.tokenizer(node.base_id), task, train_rows,
                            settings=plan.settings(), epochs=cfg.epochs, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
                            batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, policy=cfg.policy,

@@ -19,8 +19,9 @@ from adapters_mgr.catalog import nodes
 from adapters_mgr.catalog.aliases import current_target
 from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.lineage import Lineage, load_lineage
-from adapters_mgr.catalog.records import Adapter, Ref, fetch_ref, ref_id
+from adapters_mgr.catalog.records import Adapter, Ref, fetch_adapter, fetch_ref, ref_id
 from adapters_mgr.catalog.sql import log_event
+from adapters_mgr.data import popularity, prior
 from adapters_mgr.data.api import DataAPI
 from adapters_mgr.errors import IntegrityError, InvalidInput
 from adapters_mgr.lora import base_model as base_mod
@@ -66,6 +67,26 @@ class Workspace:
     def newest_templates(self, adapters: list[Adapter]) -> dict[str, str] | None:
         with self.catalog.connect() as con:
             return nodes.newest_templates(con, adapters)
+
+    def prior_recipe(self, adapters: list[Adapter]) -> prior.PriorRecipe:
+        """The as-of prior the adapters were trained with: one for all of them (Conflict otherwise),
+        ``NO_PRIOR`` for adapters registered before the prior existed."""
+        with self.catalog.connect() as con:
+            full = [a if a.hyperparams is not None else fetch_adapter(con, a.id) for a in adapters]
+        return prior.common_recipe([prior.recipe_of(a.hyperparams) for a in full],
+                                   what=f"adapters {[a.id for a in full]}")
+
+    def popularity_recipe(self, adapters: list[Adapter]) -> popularity.PopularityRecipe:
+        """The retriever popularity term a node scores with: the newest member's recorded recipe and
+        learned weights (a stacked adapter was trained on top of its parents, so its weights apply to
+        the whole node's similarity); ``NO_POPULARITY`` when no member recorded one (older adapters)."""
+        with self.catalog.connect() as con:
+            full = [a if a.hyperparams is not None else fetch_adapter(con, a.id) for a in adapters]
+        for adapter in sorted(full, key=lambda a: a.id, reverse=True):
+            recipe = popularity.recipe_of(adapter.hyperparams)
+            if recipe.used:
+                return recipe
+        return popularity.NO_POPULARITY
 
     def alias_target(self, alias: str) -> int | None:
         """The node an alias points at now, or None when the alias does not exist."""

@@ -62,6 +62,17 @@ class Task(ABC):
     def init_head(self, model: nn.Module, adapter_name: str, seed: int, copy_from: str | None = None) -> None:  # noqa: B027
         """Initialise the new adapter's own head copy, if the task has one (default: no head)."""
 
+    def scalars(self) -> list[nn.Parameter]:
+        """Learned numbers the task keeps outside the PEFT folder (trained alongside the LoRA, with
+        their own learning rate ``scalar_lr``); recorded in the catalog by :meth:`learned`. Default: none."""
+        return []
+
+    scalar_lr: float = 0.0
+
+    def learned(self) -> dict[str, Any]:
+        """What training learned outside the folder, as hyperparams to record with the adapter."""
+        return {}
+
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 

@@ -1,10 +1,21 @@
 """The ``ranker`` recipe: a BERT cross-encoder scoring P(like | user text, item text).
 
 Input is the tokenizer text pair ``(user_text, item_text)``, i.e. ``[CLS] user [SEP] item [SEP]``
-with segment ids, so attention crosses user and item tokens; loss is the 2-class cross-entropy that
-``BertForSequenceClassification`` computes itself. The classification head belongs to the adapter
-(peft ``modules_to_save``): every adapter carries its own trained head copy, and the base's head is
-never trained.
+with segment ids, so attention crosses user and item tokens. The classification head belongs to the
+adapter (peft ``modules_to_save``): every adapter carries its own trained head copy, and the base's
+head is never trained.
+
+Two ways to score (``RankerTask(prior=...)``):
+
+- ``prior='none'``: P(like) = softmax(logits)[1]; loss: the 2-class cross-entropy that
+  ``BertForSequenceClassification`` computes itself (every adapter registered before the prior).
+- ``prior='bias'``: the model is a *residual* on top of the as-of prior
+  (:mod:`adapters_mgr.data.prior`). With ``residual = logits[1] - logits[0]`` (what plain peft gives
+  for the stored folder), P(like) = sigmoid(prior_logit + residual) and the loss is the binary
+  cross-entropy of that sum, i.e. the 2-class cross-entropy of ``[logits[0], logits[1] + prior_logit]``.
+  A fresh adapter's head starts at zero (weights and bias), so its residual is exactly 0 and it
+  scores exactly the prior: training can only move it from there. The offset comes with the rows
+  (column ``prior_logit``), never from the model, so the folder stays a standard PEFT folder.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapters_mgr.errors import InvalidInput
@@ -22,10 +34,30 @@ from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.examples import Interactions, as_interactions
 from adapters_mgr.lora.tasks.base import Task, register_task
 
+PRIORS = ("none", "bias")
+
 
 class RankerTask(Task):
     name = "ranker"
     primary_metric = "auc"
+
+    def __init__(self, prior: str = "none") -> None:
+        if prior not in PRIORS:
+            raise InvalidInput(f"ranker prior {prior!r} is unknown; use one of {', '.join(PRIORS)}")
+        self.prior = prior
+
+    @property
+    def residual(self) -> bool:
+        """Whether the model scores a residual on top of the rows' ``prior_logit`` (prior 'bias')."""
+        return self.prior == "bias"
+
+    def _offsets(self, data: Interactions, what: str) -> np.ndarray | None:
+        if not self.residual:
+            return None
+        if data.offsets is None:
+            raise InvalidInput(f"{what} lack the column 'prior_logit': a ranker with prior 'bias' scores the "
+                               "as-of prior plus its residual (DataAPI.prior_logits computes the column)")
+        return data.offsets
 
     @property
     def head(self) -> HeadSpec:
@@ -51,20 +83,32 @@ class RankerTask(Task):
         return as_interactions(examples, need_labels=True, what="ranker eval examples")
 
     def collate(self, data: Interactions, tokenizer: Any, max_length: int) -> Callable[[list[int]], dict[str, Any]]:
+        offsets = self._offsets(data, "ranker training examples")
+
         def collate_fn(index: list[int]) -> dict[str, Any]:
             batch = tokenize_pairs(
                 tokenizer, [data.user_texts[i] for i in index], [data.item_texts[i] for i in index], max_length
             )
             batch["labels"] = torch.as_tensor(data.labels[index], dtype=torch.long)
+            if offsets is not None:
+                batch["offsets"] = torch.as_tensor(offsets[index], dtype=torch.float32)
             return batch
 
         return collate_fn
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return model(**batch).loss
+        if "offsets" not in batch:
+            return model(**batch).loss
+        inputs = {k: v for k, v in batch.items() if k not in ("offsets", "labels")}
+        logit = residual_logits(model(**inputs).logits).float() + batch["offsets"].float()
+        return F.binary_cross_entropy_with_logits(logit, batch["labels"].float())
 
     def evaluate(self, scorer: Any, eval_set: Interactions) -> dict[str, float]:
-        probs = scorer.score_pairs(eval_set.user_texts, eval_set.item_texts)
+        offsets = self._offsets(eval_set, "ranker eval examples")
+        if offsets is None:  # scorers without an offsets argument (e.g. a benchmark's own) still work
+            probs = scorer.score_pairs(eval_set.user_texts, eval_set.item_texts)
+        else:
+            probs = scorer.score_pairs(eval_set.user_texts, eval_set.item_texts, offsets=offsets)
         labels = eval_set.labels
         return {
             "auc": metrics.auc(labels, probs),
@@ -75,7 +119,8 @@ class RankerTask(Task):
 
     def init_head(self, model: nn.Module, adapter_name: str, seed: int, copy_from: str | None = None) -> None:
         """Fresh adapters get a seeded head (the base's head is random per process, so copying it
-        would break reproducibility); stacked adapters start from the newest parent's head, which
+        would break reproducibility), or with prior 'bias' a zero head (residual 0: the fresh adapter
+        scores exactly the prior); stacked adapters start from the newest parent's head, which
         already reads the representation the parents' deltas produce."""
         from peft.utils.other import ModulesToSaveWrapper
 
@@ -91,7 +136,10 @@ class RankerTask(Task):
                     continue
                 for sub in head.modules():
                     if isinstance(sub, nn.Linear):
-                        sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator) * std)
+                        if self.residual:
+                            sub.weight.zero_()
+                        else:
+                            sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator) * std)
                         if sub.bias is not None:
                             sub.bias.zero_()
 
@@ -103,18 +151,31 @@ def tokenize_pairs(tokenizer: Any, user_texts: list[str], item_texts: list[str],
     )
 
 
+def residual_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The model's logit of "like" against "not": ``logits[:, 1] - logits[:, 0]`` (the part a ranker
+    with the prior adds to the prior's logit)."""
+    return logits[:, 1] - logits[:, 0]
+
+
 @torch.no_grad()
 def pair_probabilities(
     model: nn.Module, tokenizer: Any, user_texts: list[str], item_texts: list[str], *, max_length: int,
-    batch_size: int, device: torch.device,
+    batch_size: int, device: torch.device, offsets: np.ndarray | None = None,
 ) -> np.ndarray:
-    """P(like) = softmax(logits)[:, 1] under the currently active adapter(s), float64."""
+    """P(like) under the currently active adapter(s), float64: softmax(logits)[:, 1], or with
+    ``offsets`` (the prior's logits) sigmoid(offset + residual), the sum taken in float64."""
     out = np.empty(len(user_texts), dtype=np.float64)
+    if offsets is not None and len(offsets) != len(user_texts):
+        raise InvalidInput(f"{len(offsets)} prior logits for {len(user_texts)} pairs")
     for start in range(0, len(user_texts), batch_size):
         stop = start + batch_size
         batch = tokenize_pairs(tokenizer, list(user_texts[start:stop]), list(item_texts[start:stop]), max_length)
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        out[start:stop] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+        if offsets is None:
+            out[start:stop] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+        else:
+            z = residual_logits(logits).double().cpu() + torch.as_tensor(offsets[start:stop], dtype=torch.float64)
+            out[start:stop] = torch.sigmoid(z).numpy()
     return out
 
 
