@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from adapters_mgr.catalog.nodes import node_members
 from adapters_mgr.cli.render import item_titles, json_default, lineage_tree, print_table
 from adapters_mgr.data import movielens, synthetic
 from adapters_mgr.data.sampling import subsample_rows
 from adapters_mgr.lora.base_model import HeadSpec
-from adapters_mgr.lora.peft_scoring import evaluate_adapters
+from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.lora.testing import tiny_base_folder
 from adapters_mgr.manager import AdapterManager
+from adapters_mgr.workflows.evaluation import evaluate_node
 
 
 @dataclass
@@ -218,19 +218,17 @@ class Demo:
     def _evaluate_node(self, node_id: int, eval_batches: list[str]) -> float:
         node = self.mgr.get(node_id)
         rows = subsample_rows(self.mgr.data.training_rows(eval_batches), self.s.eval_rows, self.s.seed + 1)
-        with self.mgr.catalog.connect() as con:
-            members, mode = node_members(con, node)
         base = self.mgr.base_model(node.base_id, HeadSpec("seq_cls", 2))
-        metrics = evaluate_adapters(base, self.mgr.tokenizer(node.base_id), "ranker",
-                                         [(str(self.mgr.adapter_folder(m.id)), w) for m, w in members], rows, mode,
-                                         max_length=self.s.max_length)
+        # scored as the node was trained: with its as-of prior, if it recorded one
+        metrics = evaluate_node(self.mgr.workspace, base, self.mgr.tokenizer(node.base_id), get_task("ranker"), node,
+                                rows, max_length=self.s.max_length)
         return float(metrics["auc"])
 
     # -- 4. lineage --------------------------------------------------------------------------------------
     def lineage(self) -> None:
         self.step("4. the lineage of production")
         self.console.print(lineage_tree(self.mgr.lineage("production", depth=2)))
-        self.say("(two generations each way; `adapters-mgr lineage production` shows all)")
+        self.say("(2 generations each way; `lineage production --full`: every batch and ancestry)")
 
     # -- 5. compaction and rollback --------------------------------------------------------------------
     def compact_and_rollback(self, batches: list[dict[str, Any]]) -> None:
@@ -258,16 +256,17 @@ class Demo:
             self.say("production has no earlier distinct target; skipping the rollback demonstration")
             return
         pairs = self.mgr.data.training_rows([eval_batch[0]])[:8]
-        users = [r["user_text"] for r in pairs]
-        items = [r["item_text"] for r in pairs]
+        # by catalog ids: texts and (for rankers trained with it) the as-of prior, both as of now
+        users = [r["user_id"] for r in pairs]
+        items = [r["item_id"] for r in pairs]
         reference = self.mgr.scorer(target, max_length=self.s.max_length)
-        original = reference.score_texts(users, items)
+        original = reference.score(users, items)
         reference.close()
         scorer = self.mgr.scorer("production", max_length=self.s.max_length)
-        before = scorer.score_texts(users, items)
+        before = scorer.score(users, items)
         self.mgr.rollback("production", to=target, reason="demo: roll back")
         moved = scorer.refresh()
-        after = scorer.score_texts(users, items)
+        after = scorer.score(users, items)
         scorer.close()
         equal = bool(np.array_equal(after, original))
         self.say(f"rollback: production {current} -> {target}; the running scorer "

@@ -28,6 +28,7 @@ from adapters_mgr.catalog.records import Adapter, Ref, check_alias, resolve
 from adapters_mgr.catalog.sql import log_event
 from adapters_mgr.errors import AdaptersMgrError, InvalidInput, Locked
 from adapters_mgr.lora.base_model import HeadSpec
+from adapters_mgr.lora.merge_methods import check_method
 from adapters_mgr.store import GC_GRACE_SECONDS
 from adapters_mgr.workflows import aliases as alias_flows
 from adapters_mgr.workflows import bases as base_flows
@@ -236,7 +237,8 @@ class AdapterManager:
         more than ``tolerance`` on the task's primary metric). ``knobs``: the fields of
         :class:`~adapters_mgr.workflows.config.UpdateConfig` (rank, alpha, dropout, target_modules,
         epochs, lr, warmup_ratio, batch_size, max_length, seed, replay_ratio, replay_recency,
-        replay_half_life, replay_relevance, mode, new_weight, max_train_rows, max_eval_rows).
+        replay_half_life, replay_relevance, mode, new_weight, prior, prior_shrinkage, max_train_rows,
+        max_eval_rows).
         """
         return self.train_update(batches, task=task, policy=policy, parent=parent, base=base, name=name,
                                  eval_batches=eval_batches, promote=promote, alias=alias, tolerance=tolerance,
@@ -280,7 +282,10 @@ class AdapterManager:
 
         Methods: cat (exact), svd (to ``target_rank``), linear, ties, dare_linear, dare_ties. The
         recipe (sources, weights, method, density, rank) and the reconstruction error are stored.
+        One plain adapter is refused for cat and linear (the result would be a copy of it); svd,
+        ties and dare change even one adapter (rank, pruning), so they take it.
         """
+        check_method(method, target_rank, density)  # before the heavy import: a bad method fails in milliseconds
         from adapters_mgr.workflows.merge import merge_nodes  # heavy: torch
 
         return merge_nodes(self.workspace, refs, method, weights, target_rank=target_rank, density=density,
@@ -297,6 +302,7 @@ class AdapterManager:
                 target_rank: int | None = None, tolerance: float = 0.005, eval_batches: Any = None) -> dict[str, Any]:
         """Turn a stack deeper than ``max_depth`` into one merged adapter; move the alias to it only if
         its evaluation is within ``tolerance`` of the stack's."""
+        check_method(method, target_rank)  # before the heavy import
         from adapters_mgr.workflows.compact import compact_alias  # heavy: torch
 
         return compact_alias(self.workspace, alias, max_depth=max_depth, method=method, target_rank=target_rank,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "adapters_mgr"
-LEAVES = {"adapters_mgr.errors", "adapters_mgr.faults"}
+LEAVES = {"adapters_mgr.errors", "adapters_mgr.faults", "adapters_mgr.progress"}
 # the façade and the CLI entry (its `demo` command): torch-heavy modules imported on first use
 LAZY_ALLOWED = {"adapters_mgr.manager", "adapters_mgr.cli.main"}
 

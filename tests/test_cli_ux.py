@@ -68,8 +68,10 @@ def test_bracketed_user_text_prints_literally(capsys, root, mgr, base_id):
 
     code, out, err = run(capsys, root, "lineage", str(child))
     assert code == 0, err
-    for text in ("[exp]", "[prod]", "[hit]=0.5", "[wk1](train)", "p[old]@1"):
+    for text in ("[exp]", "[prod]", "[hit]=0.5", "train [wk1]", "p[old]@1"):
         assert text in out, (text, out)
+    code, out, err = run(capsys, root, "lineage", str(child), "--full")
+    assert code == 0 and "[wk1](train)" in out, err
     code, out, err = run(capsys, root, "ls")
     assert code == 0, err
     assert "[exp]" in out and "[hit]=0.5" in out and "p[old]@1" in out
@@ -98,11 +100,14 @@ def test_lineage_tree_shows_data_batches_and_metrics(capsys, root, mgr, base_id)
     code, out, err = run(capsys, root, "lineage", str(first))
     assert code == 0, err
     root_line = next(line for line in out.splitlines() if "ranker@1" in line)
-    assert "auc=0.71" in root_line and "b1(train)" in root_line and "b2(eval)" in root_line
+    assert "auc=0.71" in root_line and "train b1 · eval b2" in root_line
     child_line = next(line for line in out.splitlines() if "ranker@2" in line)
     assert "warm_start" in child_line and f"#{second}" in child_line
     assert "auc=0.74 (was 0.71)" in out
-    assert "b2(train)" in out and "b1(replay)" in out and "b3(eval)" in out
+    assert "train b2 · eval b3 · replay b1" in " ".join(out.split())  # wrapped at 80 columns
+    code, out, err = run(capsys, root, "lineage", str(first), "--full")  # --full: every batch with its role
+    assert code == 0, err
+    assert "b1(train)" in out and "b2(eval)" in out and "b2(train)" in out and "b1(replay)" in out
 
 
 # ---------------------------------------------------------------- Click usage errors: one line, exit 2

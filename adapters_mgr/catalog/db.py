@@ -1,9 +1,12 @@
 """Short-lived DuckDB connections with retry, and the transaction + event idiom.
 
 DuckDB lets exactly one process hold a database file open read-write, and while it does no other
-process can open it at all. So nothing here keeps a connection: each operation opens, does one
-transaction, and closes (about 10 ms). A lock conflict is retried with jittered exponential back-off
-until ``lock_timeout`` and then becomes :class:`~adapters_mgr.errors.Locked`.
+process can open it at all. So nothing here keeps a connection: each operation attaches the file,
+does its work, and detaches (about 2 ms). Processes of adapters-mgr wait their turn on a kernel
+file lock (``<catalog>.lock``, see :mod:`~adapters_mgr.catalog.filelock`) taken before attaching and
+let go after detaching, so they queue instead of polling. A conflict with anything else that has the
+file open (a plain ``duckdb`` session) is retried with jittered exponential back-off; either wait
+ends at ``lock_timeout`` as :class:`~adapters_mgr.errors.Locked`.
 """
 
 from __future__ import annotations
@@ -21,12 +24,23 @@ from typing import Any
 
 import duckdb
 
+from adapters_mgr.catalog import filelock
 from adapters_mgr.catalog.migrations import apply_migrations
 from adapters_mgr.catalog.sql import atomic, fetch_dicts
 from adapters_mgr.errors import Locked
 
 WAL_CHECKPOINT_BYTES = 8 << 10
 DEFAULT_LOCK_TIMEOUT = float(os.environ.get("ADAPTERS_MGR_LOCK_TIMEOUT", "60"))
+
+
+def _queue_default() -> bool:
+    """Whether processes queue on ``<catalog>.lock`` (``ADAPTERS_MGR_LOCK_QUEUE=0`` turns it off).
+
+    Off is the back-off-only behaviour of before; it is kept for filesystems whose ``flock`` is not
+    shared between machines (some network mounts), and so the concurrency benchmark can compare.
+    """
+    return filelock.AVAILABLE and os.environ.get("ADAPTERS_MGR_LOCK_QUEUE", "1").strip().lower() not in (
+        "0", "false", "no", "off")
 
 # Migrations are checked once per (process, file): re-running the check on every short-lived
 # connection would cost a query each time on a hot path (rollback must stay well under 20 ms).
@@ -100,6 +114,7 @@ class _Attachment:
         self.lock = threading.RLock()
         self.depth = 0
         self.wrote = False  # a transaction ran during this attachment (see Catalog._detach)
+        self.queue_fd: int | None = None  # the descriptor holding <catalog>.lock while attached
 
 
 _attachments: dict[str, _Attachment] = {}
@@ -131,14 +146,54 @@ class Catalog:
     ...     con.execute("SELECT count(*) FROM adapters").fetchone()
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float | None = None,
+                 queue: bool | None = None) -> None:
         self.path = Path(path)
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+        self.queue = _queue_default() if queue is None else (queue and filelock.AVAILABLE)
+
+    @property
+    def lock_path(self) -> Path:
+        """The sidecar file adapters-mgr processes queue on; it holds no data and is never removed."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _locked(self) -> Locked:
+        return Locked(
+            f"catalog {self.path} is locked by another process for more than "
+            f"{self.lock_timeout:g}s; retry later or raise ADAPTERS_MGR_LOCK_TIMEOUT"
+        )
 
     # -- connections -------------------------------------------------------------------------
     def _attach(self, att: _Attachment) -> None:
+        """Wait in the queue (``<catalog>.lock``), then attach; a conflict left means an outside holder."""
         instance = _memory_instance()
         deadline = time.monotonic() + self.lock_timeout
+        if self.queue:
+            att.queue_fd = self._wait_in_queue()
+        try:
+            self._attach_file(instance, att, deadline)
+        except BaseException:
+            self._leave_queue(att)
+            raise
+
+    def _wait_in_queue(self) -> int | None:
+        """The descriptor holding ``<catalog>.lock``, or :class:`Locked` at the timeout; ``None`` where
+        no lock file can be made (a read-only folder: reads still work, with back-off alone as before)."""
+        try:
+            fd = filelock.acquire(self.lock_path, self.lock_timeout)
+        except OSError:
+            return None
+        if fd is None:
+            raise self._locked()
+        return fd
+
+    def _attach_file(self, instance: duckdb.DuckDBPyConnection, att: _Attachment, deadline: float) -> None:
+        """ATTACH, retried with jittered exponential back-off while something else holds the file.
+
+        With the queue on, that something is outside adapters-mgr (a plain ``duckdb`` session) or an
+        adapters-mgr process with the queue turned off; this process keeps its place at the head of
+        the queue meanwhile, so the processes behind it keep their order.
+        """
         delay = 0.005
         quoted = str(self.path).replace("'", "''")
         while True:
@@ -149,12 +204,15 @@ class Catalog:
                 if not _is_lock_error(exc):
                     raise
                 if time.monotonic() >= deadline:
-                    raise Locked(
-                        f"catalog {self.path} is locked by another process for more than "
-                        f"{self.lock_timeout:g}s; retry later or raise ADAPTERS_MGR_LOCK_TIMEOUT"
-                    ) from exc
+                    raise self._locked() from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.25)
+
+    @staticmethod
+    def _leave_queue(att: _Attachment) -> None:
+        if att.queue_fd is not None:
+            fd, att.queue_fd = att.queue_fd, None
+            filelock.release(fd)
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -195,7 +253,10 @@ class Catalog:
             if wal.exists() and wal.stat().st_size > limit:
                 instance.execute(f"CHECKPOINT {att.name}")  # keeps WAL replay on the next attach cheap
         finally:
-            instance.execute(f"DETACH {att.name}")
+            try:
+                instance.execute(f"DETACH {att.name}")
+            finally:  # after the detach: the next in line must find the file free
+                self._leave_queue(att)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -9,6 +9,8 @@ depth: a 1,000-deep chain is neither 1,000 recursion steps nor several round tri
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -130,6 +132,9 @@ class Lineage:
     nodes: dict[int, Adapter] = field(default_factory=dict)
     edges: list[Edge] = field(default_factory=list)
     batches: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # adapter id -> batch links
+    # parent edges of descendants from nodes on the other side or outside the walk (a merged or
+    # stack descendant's other sources); not part of ``edges`` (nor of to_dict), drawn by to_mermaid
+    cross_edges: list[Edge] = field(default_factory=list)
 
     _adjacency: tuple[int, dict[int, list[Edge]], dict[int, list[Edge]]] | None = field(
         default=None, init=False, repr=False, compare=False)
@@ -171,25 +176,120 @@ class Lineage:
         }
 
     def to_mermaid(self) -> str:
-        """A Mermaid flowchart: parents point to children, edges labelled with relation and weight."""
+        """A Mermaid flowchart: parents point to children, edges labelled with relation and weight.
+
+        Every parent edge of a node in the graph is drawn, also those :attr:`edges` leaves out
+        (a merged or stack descendant's other sources, :attr:`cross_edges`), so a merged node shows
+        all its ``merged_from`` sources and a stack all its members. Batches are range nodes
+        (``b000001–b000020 (20)``), one per run of consecutive ids, linked to each node with its role.
+        """
         lines = ["graph TD"]
         for node_id, node in sorted(self.nodes.items()):
             label = f"{node.name}@{node.version}<br/>#{node.id} {node.kind}"
             if node.aliases:
                 label += "<br/>[" + ", ".join(node.aliases) + "]"
-            primary = (node.metrics or {}).get("primary")
-            if isinstance(primary, int | float):
-                label += f"<br/>metric {primary:.4f}"
-            lines.append(f'    n{node_id}["{label}"]')
-        for edge in self.edges:
+            metrics = node.metrics or {}
+            if "node_metrics" in metrics:
+                metrics = metrics["node_metrics"] or {}
+            primary = metrics.get(str(metrics.get("primary_metric")), metrics.get("primary"))
+            if isinstance(primary, int | float) and not isinstance(primary, bool):
+                label += f"<br/>{metrics.get('primary_metric', 'metric')} {primary:.4f}"
+            lines.append(f'    n{node_id}["{_mermaid_text(label)}"]')
+        outside = sorted({e.parent_id for e in self.cross_edges} - set(self.nodes))
+        for node_id in outside:  # a source of a descendant that is not in this lineage itself
+            lines.append(f'    n{node_id}["#{node_id}<br/>(not in this lineage)"]')
+            lines.append(f"    style n{node_id} stroke-dasharray: 4 4")
+        all_edges = sorted([*self.edges, *self.cross_edges], key=lambda e: (e.child_id, e.ord, e.parent_id))
+        for edge in all_edges:
             text = edge.relation + (f" w={edge.weight:g}" if edge.weight is not None else "")
             lines.append(f"    n{edge.parent_id} -->|{text}| n{edge.child_id}")
+        declared: set[str] = set()
         for node_id, links in sorted(self.batches.items()):
-            for link in links:
-                bid = f"b_{link['batch_id']}".replace("-", "_")
-                lines.append(f"    {bid}[(\"batch {link['batch_id']}\")] -.->|{link['role']}| n{node_id}")
+            for role, runs, _count in batch_groups(links):
+                for run in runs:
+                    key = "r_" + re.sub(r"[^A-Za-z0-9]", "_", f"{run[0]}_{run[1]}")
+                    if key not in declared:
+                        declared.add(key)
+                        lines.append(f'    {key}[("{_mermaid_text(run_text(run, prefix=True))}")]')
+                    lines.append(f"    {key} -.->|{_mermaid_text(role)}| n{node_id}")
         lines.append(f"    style n{self.root.id} stroke-width:3px")
         return "\n".join(lines)
+
+
+# -- batch runs: what a node trained, replayed and was evaluated on, in a few words ---------------------
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+# A role whose batches fall into more runs than this is summarised as a count over a span.
+MAX_RUNS = 3
+ROLE_ORDER = ("train", "eval", "replay")
+
+
+def batch_runs(batch_ids: Iterable[str]) -> list[tuple[str, str, int]]:
+    """Runs of consecutive batch ids as ``(first, last, count)``, in order.
+
+    Consecutive means the same text before a trailing number and that number one higher
+    (``b000007`` follows ``b000006``); an id without a trailing number is a run of its own.
+    """
+    def key(batch_id: str) -> tuple[str, int, str]:
+        m = _NUMBERED.match(batch_id)
+        return (m.group(1), int(m.group(2)), batch_id) if m else (batch_id, -1, batch_id)
+
+    runs: list[list[Any]] = []  # [first, last, count, prefix, number]
+    for prefix, number, batch_id in sorted({key(str(b)) for b in batch_ids}):
+        last = runs[-1] if runs else None
+        if last is not None and number >= 0 and last[3] == prefix and last[4] == number - 1:
+            last[1], last[2], last[4] = batch_id, last[2] + 1, number
+        else:
+            runs.append([batch_id, batch_id, 1, prefix, number])
+    return [(r[0], r[1], r[2]) for r in runs]
+
+
+def run_text(run: tuple[str, str, int], *, prefix: bool = False) -> str:
+    """``b000001–b000020 (20)``, or ``b000021`` for a run of one (``batch(es) ...`` with ``prefix``);
+    a summarised run (negative count, see :func:`batch_groups`) reads ``b000001–b000030 (9 runs)``."""
+    first, last, count = run
+    if count < 0:
+        return ("batches " if prefix else "") + f"{first}–{last} ({-count} runs)"
+    if count == 1:
+        return f"batch {first}" if prefix else first
+    return ("batches " if prefix else "") + f"{first}–{last} ({count})"
+
+
+def batch_groups(links: Iterable[dict[str, Any]]) -> list[tuple[str, list[tuple[str, str, int]], int]]:
+    """A node's batch links as ``(role, runs, count)``: train, eval, replay first, then other roles.
+
+    A role spread over more than :data:`MAX_RUNS` runs comes back as ONE run spanning them all whose
+    count (the batches in it) is less than the span holds; :func:`batch_summary` says so in words.
+    """
+    by_role: dict[str, list[str]] = {}
+    for link in links:
+        by_role.setdefault(str(link["role"]), []).append(str(link["batch_id"]))
+    groups = []
+    for role in sorted(by_role, key=lambda r: (ROLE_ORDER.index(r) if r in ROLE_ORDER else len(ROLE_ORDER), r)):
+        runs = batch_runs(by_role[role])
+        count = sum(r[2] for r in runs)
+        if len(runs) > MAX_RUNS:
+            runs = [(runs[0][0], runs[-1][1], -len(runs))]  # a negative count: this many runs, summarised
+        groups.append((role, runs, count))
+    return groups
+
+
+def batch_summary(links: Iterable[dict[str, Any]]) -> str:
+    """``train b000001–b000020 (20) · eval b000021 · replay 23 batches in b000001–b000030 (9 runs)``."""
+    parts = []
+    for role, runs, count in batch_groups(links):
+        if runs[0][2] < 0:  # summarised
+            parts.append(f"{role} {count} batches in {runs[0][0]}–{runs[0][1]} ({-runs[0][2]} runs)")
+        elif len(runs) == 1:
+            parts.append(f"{role} {run_text(runs[0])}")
+        else:
+            parts.append(f"{role} " + ", ".join(a if n == 1 else f"{a}–{b}" for a, b, n in runs) + f" ({count})")
+    return " · ".join(parts)
+
+
+def _mermaid_text(text: str) -> str:
+    """Text inside a Mermaid label: its quote and pipe characters as entity codes."""
+    return text.replace('"', "#quot;").replace("|", "#124;")
 
 
 def load_lineage(con: duckdb.DuckDBPyConnection, root_id: int, *, max_depth: int = 1_000_000) -> Lineage:
@@ -228,15 +328,19 @@ def load_lineage(con: duckdb.DuckDBPyConnection, root_id: int, *, max_depth: int
     up = {root.id, *ancestors}
     down = {root.id, *descendants}
     edge_rows.sort(key=lambda r: (r[0], r[4], r[1], r[2]))  # child, order, parent, relation
-    edges = [
-        Edge(child_id=a, parent_id=b, relation=c, weight=weight, ord=order, params=from_json(params))
-        for a, b, c, weight, order, params in edge_rows
-        if (a in up and b in up) or (a in down and b in down)
-    ]
+    edges: list[Edge] = []
+    cross_edges: list[Edge] = []
+    for a, b, c, weight, order, params in edge_rows:
+        if (a in up and b in up) or (a in down and b in down):
+            edges.append(Edge(child_id=a, parent_id=b, relation=c, weight=weight, ord=order, params=from_json(params)))
+        elif a in descendants:  # a descendant's other source: on the ancestors' side or outside the walk
+            cross_edges.append(Edge(child_id=a, parent_id=b, relation=c, weight=weight, ord=order,
+                                    params=from_json(params)))
     for links in batches.values():
         if len(links) > 1:
             links.sort(key=lambda link: (link["role"] != "train", link["role"], link["batch_id"]))
-    return Lineage(root=root, ancestors=ancestors, descendants=descendants, nodes=nodes, edges=edges, batches=batches)
+    return Lineage(root=root, ancestors=ancestors, descendants=descendants, nodes=nodes, edges=edges, batches=batches,
+                   cross_edges=cross_edges)
 
 
 def _with_heavy_columns(node: Adapter, heavy: str) -> Adapter:

@@ -7,16 +7,18 @@ an exit code. The API comes from ``ctx.obj.manager().data`` (``ctx.obj`` is the 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from adapters_mgr.cli.options import JsonOpt, parse_json_option
+from adapters_mgr.cli.options import JsonOpt, WideOpt, parse_json_option
 from adapters_mgr.cli.render import (
     TABLE_ROWS,
     cap_rows,
     console,
+    fmt,
     print_json,
     print_table,
     table_fetch_limit,
@@ -42,14 +44,16 @@ def _api(ctx: typer.Context) -> Any:
 
 
 @data_app.command("sources")
-def sources_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def sources_cmd(ctx: typer.Context, wide: WideOpt = False, as_json: JsonOpt = False) -> None:
     """List registered sources with their watermark."""
     rows = _api(ctx).sources()
     if as_json:
         print_json(rows)
     else:
         print_table(rows, ["name", "kind", "format", "uri", "ts_format", "ts_detected", "priority", "watermark",
-                           "files_read"], title="sources")
+                           "files_read"], title="sources", keep=("name", "kind", "watermark", "files_read"),
+                    drop=("ts_detected", "priority", "ts_format", "format", "watermark"),
+                    formatters={"watermark": _minutes}, headers={"files_read": "files"}, wide=wide)
 
 
 @data_app.command("add-source")
@@ -73,7 +77,7 @@ def add_source_cmd(
     list_attrs: Annotated[
         str | None, typer.Option(help=f"JSON attribute->separator, e.g. '{LIST_ATTRS_EXAMPLE}'")
     ] = None,
-    replace: Annotated[bool, typer.Option(help="replace an existing source of that name")] = False,
+    replace: Annotated[bool, typer.Option(help="replace an existing source of that name", metavar="")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a file or glob (CSV, JSON lines, Parquet) as a source."""
@@ -104,6 +108,7 @@ def sync_cmd(
     dedup_tolerance: Annotated[
         str, typer.Option(help="same event from two sources when times differ by at most this")
     ] = "1s",
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Take in what is new in each source as immutable batches (nothing new: no batch)."""
@@ -114,15 +119,19 @@ def sync_cmd(
     rows = [api.batch(i) for i in ids]
     report = (api.last_sync() or {}).get("detail") or {}
     notes = _sync_notes(report)
+    unmatched = [src for src in api.sources() if (not source or src["name"] in source)
+                 and not list_files(src["uri"])]
+    notes += [f"source {src['name']}: 0 files matched {src['uri']!r}" for src in unmatched]
     if as_json:
         print_json({"batches": ids, "details": rows, "late_rows": report.get("late_rows", 0),
                     **{k: report[k] for k in ("late_rows_by_file", "late_rows_unmeasured_files", "empty_files")
-                       if k in report}})
+                       if k in report},
+                    **({"sources_without_files": [src["name"] for src in unmatched]} if unmatched else {})})
         return
     if not ids:
         console.print("nothing new: no batch created")
     else:
-        _batch_table(rows, f"{len(ids)} new batches")
+        _batch_table(rows, f"{len(ids)} new batches", wide)
     for note in notes:
         console.print(note, markup=False, highlight=False, soft_wrap=True)
 
@@ -142,20 +151,34 @@ def _sync_notes(report: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _batch_table(rows: list[dict[str, Any]], title: str) -> None:
-    print_table(rows, ["id", "window_start", "ts_min", "ts_max", "rows_in", "rows_kept", "rows_quarantined",
-                       "rows_duplicate", "sources"], title=title,
-                formatters={"sources": lambda v: ", ".join(v or [])})
+BATCH_COLUMNS = ["id", "window_start", "ts_min", "ts_max", "rows_in", "rows_kept", "rows_quarantined",
+                 "rows_duplicate", "sources"]
+# the batch table at 80 columns: short headers, never a cut id or count; the window and sources go first
+BATCH_HEADERS = {"window_start": "window", "ts_min": "first event", "ts_max": "last event", "rows_in": "in",
+                 "rows_kept": "kept", "rows_quarantined": "quar.", "rows_duplicate": "dup"}
+BATCH_KEEP = ("id", "window_start", "ts_min", "ts_max", "rows_in", "rows_kept", "rows_quarantined", "rows_duplicate")
+BATCH_DROP = ("window_start", "sources", "ts_max")
+
+
+def _minutes(value: Any) -> str:
+    """A time to the minute (``1997-09-20 05:00``): seconds add width, not meaning, at weekly batches."""
+    return value.strftime("%Y-%m-%d %H:%M") if isinstance(value, datetime) else fmt(value)
+
+
+def _batch_table(rows: list[dict[str, Any]], title: str, wide: bool = False) -> None:
+    times = dict.fromkeys(("window_start", "ts_min", "ts_max"), _minutes)
+    print_table(rows, BATCH_COLUMNS, title=title, formatters={"sources": lambda v: ", ".join(v or []), **times},
+                headers=BATCH_HEADERS, keep=BATCH_KEEP, drop=BATCH_DROP, wide=wide)
 
 
 @data_app.command("batches")
-def batches_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def batches_cmd(ctx: typer.Context, wide: WideOpt = False, as_json: JsonOpt = False) -> None:
     """List batches, oldest first."""
     rows = _api(ctx).batches()
     if as_json:
         print_json(rows)
     else:
-        _batch_table(rows, "batches")
+        _batch_table(rows, "batches", wide)
 
 
 @data_app.command("show")
@@ -176,8 +199,9 @@ def quarantine_cmd(
     rule: Annotated[str | None, typer.Option(help="only this rule, e.g. bad_timestamp")] = None,
     limit: Annotated[int | None, typer.Option(help="at most this many rows")] = None,
     show_all: Annotated[
-        bool, typer.Option("--all", help=f"table: every row (default: the first {TABLE_ROWS})")
+        bool, typer.Option("--all", help=f"table: every row (default: the first {TABLE_ROWS})", metavar="")
     ] = False,
+    wide: WideOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Rows a cleaning rule rejected, with the rule and the source row, or for a line that could not be
@@ -192,7 +216,8 @@ def quarantine_cmd(
         r["row"] = json.dumps(r["row"]) if r["row"] is not None or r.get("line_text") is None else (
             f"line {r['line_no']}: {r['line_text']}" if r.get("line_no") is not None else r["line_text"])
     print_table(rows, ["batch_id", "source", "rule", "detail", "row"],
-                title=f"quarantine ({len(rows)} rows{'; ' + note if note else ''})")
+                title=f"quarantine ({len(rows)} rows{'; ' + note if note else ''})",
+                keep=("batch_id", "rule"), drop=("source",), wide=wide)
 
 
 @data_app.command("templates")
@@ -214,7 +239,7 @@ def set_template_cmd(
     template: Annotated[
         str | None, typer.Argument(help="Python format string, e.g. '{item_stats} {title} ({year}).'")
     ] = None,
-    reset: Annotated[bool, typer.Option("--reset", help="go back to the default template")] = False,
+    reset: Annotated[bool, typer.Option("--reset", help="go back to the default template", metavar="")] = False,
 ) -> None:
     """Store the template new trainings render KIND texts with (trained adapters keep theirs)."""
     api = _api(ctx)
@@ -233,7 +258,7 @@ def fetch_movielens_cmd(
     cache: Annotated[
         Path | None, typer.Option(help="cache folder (default $ADAPTERS_MGR_CACHE or ~/.cache/adapters-mgr)")
     ] = None,
-    register: Annotated[bool, typer.Option(help="also register the three ML-100K sources")] = False,
+    register: Annotated[bool, typer.Option(help="also register the three ML-100K sources", metavar="")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Put MovieLens-100K in the cache (GroupLens, else the copy in RecBole's wheel); never committed."""

@@ -8,17 +8,21 @@ which kind, see :mod:`adapters_mgr.errors`); ``--debug`` shows the traceback ins
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from adapters_mgr.catalog.lineage import batch_summary
+from adapters_mgr.catalog.records import Adapter
 from adapters_mgr.cli.data import data_app
-from adapters_mgr.cli.options import JsonOpt, parse_json_option, with_dataclass_options
+from adapters_mgr.cli.options import JsonOpt, WideOpt, parse_json_option, with_dataclass_options
 from adapters_mgr.cli.render import (
     TABLE_ROWS,
     cap_rows,
@@ -86,12 +90,14 @@ def _root(
         Path | None,
         typer.Option("--root", envvar="ADAPTERS_MGR_ROOT", help="Manager root folder (default ./.adapters)."),
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", metavar="")] = False,
 ) -> None:
     ctx.obj = CliState(root=root, debug=debug)
 
 
 LS_COLUMNS = ["id", "adapter", "kind", "task", "aliases", "status", "metrics", "created"]
+LS_KEEP = ("id", "adapter", "aliases", "metrics")  # never cut: what a row is, where it serves, how good
+LS_DROP = ("created", "task", "kind", "status")  # left out in this order when 80 columns cannot hold them
 
 
 @app.command()
@@ -131,7 +137,7 @@ def bases(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         print_json(rows)
     else:
         print_literal_table(rows, ["id", "name", "architecture", "num_parameters", "source", "created_at"],
-                            title="bases")
+                            title="bases", keep=("id", "name", "num_parameters"), drop=("created_at", "architecture"))
 
 
 @app.command()
@@ -185,13 +191,23 @@ def ls(
     base: Annotated[str | None, typer.Option(help="Base id or name.")] = None,
     task: Annotated[str | None, typer.Option(help="ranker, retriever ...")] = None,
     limit: Annotated[int | None, typer.Option(min=0, help="At most this many rows.")] = None,
-    show_all: Annotated[bool, typer.Option("--all", help=f"Table: every row (default: newest {TABLE_ROWS}).")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help=f"Table: every row (default: newest {TABLE_ROWS}).",
+        metavar="")] = False,
+    fields: Annotated[str | None, typer.Option(
+        help="JSON: only these comma-separated fields per row, e.g. id,name,version,aliases,metrics.")] = None,
+    wide: WideOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """List adapters, newest first (--json lists every match unless --limit)."""
     filters = dict(name=name, kind=kind, alias=alias, status=status, base=base, task=task)
+    wanted = _json_fields(fields)
+    if fields is not None and not json_out:
+        raise InvalidInput("--fields picks JSON fields: add --json (the table has its own columns; --wide for all)")
     if json_out:
-        sys.stdout.write(_mgr(ctx).list_json(**filters, limit=limit) + "\n")
+        text = _mgr(ctx).list_json(**filters, limit=limit)
+        if wanted:
+            text = json.dumps([{k: row.get(k) for k in wanted} for row in json.loads(text)], indent=2)
+        sys.stdout.write(text + "\n")
         return
     adapters = _mgr(ctx).list(**filters, limit=table_fetch_limit(limit, show_all))
     adapters, note = cap_rows(adapters, limit, show_all)
@@ -201,7 +217,26 @@ def ls(
          "created": a.created_at.strftime("%m-%d %H:%M")}
         for a in adapters
     ]
-    print_literal_table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)" + (f" ({note})" if note else ""))
+    print_literal_table(rows, LS_COLUMNS, title=f"{len(rows)} adapter(s)" + (f" ({note})" if note else ""),
+                        keep=LS_KEEP, drop=LS_DROP, wide=wide)
+
+
+def _to_minutes(rows: list[dict[str, Any]], column: str) -> list[dict[str, Any]]:
+    """Rows with one time column as ``YYYY-MM-DD HH:MM`` text (for a table; JSON keeps the full time)."""
+    return [{**r, column: r[column].strftime("%Y-%m-%d %H:%M")} if isinstance(r.get(column), datetime) else r
+            for r in rows]
+
+
+def _json_fields(fields: str | None) -> list[str]:
+    """``--fields id,name`` as a checked list (an unknown name: one line with the valid ones)."""
+    if fields is None:
+        return []
+    wanted = [f.strip() for f in fields.split(",") if f.strip()]
+    valid = [f.name for f in dataclasses.fields(Adapter)]
+    unknown = [f for f in wanted if f not in valid]
+    if unknown or not wanted:
+        raise InvalidInput(f"invalid --fields {fields!r}: use comma-separated names among {', '.join(valid)}")
+    return wanted
 
 
 @app.command()
@@ -225,9 +260,12 @@ def show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Id, NAME@V
     rows += [{"field": "parent", "value": f"#{e['parent_id']} {e['relation']}"
               + (f" w={e['weight']:g}" if e["weight"] is not None else "")} for e in data["parents"]]
     rows += [{"field": "child", "value": f"#{e['child_id']} {e['relation']}"} for e in data["children"]]
-    rows += [{"field": f"batch ({b['role']})", "value": f"{b['batch_id']} rows={fmt(b['num_rows'])}"}
-             for b in data["batches"]]
-    print_literal_table(rows, ["field", "value"], title=f"adapter {node.id} ({node.ref})")
+    for role in dict.fromkeys(b["role"] for b in data["batches"]):  # one row per role, batches as runs
+        links = [b for b in data["batches"] if b["role"] == role]
+        total = sum(b["num_rows"] or 0 for b in links)
+        rows.append({"field": f"batch ({role})",
+                     "value": batch_summary(links).removeprefix(f"{role} ") + f", rows={total:,}"})
+    print_literal_table(rows, ["field", "value"], title=f"adapter {node.id} ({node.ref})", fold=["value"])
 
 
 @app.command()
@@ -236,7 +274,9 @@ def lineage(
     ref: Annotated[str, typer.Argument(help="Id, NAME@VERSION or alias.")],
     depth: Annotated[int | None, typer.Option(min=0, help="Stop after this many generations each way.")] = None,
     output_format: Annotated[str, typer.Option("--format", help="tree, json or mermaid.")] = "tree",
-    full: Annotated[bool, typer.Option("--full", help="Tree: list every generation of long linear runs.")] = False,
+    full: Annotated[bool, typer.Option(
+        "--full", help="Tree: every batch one by one (not as runs), every generation of long linear runs, and "
+                       "each stack member's own ancestry.", metavar="")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Ancestors and descendants of a node with relations, data batches and metrics."""
@@ -260,7 +300,9 @@ def alias_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(rows)
     else:
-        print_literal_table(rows, ["alias", "adapter_id", "ref", "status", "updated_at"], title="aliases")
+        print_literal_table(_to_minutes(rows, "updated_at"), ["alias", "adapter_id", "ref", "status", "updated_at"],
+                            title="aliases", keep=("alias", "adapter_id", "ref", "status", "updated_at"),
+                            drop=("updated_at", "status"))
 
 
 @alias_app.command("set")
@@ -317,8 +359,9 @@ def history(ctx: typer.Context, alias: Annotated[str | None, typer.Argument(help
     if json_out:
         print_json(rows)
     else:
-        print_literal_table(rows, ["id", "alias", "action", "from_id", "to_id", "reason", "moved_at"],
-                            title="alias history")
+        print_literal_table(_to_minutes(rows, "moved_at"),
+                            ["id", "alias", "action", "from_id", "to_id", "reason", "moved_at"], title="alias history",
+                            keep=("id", "alias", "action", "from_id", "to_id", "moved_at"), fold=["reason"])
 
 
 @app.command()
@@ -330,12 +373,14 @@ def events(ctx: typer.Context, limit: Annotated[int, typer.Option(min=0, help="N
     if json_out:
         print_json(rows)
     else:
-        print_literal_table(rows, ["id", "ts", "operation", "outcome", "args", "detail"], title="events")
+        print_literal_table(_to_minutes(rows, "ts"), ["id", "ts", "operation", "outcome", "args", "detail"],
+                            title="events", keep=("id", "ts", "operation", "outcome"))
 
 
 @app.command()
 def delete(ctx: typer.Context, ref: str,
-           force: Annotated[bool, typer.Option(help="Delete even if an alias or descendant needs it.")] = False,
+           force: Annotated[bool, typer.Option(help="Delete even if an alias or descendant needs it.",
+               metavar="")] = False,
            reason: Annotated[str | None, typer.Option(help="Why, for the event log.")] = None,
            json_out: JsonOpt = False) -> None:
     """Soft-delete a node (rows and files stay; `restore` undoes it)."""
@@ -365,13 +410,15 @@ def verify(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     elif report["ok"]:
         say(f"ok: {report['adapters_checked']} adapter(s), {report['folders']} folder(s) verified")
     else:
-        print_literal_table(report["problems"], ["kind", "adapter_id", "store_key", "detail"], title="problems")
+        print_literal_table(report["problems"], ["kind", "adapter_id", "store_key", "detail"], title="problems",
+                            keep=("kind", "adapter_id"), fold=["detail"])
     if not report["ok"]:
         raise typer.Exit(1)
 
 
 @app.command()
-def gc(ctx: typer.Context, dry_run: Annotated[bool, typer.Option(help="Only say what would be done.")] = False,
+def gc(ctx: typer.Context, dry_run: Annotated[bool, typer.Option(help="Only say what would be done.",
+    metavar="")] = False,
        grace: Annotated[float, typer.Option(
            min=0, help="Keep orphan/staging folders changed less than this many seconds ago: they may belong "
                        "to a registration still running in another process. 0 after a crash.")] = GC_GRACE_SECONDS,
@@ -384,7 +431,7 @@ def gc(ctx: typer.Context, dry_run: Annotated[bool, typer.Option(help="Only say 
         say("nothing to clean")
     else:
         print_literal_table(report["actions"], ["action", "adapter_id", "store_key", "path"],
-               title="would do" if dry_run else "done")
+                            title="would do" if dry_run else "done", keep=("action", "adapter_id"), fold=["path"])
 
 
 @app.command()
@@ -423,6 +470,12 @@ def stack(ctx: typer.Context, refs: Annotated[list[str], typer.Argument(help="Ad
     _print_node(mgr.get(node_id), json_out, verb="stacked")
 
 
+# what `train` accepts, checked before anything heavy loads (a test keeps them equal to the task and
+# policy registries, which import torch)
+TRAIN_TASKS = ("ranker", "retriever")
+TRAIN_POLICIES = ("fresh", "warm_start", "stack", "long_short")
+
+
 @app.command()
 @with_dataclass_options(UpdateConfig, after="batches")
 def train(
@@ -440,6 +493,11 @@ def train(
 ) -> None:
     """Train an incremental LoRA update on data batches; register it with lineage; optionally promote."""
     # **config: one option per UpdateConfig field (--task ... --max-eval-rows), its default and help from there
+    for option, value, choices in (("--task", config.get("task"), TRAIN_TASKS),
+                                   ("--policy", config.get("policy"), TRAIN_POLICIES),
+                                   ("--promote", promote, (None, "always", "if_better"))):
+        if value not in choices:  # refused before torch is imported or any model loaded
+            raise InvalidInput(f"invalid {option} {value!r}: use one of {', '.join(c for c in choices if c)}")
     result = _mgr(ctx).train_update(
         batches or "latest", **config, parent=parent, name=name, base=base, eval_batches=eval_batch or None,
         promote=promote, alias=alias, tolerance=tolerance, progress=not json_out,
@@ -544,11 +602,13 @@ def recommend(
     ranker: Annotated[str | None, typer.Option(help="Ranker node or alias to rerank the top candidates.")] = None,
     k: Annotated[int, typer.Option(min=1, help="How many items.")] = 10,
     top_m: Annotated[int, typer.Option(min=1, help="Candidates the ranker reranks.")] = 50,
-    include_seen: Annotated[bool, typer.Option(help="Also recommend items the user already interacted with.")] = False,
+    include_seen: Annotated[bool, typer.Option(help="Also recommend items the user already interacted with.",
+        metavar="")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Top-K items for one user, computed now (retriever over the catalog, optional ranker rerank)."""
     mgr = _mgr(ctx)
+    _check_user(mgr, user)  # before the scorer loads a model
     scorer = mgr.scorer(alias, ranker=ranker)
     try:
         recs = scorer.recommend(user, k, exclude_seen=not include_seen, top_m=top_m)
@@ -562,7 +622,23 @@ def recommend(
     if json_out:
         print_json({"user": user, "nodes": nodes, "items": recs})
     else:
-        print_literal_table(recs, ["rank", "item_id", "title", "score"], title=f"user {user} (nodes {nodes})")
+        served = ", ".join(f"{role} #{node}" for role, node in nodes.items()) if isinstance(nodes, dict) else nodes
+        print_literal_table(recs, ["rank", "item_id", "title", "score"], title=f"user {user}: {served}",
+                            keep=("rank", "item_id", "score"))
+
+
+def _check_user(mgr: AdapterManager, user: str) -> None:
+    """``NotFound`` (exit 3) for a user with neither a user row nor an interaction in the catalog.
+
+    Why refuse instead of recommending as a cold user: an unknown id is far more often a typo or
+    the wrong catalog than a new user, and a cold-start list printed for it looked like a real answer.
+    """
+    rows = mgr.catalog.query(
+        "SELECT 1 AS hit FROM users WHERE user_id::VARCHAR = ? UNION ALL "
+        "SELECT 1 FROM interactions WHERE user_id::VARCHAR = ? LIMIT 1", [user, user])
+    if not rows:
+        raise NotFound(f"no user {user!r} in the catalog (no user row, no interaction); users come from "
+                       "`adapters-mgr data sync`")
 
 
 @app.command()
@@ -588,7 +664,8 @@ def recompute(
 @app.command()
 def score(
     ctx: typer.Context,
-    pairs: Annotated[Path, typer.Argument(help="CSV or JSONL with user_id,item_id (or user_text,item_text).")],
+    pairs: Annotated[Path, typer.Argument(
+        help="CSV or JSONL with user_id,item_id (or user_text,item_text, + prior_logit for a ranker with the prior).")],
     ref: Annotated[str, typer.Option("--node", help="Node or alias to score with.")] = "production",
     output: Annotated[Path | None, typer.Option(help="Write scores here (CSV); default stdout.")] = None,
     json_out: JsonOpt = False,
@@ -607,7 +684,9 @@ def score(
     scorer = mgr.scorer(ref)
     try:
         if {"user_text", "item_text"} <= set(rows[0]):
-            values = scorer.score_texts([r["user_text"] for r in rows], [r["item_text"] for r in rows])
+            prior_logits = [float(r["prior_logit"]) for r in rows] if "prior_logit" in rows[0] else None
+            values = scorer.score_texts([r["user_text"] for r in rows], [r["item_text"] for r in rows],
+                                        prior_logits=prior_logits)
         elif {"user_id", "item_id"} <= set(rows[0]):
             values = scorer.score([r["user_id"] for r in rows], [r["item_id"] for r in rows])
         else:
@@ -632,8 +711,10 @@ def score(
 @app.command()
 def demo(
     ctx: typer.Context,
-    quick: Annotated[bool, typer.Option(help="Tiny random BERT + synthetic stream: the whole flow in ~1 min.")] = False,
-    full: Annotated[bool, typer.Option(help="The whole MovieLens stream, no subsampling (hours on CPU).")] = False,
+    quick: Annotated[bool, typer.Option(help="Tiny random BERT + synthetic stream: the whole flow in ~1 min.",
+        metavar="")] = False,
+    full: Annotated[bool, typer.Option(help="The whole MovieLens stream, no subsampling (hours on CPU).",
+        metavar="")] = False,
     report: Annotated[Path | None, typer.Option(help="Report folder (default ROOT/report).")] = None,
 ) -> None:
     """The MovieLens incremental-update demo: sync, train, gated weekly updates, lineage, compaction,

@@ -16,7 +16,9 @@ import typer
 
 from adapters_mgr.errors import InvalidInput
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.", metavar="")]
+WideOpt = Annotated[bool, typer.Option(
+    "--wide", help="Table: every column, at full width (default: fit the terminal, leaving columns out).", metavar="")]
 
 
 def parse_json_option(text: str | None, option: str, example: str, *, object_only: bool = False) -> Any:
@@ -113,4 +115,5 @@ def with_dataclass_options(cls: type, *, after: str) -> Callable[[F], F]:
     return decorate
 
 
-__all__ = ["JsonOpt", "comma_list", "dataclass_options", "int_or_text", "parse_json_option", "with_dataclass_options"]
+__all__ = ["JsonOpt", "WideOpt", "comma_list", "dataclass_options", "int_or_text", "parse_json_option",
+           "with_dataclass_options"]

@@ -18,6 +18,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from adapters_mgr.catalog.lineage import batch_summary
+
 # emoji off: user text such as a task ":fire:" prints as typed (markup is escaped where it is on)
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
@@ -59,27 +61,107 @@ def _escaped(value: Any) -> str:
     return escape(fmt(value))
 
 
+# A column that may shrink keeps at least this many cells (or its header's width, or its widest cell).
+SHRINK_MIN = 8
+
+
 def print_table(
     rows: Sequence[dict[str, Any]],
     columns: Iterable[str],
     *,
     title: str | None = None,
     formatters: dict[str, Callable[[Any], str]] | None = None,
+    keep: Iterable[str] | None = None,
+    drop: Sequence[str] = (),
+    headers: dict[str, str] | None = None,
+    fold: Iterable[str] = (),
+    wide: bool = False,
 ) -> None:
-    """A rich table with the given columns; missing keys print as '-'."""
+    """A rich table with the given columns that fits the console; missing keys print as '-'.
+
+    Why not let rich wrap: at 80 columns every cell folded mid-token (``b00000`` / ``1``,
+    ``productio`` / ``n``). Instead, ``keep`` columns (default: the first) are never cut; the
+    columns in ``drop`` are left out, first ones first, while the table cannot fit; any other
+    column shrinks to fit, ending in "…", or wraps between words if it is in ``fold`` (free text
+    such as a reason, or a detail view's values). A line below names what was left out. ``wide``: every
+    column at full width, lines as long as they need (``--wide``). ``headers`` renames columns.
+    """
     cols = list(columns)
-    table = Table(title=title, show_lines=False)
-    for col in cols:
-        table.add_column(col, overflow="fold")  # wrap, never elide: ids and names must stay readable
     formatters = formatters or {}
-    for row in rows:
-        table.add_row(*[formatters.get(c, fmt)(row.get(c)) for c in cols])
+    headers = headers or {}
+    cells = [[console.render_str(formatters.get(c, fmt)(row.get(c))) for c in cols] for row in rows]
+    header = {c: headers.get(c, c) for c in cols}
+    natural = {c: max([len(header[c])] + [line[i].cell_len for line in cells]) for i, c in enumerate(cols)}
+    shown = list(cols)
+
+    def total(widths: dict[str, int]) -> int:  # cells + one space each side + borders
+        return sum(widths[c] for c in shown) + 3 * len(shown) + 1
+
+    if wide:  # every column at its natural width: long lines, never a cut or folded cell
+        table = Table(title=title, show_lines=False)
+        for col in cols:
+            table.add_column(header[col], no_wrap=True, min_width=natural[col])
+        for line in cells:
+            table.add_row(*line)
+        narrow = console.width  # print(width=) cannot exceed the console's width: widen it for this table
+        console.width = max(narrow, total(natural))
+        try:
+            console.print(table, crop=False)
+        finally:
+            console.width = narrow
+        return
+    kept = set(cols[:1] if keep is None else keep)
+
+    def narrowest() -> dict[str, int]:
+        return {c: natural[c] if c in kept else min(natural[c], max(len(header[c]), SHRINK_MIN)) for c in cols}
+
+    least = narrowest()
+    for col in drop:
+        if total(least) <= console.width:
+            break
+        if col in shown and len(shown) > 1:
+            shown.remove(col)
+    if total(least) > console.width:  # the kept columns alone do not fit: only the first stays whole
+        kept = {shown[0]}
+        least = narrowest()
+    width = _fit_widths(shown, natural, least, kept, console.width - 3 * len(shown) - 1)
+    table = Table(title=title, show_lines=False)
+    wrap = set(fold)
+    for col in shown:
+        cut = col not in kept
+        table.add_column(header[col], no_wrap=col not in wrap or not cut,
+                         overflow="ellipsis" if cut and col not in wrap else "fold",
+                         min_width=width[col], max_width=width[col])
+    index = [cols.index(c) for c in shown]
+    for line in cells:
+        table.add_row(*[line[i] for i in index])
     console.print(table)
+    hidden = [header[c] for c in cols if c not in shown]
+    if hidden:
+        console.print(f"hidden at this width: {', '.join(hidden)} (--wide shows all)", markup=False,
+                      highlight=False, style="dim")
 
 
-def print_literal_table(rows: list[dict[str, Any]], columns: list[str], *, title: str | None = None) -> None:
-    """:func:`print_table` with every cell and the title printed literally, never as markup."""
-    print_table(rows, columns, title=escape(title) if title else title, formatters=dict.fromkeys(columns, _escaped))
+def _fit_widths(shown: list[str], natural: dict[str, int], least: dict[str, int], kept: set[str],
+                room: int) -> dict[str, int]:
+    """Each column's width: kept columns their widest cell; the others share what is left, each up
+    to its widest cell and at least ``least`` (the narrowest first, so the room goes to long ones)."""
+    width = {c: natural[c] for c in shown}
+    flexible = sorted((c for c in shown if c not in kept), key=lambda c: natural[c])
+    left = room - sum(natural[c] for c in shown if c in kept)
+    for i, col in enumerate(flexible):
+        share = left // (len(flexible) - i) if left > 0 else 0
+        width[col] = max(least[col], min(natural[col], share))
+        left -= width[col]
+    return width
+
+
+def print_literal_table(rows: list[dict[str, Any]], columns: list[str], *, title: str | None = None,
+                        **fit: Any) -> None:
+    """:func:`print_table` with every cell and the title printed literally, never as markup
+    (``fit``: its ``keep``, ``drop``, ``headers``, ``fold`` and ``wide``)."""
+    print_table(rows, columns, title=escape(title) if title else title, formatters=dict.fromkeys(columns, _escaped),
+                **fit)
 
 
 def say(text: str) -> None:
@@ -124,14 +206,17 @@ def primary_metric_text(metrics: dict[str, Any] | None) -> str:
 
 
 def item_titles(mgr: Any, item_ids: list[str]) -> dict[str, str]:
-    """Item titles where the catalog has them (MovieLens), for people reading lists."""
+    """Item titles where the catalog has them (MovieLens), with the year where it has one: ML-100K
+    holds different films of the same title ("That Darn Cat!" (1965) and (1997))."""
     try:
         rows = mgr.catalog.query(
-            "SELECT item_id::VARCHAR AS item_id, arg_max(attrs->>'title', valid_from) AS title FROM items "
+            "SELECT item_id::VARCHAR AS item_id, arg_max(attrs->>'title', valid_from) AS title, "
+            "arg_max(attrs->>'year', valid_from) AS year FROM items "
             "WHERE item_id::VARCHAR IN (SELECT unnest(?::VARCHAR[])) GROUP BY 1", [item_ids])
     except Exception:  # noqa: BLE001 - titles are decoration; a catalog without them still lists ids
         return {}
-    return {r["item_id"]: r["title"] for r in rows}
+    return {r["item_id"]: r["title"] + (f" ({r['year']})" if r["year"] not in (None, "") else "")
+            for r in rows if r["title"] is not None}
 
 
 # -- the lineage tree ---------------------------------------------------------------------------------
@@ -149,8 +234,13 @@ def lineage_tree(lin: Any, *, full: bool = False) -> Tree:
     and only branch points (merges, stacks, forks) nest. Runs longer than
     ``RUN_HEAD + RUN_TAIL`` lines show their ends around a count unless ``full``. A node reached
     twice in a DAG is expanded once and marked "shown above" after that. Built without recursion.
+
+    Unless ``full``, a node's batches read as runs (``train b000001–b000020 (20)``), and a stack
+    met on the way up lists its members once, in order, with their weights, without expanding the
+    members' own ancestry (each member's stack history would repeat the stack's); ``full`` gives
+    every batch and every member's ancestry.
     """
-    tree = Tree(_node_label(lin.root, lin.batches.get(lin.root.id)))
+    tree = Tree(_node_label(lin.root, lin.batches.get(lin.root.id), full))
     for up, title, count in ((True, "ancestors", len(lin.ancestors)), (False, "descendants", len(lin.descendants))):
         if not count:
             continue
@@ -168,19 +258,42 @@ def lineage_tree(lin: Any, *, full: bool = False) -> Tree:
             current = node_id
             while True:
                 edges = _lineage_edges(lin, current, up)
-                if len(edges) != 1 or _other_end(edges[0], up) in expanded:
+                if len(edges) != 1 or _other_end(edges[0], up) in expanded or _is_stack(lin, current, up, full):
                     break
                 current = _other_end(edges[0], up)
                 expanded.add(current)
-                run.append(_edge_line(lin, edges[0], up))
+                run.append(_edge_line(lin, edges[0], up, full))
             branch = _add_run(branch, run, full)
-            subtrees = [(branch.add(_edge_line(lin, edge, up)), _other_end(edge, up)) for edge in edges]
+            if _is_stack(lin, current, up, full):
+                _add_members(branch, lin, edges, full)
+                continue
+            subtrees = [(branch.add(_edge_line(lin, edge, up, full)), _other_end(edge, up)) for edge in edges]
             todo.extend(reversed(subtrees))  # the first edge is expanded (and printed) first
     return tree
 
 
-def _node_label(node: Any, batches: list[dict[str, Any]] | None = None) -> str:
-    """One tree line in rich markup; every piece of catalog text in it is escaped."""
+def _is_stack(lin: Any, node_id: int, up: bool, full: bool) -> bool:
+    """Whether the walk up lists this node's parents as stack members instead of expanding them."""
+    return up and not full and lin.nodes[node_id].kind == "stack"
+
+
+def _add_members(branch: Tree, lin: Any, edges: list[Any], full: bool) -> None:
+    """A stack's members, once, in order, with weights; a hint where their own ancestry is."""
+    members = [e for e in edges if e.relation == "stacked_on"]
+    for i, edge in enumerate(members, start=1):
+        weight = f" w={edge.weight:g}" if edge.weight is not None else ""
+        label = _node_label(lin.nodes[edge.parent_id], lin.batches.get(edge.parent_id), full)
+        branch.add(f"[magenta]{escape(f'member {i}/{len(members)}{weight}')}[/] ← {label}")
+    for edge in edges:  # anything else a stack came from (not written by this tool today)
+        if edge.relation != "stacked_on":
+            branch.add(_edge_line(lin, edge, True, full))
+    if any(_lineage_edges(lin, e.parent_id, True) for e in edges):
+        branch.add("[dim]… members' own ancestry: --full, or lineage <member id>[/]")
+
+
+def _node_label(node: Any, batches: list[dict[str, Any]] | None = None, full: bool = True) -> str:
+    """One tree line in rich markup; every piece of catalog text in it is escaped. Batches read as
+    runs (``train b000001–b000020 (20) · eval b000021``), or one by one when ``full``."""
     label = f"[bold]{escape(f'{node.name}@{node.version}')}[/] #{node.id} {escape(str(node.kind))}"
     if node.task:
         label += f" {escape(str(node.task))}"
@@ -191,8 +304,10 @@ def _node_label(node: Any, batches: list[dict[str, Any]] | None = None) -> str:
     metric = primary_metric_text(node.metrics)
     if metric != "-":
         label += f" [cyan]{escape(metric)}[/]"
-    if batches:
+    if batches and full:
         label += " [dim]batches: " + escape(", ".join(f"{b['batch_id']}({b['role']})" for b in batches)) + "[/]"
+    elif batches:
+        label += " [dim]" + escape(batch_summary(batches)) + "[/]"
     return label
 
 
@@ -205,12 +320,12 @@ def _other_end(edge: Any, up: bool) -> int:
     return edge.parent_id if up else edge.child_id
 
 
-def _edge_line(lin: Any, edge: Any, up: bool) -> str:
+def _edge_line(lin: Any, edge: Any, up: bool, full: bool) -> str:
     other = _other_end(edge, up)
     weight = f" w={edge.weight:g}" if edge.weight is not None else ""
     arrow = "←" if up else "→"
     relation = escape(f"{edge.relation}{weight}")
-    return f"[magenta]{relation}[/] {arrow} " + _node_label(lin.nodes[other], lin.batches.get(other))
+    return f"[magenta]{relation}[/] {arrow} " + _node_label(lin.nodes[other], lin.batches.get(other), full)
 
 
 def _add_run(branch: Tree, lines: list[str], full: bool) -> Tree:

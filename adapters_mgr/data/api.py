@@ -15,9 +15,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.sql import fetch_dicts, from_json
-from adapters_mgr.data import digest, registry, sampling, texts
+from adapters_mgr.data import digest, popularity, prior, registry, sampling, texts
 from adapters_mgr.data.classify import RULES
 from adapters_mgr.data.sync import run_sync
 from adapters_mgr.errors import IntegrityError, InvalidInput, NotFound
@@ -296,6 +298,45 @@ class DataAPI:
                 rows.sort(key=lambda r: (r["ts"], r["user_id"], r["item_id"]))
             return sampling.to_columns(rows) if columns else rows
         return texts.training_rows(self, ids, columns=columns, negatives=negatives, seed=seed, templates=templates)
+
+    # -- the as-of prior ---------------------------------------------------------------------------
+    def prior_features(self, batch_ids: str | list[str] | None = None, *,
+                       recipe: prior.PriorRecipe | None = None) -> list[dict[str, Any]]:
+        """Per kept interaction of the batches: counts, like counts and rates of its user and item and
+        of everything, and the prior (offsets, probability, logit), all as of the event itself.
+
+        See :mod:`adapters_mgr.data.prior` for the formula and the as-of rule (``recipe``: the default
+        ``PriorRecipe()``, kind 'bias', shrinkage 10).
+        """
+        return prior.interaction_features(self.catalog, self.resolve_batches(batch_ids), recipe or prior.PriorRecipe())
+
+    def prior_logits(self, rows: Any, recipe: prior.PriorRecipe | None = None) -> np.ndarray | None:
+        """The prior logit of each row (``user_id``, ``item_id``, ``ts``) as of its own time, as
+        training and evaluation add it; None when the recipe is 'none'."""
+        if isinstance(rows, dict):
+            rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+        return prior.row_logits(self.catalog, list(rows), recipe or prior.PriorRecipe())
+
+    def pair_prior_logits(self, users: list[Any], items: list[Any], as_of: datetime | str | None = None, *,
+                          recipe: prior.PriorRecipe | None = None) -> np.ndarray | None:
+        """The prior logit of each (user, item) pair from the events strictly before ``as_of`` (None:
+        everything synced so far), as the scorer adds it; None when the recipe is 'none'."""
+        return prior.pair_logits(self.catalog, list(users), list(items), _as_time(as_of),
+                                 recipe or prior.PriorRecipe())
+
+    # -- as-of item popularity (the retriever's popularity term) ----------------------------------
+    def item_popularity(self, items: list[Any], as_of: datetime | str | None = None, *,
+                        recipe: popularity.PopularityRecipe | None = None) -> np.ndarray:
+        """Each item's interactions strictly before ``as_of`` (None: everything synced so far), as the
+        scorer and evaluation count them (:mod:`adapters_mgr.data.popularity`)."""
+        return popularity.item_counts(self.catalog, list(items), _as_time(as_of),
+                                      recipe or popularity.PopularityRecipe())
+
+    def row_popularity(self, rows: Any, recipe: popularity.PopularityRecipe | None = None) -> np.ndarray:
+        """Each row's item's interactions strictly before the row's own ``ts``, as training counts them."""
+        if isinstance(rows, dict):
+            rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+        return popularity.row_counts(self.catalog, list(rows), recipe or popularity.PopularityRecipe())
 
     # -- text --------------------------------------------------------------------------------------
     def set_template(self, kind: str, template: str) -> None:

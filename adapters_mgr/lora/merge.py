@@ -51,6 +51,7 @@ from torch import nn
 from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter, copy_config
+from adapters_mgr.lora.merge_methods import DENSITY_METHODS, METHODS, check_method
 from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.lora.tensors import (
     PREFIX,
@@ -66,27 +67,9 @@ from adapters_mgr.lora.tensors import (
 )
 from adapters_mgr.store import atomic_folder
 
-METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
-DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
 DEFAULT_DENSITY = 0.5
 RECIPE_FILE = "merge_recipe.json"
 FOLD_FILE = "adapters_mgr_fold.json"
-
-
-def _check_method(method: str, target_rank: Any, density: Any) -> None:
-    if method not in METHODS:
-        raise InvalidInput(f"unknown merge method {method!r}; choose one of {list(METHODS)} (or fold to export)")
-    if target_rank is not None:
-        if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank <= 0:
-            raise InvalidInput(f"target_rank must be a positive integer, got {target_rank!r}; try 8")
-        if method in ("cat", "linear"):
-            hint = "cat's rank is the sum of the ranks" if method == "cat" else "linear keeps the sources' rank"
-            raise InvalidInput(f"target_rank does not apply to {method} ({hint}); use method='svd' to pick a rank")
-    if density is not None:
-        if method not in DENSITY_METHODS:
-            raise InvalidInput(f"density applies to {list(DENSITY_METHODS)} only, not to {method!r}")
-        if isinstance(density, bool) or not isinstance(density, int | float) or not 0.0 < float(density) <= 1.0:
-            raise InvalidInput(f"density must be in (0, 1], got {density!r}; try 0.5 (keep half the entries)")
 
 
 def reconstruction_error(sources: Sequence[LoraTensors], weights: Sequence[float],
@@ -174,7 +157,7 @@ def merge_adapters(
     """
     from peft import __version__ as peft_version
 
-    _check_method(method, target_rank, density)
+    check_method(method, target_rank, density)
     weights, out, sources, task_name, task_model = _checked_inputs(folders_and_weights, out_dir, task, base_model,
                                                                    "merge")
     ranks = {r for s in sources for r in s.ranks}
