@@ -170,6 +170,7 @@ def test_train_has_an_option_per_update_config_field_and_passes_it_on(capsys, ro
     assert code == 0, err
     names = [f.name for f in dataclasses.fields(UpdateConfig)]
     assert [n for n in names if f"--{n.replace('_', '-')}" not in out] == []
+    assert "…" not in out  # no option name cut to an ellipsis (help is rendered 80 columns wide here)
 
     seen: list[dict] = []
 

@@ -72,8 +72,10 @@ def _cli_type(name: str, hint: Any) -> tuple[Any, Callable[[Any], Any] | None, s
 
 def dataclass_options(cls: type) -> list[inspect.Parameter]:
     """One keyword parameter per field of ``cls``, typed for Typer: ``--field-name`` with the field's
-    default, ``metadata["help"]`` and optional ``metadata["min"]`` (a click range: one-line usage error)."""
+    default, ``metadata["help"]`` and optional ``metadata["min"]`` (a click range: one-line usage error),
+    in the help panel the class's ``cli_panels`` names for it (the default panel otherwise)."""
     hints = typing.get_type_hints(cls)
+    panel_of = {name: panel for panel, names in getattr(cls, "cli_panels", {}).items() for name in names}
     params = []
     for f in dataclasses.fields(cls):
         annotation, parser, metavar = _cli_type(f.name, hints[f.name])
@@ -83,7 +85,7 @@ def dataclass_options(cls: type) -> list[inspect.Parameter]:
         if parser is not None:
             extra.update(parser=parser, metavar=metavar)
         default = ",".join(f.default) if parser is comma_list else f.default
-        option = typer.Option(help=f.metadata.get("help", ""), **extra)
+        option = typer.Option(help=f.metadata.get("help", ""), rich_help_panel=panel_of.get(f.name), **extra)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                         default=default, annotation=Annotated[annotation, option]))
     return params

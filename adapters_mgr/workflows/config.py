@@ -8,7 +8,7 @@ with every trained adapter (so ``reproduce`` rebuilds it from the catalog).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 
 def knob(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - "help" as in argparse / click
@@ -21,6 +21,17 @@ def knob(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - "help" as
 @dataclass
 class UpdateConfig:
     """Every knob of one update; recorded verbatim in the new node's ``hyperparams``."""
+
+    # Where each field shows in ``train --help``: one rich table per panel, so a long on/off pair in
+    # one group does not squeeze every other option name into an ellipsis at 80 columns.
+    cli_panels: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Training": ("epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed",
+                     "max_train_rows", "max_eval_rows"),
+        "Replay": ("replay_ratio", "replay_recency", "replay_half_life", "replay_relevance"),
+        "Stack": ("mode", "new_weight"),
+        "Ranker prior": ("prior", "prior_shrinkage"),
+        "Retriever popularity": ("popularity", "popularity_logq"),
+    }
 
     task: str = knob("ranker", "ranker (cross-encoder) or retriever (two-tower).")
     policy: str = knob("fresh", "fresh, warm_start, stack or long_short.")
