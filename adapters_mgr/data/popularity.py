@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.data.recipes import AS_OF_RULE, check_header, check_positive, from_record
 from adapters_mgr.errors import InvalidInput
 
 KINDS = ("log", "none")
 EVENTS = ("all", "likes")
-AS_OF_RULE = "ts_strictly_before"
 VERSION = 1
 RECORD_KEY = "popularity_recipe"  # where a retriever adapter's hyperparams keep its recipe
 COUNT_COLUMN = "item_pop_count"  # a training row's item count as of the row's own time
@@ -65,19 +65,13 @@ class PopularityRecipe:
     version: int = VERSION
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise InvalidInput(f"popularity {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        check_header("popularity", self.kind, KINDS, self.as_of, self.version, VERSION)
         if self.events not in EVENTS:
             raise InvalidInput(f"popularity events {self.events!r} is unknown; use one of {', '.join(EVENTS)}")
-        if isinstance(self.smoothing, bool) or not (self.smoothing > 0 and math.isfinite(self.smoothing)):
-            raise InvalidInput(f"popularity smoothing must be a positive number, got {self.smoothing!r}")
+        check_positive("popularity smoothing", self.smoothing)
         for name in ("sim_weight", "pop_weight"):
             if not math.isfinite(float(getattr(self, name))):
                 raise InvalidInput(f"popularity {name} must be finite, got {getattr(self, name)!r}")
-        if self.as_of != AS_OF_RULE:
-            raise InvalidInput(f"popularity as-of rule {self.as_of!r} is unknown; this version knows {AS_OF_RULE!r}")
-        if self.version != VERSION:
-            raise InvalidInput(f"popularity recipe version {self.version} is unknown; this version computes {VERSION}")
 
     @property
     def used(self) -> bool:
@@ -96,9 +90,7 @@ class PopularityRecipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PopularityRecipe:
-        known = {k: data[k] for k in ("kind", "smoothing", "events", "logq", "sim_weight", "pop_weight", "as_of",
-                                      "version") if k in data}
-        return cls(**known)
+        return from_record(cls, data)
 
 
 NO_POPULARITY = PopularityRecipe(kind="none")

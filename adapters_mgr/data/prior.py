@@ -44,10 +44,10 @@ import duckdb
 import numpy as np
 
 from adapters_mgr.catalog.db import Catalog
+from adapters_mgr.data.recipes import AS_OF_RULE, check_header, check_positive, from_record
 from adapters_mgr.errors import Conflict, InvalidInput
 
 KINDS = ("bias", "none")
-AS_OF_RULE = "ts_strictly_before"
 VERSION = 1
 RECORD_KEY = "prior_recipe"  # where an adapter's hyperparams keep its recipe
 FEATURES = ("user_n", "user_likes", "user_rate", "item_n", "item_likes", "item_rate", "global_n", "global_likes",
@@ -69,16 +69,10 @@ class PriorRecipe:
     version: int = VERSION
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise InvalidInput(f"prior {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
-        if isinstance(self.shrinkage, bool) or not (self.shrinkage > 0 and math.isfinite(self.shrinkage)):
-            raise InvalidInput(f"prior shrinkage must be a positive number, got {self.shrinkage!r}")
+        check_header("prior", self.kind, KINDS, self.as_of, self.version, VERSION)
+        check_positive("prior shrinkage", self.shrinkage)
         if not 0 < self.clip < 0.5:
             raise InvalidInput(f"prior clip must be in (0, 0.5), got {self.clip!r}")
-        if self.as_of != AS_OF_RULE:
-            raise InvalidInput(f"prior as-of rule {self.as_of!r} is unknown; this version knows {AS_OF_RULE!r}")
-        if self.version != VERSION:
-            raise InvalidInput(f"prior recipe version {self.version} is unknown; this version computes {VERSION}")
 
     @property
     def used(self) -> bool:
@@ -90,8 +84,7 @@ class PriorRecipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PriorRecipe:
-        known = {k: data[k] for k in ("kind", "shrinkage", "clip", "as_of", "version") if k in data}
-        return cls(**known)
+        return from_record(cls, data)
 
 
 NO_PRIOR = PriorRecipe(kind="none")
