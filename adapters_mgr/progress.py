@@ -33,7 +33,7 @@ class Progress(Protocol):
     def __exit__(self, *exc: object) -> Any: ...
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.1f}s"
@@ -107,15 +107,15 @@ class LineProgress:
         parts = [self._count()]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
-        parts.append(f"{_duration(elapsed)} elapsed")
+        parts.append(f"{duration(elapsed)} elapsed")
         if self.total and self.n > 0:
-            parts.append(f"~{_duration(elapsed * (self.total - self.n) / self.n)} left")
+            parts.append(f"~{duration(elapsed * (self.total - self.n) / self.n)} left")
         return self._line(parts)
 
     def _final(self, now: float) -> str:
         elapsed = now - self.started
         rate = f" ({self.n / elapsed:.3g} {self.unit}/s)" if elapsed > 0 and self.n else ""
-        return self._line([f"{self._count()} in {_duration(elapsed)}{rate}"])
+        return self._line([f"{self._count()} in {duration(elapsed)}{rate}"])
 
     def _line(self, parts: list[str]) -> str:
         if self.postfix:
@@ -197,4 +197,4 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, total: int | None = N
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=stream)
 
 
-__all__ = ["LineProgress", "Progress", "mode", "progress_bar"]
+__all__ = ["LineProgress", "Progress", "duration", "mode", "progress_bar"]

@@ -66,10 +66,46 @@ def recompute_timing(quick: bool, two_stage_users: int | None = 100) -> dict[str
         two = mgr.recompute("production", users=subset, k=10, ranker=rank, top_m=50, progress=False)
         two_stage_s = time.perf_counter() - started
         per_user = two_stage_s / max(two["users"], 1)
+        batching = rerank_batching(mgr, ret, rank, subset if subset != "all" else None)
         return {
             "data": source, "users": one["users"], "items": len(mgr.data.item_texts()),
             "retriever_only_s": retriever_s, "users_per_s_retriever": one["users"] / retriever_s,
             "two_stage_users_measured": two["users"], "retriever_plus_ranker_top50_s": two_stage_s,
             "two_stage_s_per_user": per_user, "two_stage_all_users_s_extrapolated": per_user * one["users"],
             "rows_written": one["rows"] + two["rows"], "model": "tiny random BERT" if quick else "MiniLM-L6",
+            **batching,
         }
+
+
+def rerank_batching(mgr: Any, retriever: int, ranker: int, users: list[str] | None,
+                    rounds: int = 2) -> dict[str, Any]:
+    """Two-stage top-10 for the same users, one user per request (how recompute reranked before)
+    against many users per request (how it does now), alternated ``rounds`` times on one scorer."""
+    from adapters_mgr.serving.recommend import PAIRS_PER_REQUEST
+
+    users = users or sorted({str(r["user_id"]) for r in mgr.data.interactions()})
+    chunk = max(1, PAIRS_PER_REQUEST // 50)
+    scorer = mgr.scorer(retriever, ranker=ranker)
+    per_user: list[float] = []
+    batched: list[float] = []
+    try:
+        scorer.item_embeddings()
+        for _ in range(rounds):
+            started = time.perf_counter()
+            one_by_one = {u: scorer.recommend_many([u], 10, top_m=50)[u] for u in users}
+            per_user.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            together: dict[str, Any] = {}
+            for start in range(0, len(users), chunk):
+                together.update(scorer.recommend_many(users[start:start + chunk], 10, top_m=50))
+            batched.append(time.perf_counter() - started)
+    finally:
+        scorer.close()
+    same = all([r["item_id"] for r in one_by_one[u]] == [r["item_id"] for r in together[u]] for u in users)
+    return {
+        "rerank_users": len(users), "rerank_users_per_request": chunk,
+        "users_per_s_one_per_request": [len(users) / t for t in per_user],
+        "users_per_s_batched": [len(users) / t for t in batched],
+        "batched_speedup": [a / b for a, b in zip(per_user, batched, strict=True)],
+        "same_lists": same,
+    }

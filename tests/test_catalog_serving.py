@@ -283,3 +283,52 @@ def test_cli_train_and_reproduce(trained, capsys):
     assert code == 3 and "no data batch 'nope'" in err
     code, _, err = _cli(capsys, mgr, "train", b[1], "--rank", "0")
     assert code == 2 and "rank" in err
+
+
+def test_two_stage_reranks_many_users_per_request_with_the_same_lists(trained, capsys):
+    """recommend_many sends every user's candidates in one ranker request (whole batches), and the
+    lists equal one user at a time; recompute says its expected time before scoring anyone once a
+    run of the same shape exists, and measures it on the first chunk otherwise."""
+    mgr, _, ids = trained
+    users = sorted({str(r["user_id"]) for r in mgr.data.interactions()})[:6]
+    scorer = mgr.scorer("retrieval", ranker=ids["first"])
+    engine = scorer._engine_for("ranker")
+    requests: list[int] = []
+    original = engine.score_pairs
+
+    def counting(user_texts, item_texts, **kw):
+        requests.append(len(user_texts))
+        return original(user_texts, item_texts, **kw)
+
+    engine.score_pairs = counting
+    together = scorer.recommend_many(users, 3, top_m=5)
+    assert len(requests) == 1 and requests[0] == 5 * len(users)
+    one_by_one = {u: scorer.recommend(u, 3, top_m=5) for u in users}
+    scorer.close()
+    for u in users:
+        assert [r["item_id"] for r in together[u]] == [r["item_id"] for r in one_by_one[u]]
+        np.testing.assert_allclose([r["score"] for r in together[u]], [r["score"] for r in one_by_one[u]],
+                                   rtol=1e-5, atol=1e-6)
+
+    from adapters_mgr.serving import recommend as rec
+
+    old = rec.PAIRS_PER_REQUEST, rec.RATE_MIN_USERS
+    rec.PAIRS_PER_REQUEST, rec.RATE_MIN_USERS = 10, 1  # two users per request; any earlier run counts
+    try:
+        with mgr.workspace.catalog.transaction() as con:  # no earlier two-stage run to go by
+            con.execute("DELETE FROM recommendations WHERE run_id IN "
+                        "(SELECT id FROM recommendation_runs WHERE ranker_node_id IS NOT NULL)")
+            con.execute("DELETE FROM recommendation_runs WHERE ranker_node_id IS NOT NULL")
+        capsys.readouterr()
+        first = mgr.recompute("retrieval", users=users, k=3, ranker=ids["first"], top_m=5, progress=True)
+        err = capsys.readouterr().err
+        assert f"recompute: {len(users)} user(s), two-stage" in err
+        assert "measured on the first 2 user(s)" in err and first["expected_s"] > 0
+        second = mgr.recompute("retrieval", users=users, k=3, ranker=ids["first"], top_m=5, progress=True)
+        err = capsys.readouterr().err
+        assert "expected ~" in err.splitlines()[0] and "the last run's" in err.splitlines()[0]
+        assert second["expected_s"] == pytest.approx(first["wall_s"], rel=1e-6)
+    finally:
+        rec.PAIRS_PER_REQUEST, rec.RATE_MIN_USERS = old
+    lists = {r["user_id"]: r["item_id"] for r in mgr.recommendations(alias="retrieval") if r["rank"] == 1}
+    assert {u: lists[u] for u in users} == {u: one_by_one[u][0]["item_id"] for u in users}

@@ -8,6 +8,7 @@ catalog, optionally reranked by a ranker) and written as one *run* in one transa
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,10 +16,27 @@ from typing import Any
 from adapters_mgr.catalog.sql import fetch_dicts, log_event, utcnow
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.faults import maybe_crash
-from adapters_mgr.progress import progress_bar
+from adapters_mgr.progress import duration, progress_bar
 from adapters_mgr.serving.scorer import Scorer, ServingSource
 
 USER_MODES = ("all", "changed")
+RATE_MIN_USERS = 20  # a smaller run's fixed costs (models, item encodings) would inflate its s/user
+PAIRS_PER_REQUEST = 2048  # two-stage: users per ranker request ~ this / top_m (whole batches, frequent progress)
+
+
+def _say(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def last_rate(ws: ServingSource, two_stage: bool) -> float | None:
+    """Seconds per user of the newest run of the same shape (two-stage or not, ``RATE_MIN_USERS`` or more):
+    the estimate a recompute can give before it has scored anyone."""
+    with ws.catalog.connect() as con:
+        row = con.execute(
+            "SELECT wall_s / num_users FROM recommendation_runs WHERE (ranker_node_id IS NOT NULL) = ? "
+            "AND num_users >= ? AND wall_s > 0 ORDER BY id DESC LIMIT 1", [two_stage, RATE_MIN_USERS]).fetchone()
+    return float(row[0]) if row else None
 
 
 def all_users(ws: ServingSource) -> tuple[list[str], int | None]:
@@ -79,14 +97,32 @@ def recompute(
         mode = "all"
     else:
         wanted, newest, mode = [str(u) for u in users], None, "list"
+    two_stage = ranker is not None
+    shape = f"two-stage, the ranker rescoring the top {top_m} of each" if two_stage else "retriever only"
+    rate = last_rate(ws, two_stage)
+    _say(f"recompute: {len(wanted):,} user(s), {shape}"
+         + (f"; expected ~{duration(rate * len(wanted))} (the last run's {rate:.3g} s/user)" if rate else ""),
+         progress and bool(wanted))
+    chunk_users = max(1, min(batch_users, PAIRS_PER_REQUEST // max(k, top_m))) if two_stage else batch_users
     scorer = Scorer(ws, alias, ranker=ranker)
+    expected = rate * len(wanted) if rate else None
     try:
+        if wanted:
+            scorer.item_embeddings()  # the fixed cost, paid before the first chunk is timed
         lists: dict[str, list[dict[str, Any]]] = {}
         with progress_bar(total=len(wanted), desc="recompute", unit="user", enabled=progress) as bar:
-            for start in range(0, len(wanted), batch_users):
-                chunk = wanted[start:start + batch_users]
+            for start in range(0, len(wanted), chunk_users):
+                chunk = wanted[start:start + chunk_users]
+                chunk_started = time.perf_counter()
                 lists.update(scorer.recommend_many(chunk, k, top_m=top_m))
                 bar.update(len(chunk))
+                if start == 0 and rate is None and len(wanted) > len(chunk):
+                    # no earlier run to go by: the first chunk is the measure (models and items were ready before it)
+                    now = time.perf_counter()
+                    per_user = (now - chunk_started) / len(chunk)
+                    expected = now - started + per_user * (len(wanted) - len(chunk))
+                    _say(f"recompute: expected ~{duration(expected)} in all (measured on the first "
+                         f"{len(chunk)} user(s), {per_user:.3g} s/user)", progress)
         ranker_id = scorer.active_nodes.get("ranker")
     finally:
         scorer.close()
@@ -114,7 +150,7 @@ def recompute(
         log_event(con, "recompute", {"alias": alias, "users": mode, "k": k, "ranker": ranker},
                   detail={"run_id": run_id, "node_id": node.id, "users": len(lists), "rows": len(user_col)})
     return {"run_id": int(run_id), "node_id": node.id, "ranker_node_id": ranker_id, "users": len(lists),
-            "rows": len(user_col), "mode": mode, "wall_s": wall}
+            "rows": len(user_col), "mode": mode, "wall_s": wall, "expected_s": expected}
 
 
 def current(ws: ServingSource, user: Any | None = None, alias: str | None = "production") -> list[dict[str, Any]]:

@@ -270,8 +270,8 @@ class Scorer:
         return self.recommend_many([user], k, exclude_seen=exclude_seen, top_m=top_m, as_of=as_of)[str(user)]
 
     def recommend_many(self, users: Sequence[Any], k: int = 10, *, exclude_seen: bool = True,
-                       top_m: int = RERANK_TOP_M, as_of: Any = None, progress: Any = None
-                       ) -> dict[str, list[dict[str, Any]]]:
+                       top_m: int = RERANK_TOP_M, as_of: Any = None) -> dict[str, list[dict[str, Any]]]:
+        """Top-``k`` for many users at once: one retriever pass and one ranker request for them all."""
         if k <= 0:
             raise InvalidInput(f"k must be positive, got {k}")
         users = [str(u) for u in users]
@@ -292,23 +292,22 @@ class Scorer:
         if rank_templates != self._templates.get("retriever"):  # each stage reads its own training texts
             user_text = self.src.data.user_texts(users, as_of, templates=rank_templates)
         item_text = self.src.data.item_texts(as_of, templates=rank_templates)
-        out: dict[str, list[dict[str, Any]]] = {}
         rank_engine = self._engine_for("ranker")
-        # the prior of every candidate pair in one query, as of the same time as the texts
+        # every candidate pair of every user in one request: the engine fills whole batches across
+        # users (a user's top_m alone leaves most of a batch empty) and the prior is one query
         pairs = [(user, c["item_id"]) for user in users for c in first[user]]
         logits = self.prior_logits([u for u, _ in pairs], [i for _, i in pairs], as_of=as_of)
+        scores = rank_engine.score_pairs([user_text[u] for u, _ in pairs], [item_text[i] for _, i in pairs],
+                                         offsets=logits)
+        out: dict[str, list[dict[str, Any]]] = {}
         start = 0
-        for n, user in enumerate(users):
+        for user in users:
             cands = first[user]
-            offsets = None if logits is None else logits[start:start + len(cands)]
+            mine = scores[start:start + len(cands)]
             start += len(cands)
-            scores = rank_engine.score_pairs([user_text[user]] * len(cands), [item_text[c["item_id"]] for c in cands],
-                                             offsets=offsets)
-            order = np.argsort(-scores, kind="stable")[:k]
-            out[user] = [{"item_id": cands[i]["item_id"], "score": float(scores[i]),
+            order = np.argsort(-mine, kind="stable")[:k]
+            out[user] = [{"item_id": cands[i]["item_id"], "score": float(mine[i]),
                           "retriever_score": cands[i]["score"]} for i in order]
-            if progress is not None:
-                progress(n + 1)
         return out
 
     def close(self) -> None:
