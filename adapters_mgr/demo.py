@@ -25,7 +25,7 @@ from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.lora.testing import tiny_base_folder
 from adapters_mgr.manager import AdapterManager
-from adapters_mgr.workflows.evaluation import evaluate_node
+from adapters_mgr.workflows.evaluation import evaluate_node, rows_label
 
 
 @dataclass
@@ -195,17 +195,36 @@ class Demo:
                 node_id, metrics, eval_ids = result.node_id, result.metrics, result.eval_batches
                 decision, wall, promoted = result.decision, result.wall_s, result.promoted
                 adapter = self.mgr.get(result.adapter_id)
-            stale = self._evaluate_node(initial_id, eval_ids)
+            stale, label = self._evaluate_node(initial_id, eval_ids)
             metric = metrics["primary_metric"]
             new, cur = metrics[metric], (metrics.get("baseline") or {}).get(metric)
+            effect = self._following_effect(t, batches, node_id, metrics, promoted)
             if promoted is not None:
                 verdict = "[green]promoted[/]" if promoted else "[red]kept production[/]"
                 self.say(f"week {t}: node {node_id} {metric} {new:.4f} vs production "
-                         f"{'-' if cur is None else f'{cur:.4f}'} vs stale initial {stale:.4f} -> {verdict}")
+                         f"{'-' if cur is None else f'{cur:.4f}'} vs stale initial {stale:.4f} on {label} -> {verdict}")
+                if effect:
+                    self.say(f"  the week after ({effect['label']}): chosen node {effect['chosen']} "
+                             f"{effect['chosen_metric']:.4f} vs the other, node {effect['other']}, "
+                             f"{effect['other_metric']:.4f} ({effect['gain']:+.4f})")
             self.report.weeks.append({"week": t, "train_batch": batch, "eval_batch": eval_ids[0],
-                                      "node_id": node_id, "metric": metric, "new": new, "production": cur,
-                                      "stale_initial": stale, "decision": decision, "wall_s": wall,
-                                      "bytes": adapter.bytes})
+                                      "eval_rows": label, "node_id": node_id, "metric": metric, "new": new,
+                                      "production": cur, "stale_initial": stale, "decision": decision,
+                                      "following": effect, "wall_s": wall, "bytes": adapter.bytes})
+
+    def _following_effect(self, t: int, batches: list[dict[str, Any]], node_id: int, metrics: dict[str, Any],
+                          promoted: bool | None) -> dict[str, Any] | None:
+        """What the gate's choice was worth on the batch AFTER the one it decided on: the gate picks
+        the better node on week t+1, so its figure there flatters the choice; week t+2 does not."""
+        baseline = (metrics.get("baseline") or {}).get("node_id")
+        if promoted is None or baseline is None or t + 2 >= len(batches):
+            return None
+        chosen, other = (node_id, baseline) if promoted else (baseline, node_id)
+        following = [batches[t + 2]["id"]]
+        chosen_metric, label = self._evaluate_node(chosen, following)
+        other_metric, _ = self._evaluate_node(other, following)
+        return {"batch": following[0], "label": label, "chosen": chosen, "other": other,
+                "chosen_metric": chosen_metric, "other_metric": other_metric, "gain": chosen_metric - other_metric}
 
     def _stack_of(self, adapter_id: int) -> int | None:
         """The stack node an update registered together with its adapter, if any."""
@@ -215,14 +234,17 @@ class Demo:
                 return child.id
         return None
 
-    def _evaluate_node(self, node_id: int, eval_batches: list[str]) -> float:
+    def _evaluate_node(self, node_id: int, eval_batches: list[str]) -> tuple[float, str]:
+        """(AUC, the rows it is on): the rows an update with these knobs evaluates on, so a node the
+        gate already scored on them is read back from the catalog instead of evaluated again."""
         node = self.mgr.get(node_id)
-        rows = subsample_rows(self.mgr.data.training_rows(eval_batches), self.s.eval_rows, self.s.seed + 1)
+        rows = subsample_rows(self.mgr.data.training_rows(eval_batches, templates=self.mgr.data.templates()),
+                              self.s.eval_rows, self.s.seed + 1)
         base = self.mgr.base_model(node.base_id, HeadSpec("seq_cls", 2))
         # scored as the node was trained: with its as-of prior, if it recorded one
         metrics = evaluate_node(self.mgr.workspace, base, self.mgr.tokenizer(node.base_id), get_task("ranker"), node,
                                 rows, max_length=self.s.max_length)
-        return float(metrics["auc"])
+        return float(metrics["auc"]), rows_label(rows)
 
     # -- 4. lineage --------------------------------------------------------------------------------------
     def lineage(self) -> None:
@@ -234,13 +256,16 @@ class Demo:
     def compact_and_rollback(self, batches: list[dict[str, Any]]) -> None:
         self.step("5. compact the stack by a merge, then roll production back")
         eval_batch = [batches[min(self.s.initial_weeks + self.s.updates, len(batches) - 1)]["id"]]
+        # the rows and length the updates evaluated on: the stack's figure is the one its gate recorded
         report = self.mgr.compact("production", max_depth=self.s.compact_depth, method="cat", tolerance=0.005,
-                                  eval_batches=eval_batch)
+                                  eval_batches=eval_batch, max_eval_rows=self.s.eval_rows, seed=self.s.seed,
+                                  max_length=self.s.max_length)
         self.report.compaction = report
         if report["compacted"]:
             self.say(f"stack {report['stack']} -> merged adapter {report['merged']} (cat, reconstruction error "
                      f"{report['reconstruction_error']:.2e}): {report['metric']} {report['merged_metric']:.4f} vs "
-                     f"stack {report['stack_metric']:.4f}; production {'moved' if report['moved'] else 'kept'}")
+                     f"stack {report['stack_metric']:.4f} on {report['eval_label']}; "
+                     f"production {'moved' if report['moved'] else 'kept'}")
         else:
             self.say(f"no compaction: {report['reason']}")
         history = [h for h in self.mgr.alias_history("production") if h["to_id"] is not None]
@@ -314,16 +339,23 @@ class Demo:
         (out / "lineage.mmd").write_text(self.mgr.lineage("production").to_mermaid() + "\n")
         self._plot(out / "metrics.png")
         lines = ["# adapters-mgr demo report", "", f"Data: {self.report.data_source}.", "",
-                 "| week | node | next-week metric (new) | production before | stale initial | decision |",
-                 "|---|---|---|---|---|---|"]
+                 "Each week's figures are on the same rows (named in the table); the gate decides on them, so "
+                 "the last column measures the decision on the week after, which it did not see.", "",
+                 "| week | node | next-week metric (new) | production before | stale initial | rows | decision "
+                 "| the week after: chosen vs other |",
+                 "|---|---|---|---|---|---|---|---|"]
         for w in self.report.weeks:
             prod = "-" if w["production"] is None else f"{w['production']:.4f}"
+            f = w.get("following")
+            after = "-" if not f else (f"node {f['chosen']} {f['chosen_metric']:.4f} vs node {f['other']} "
+                                       f"{f['other_metric']:.4f} ({f['gain']:+.4f}, {f['label']})")
             lines.append(f"| {w['week']} | {w['node_id']} | {w['metric']} {w['new']:.4f} | {prod} | "
-                         f"{w['stale_initial']:.4f} | {w['decision']} |")
+                         f"{w['stale_initial']:.4f} | {w['eval_rows']} | {w['decision']} | {after} |")
         if self.report.compaction.get("compacted"):
             c = self.report.compaction
             lines += ["", f"Compaction: stack {c['stack']} -> adapter {c['merged']} ({c['method']}), "
-                      f"{c['metric']} {c['merged_metric']:.4f} vs {c['stack_metric']:.4f}; moved: {c['moved']}."]
+                      f"{c['metric']} {c['merged_metric']:.4f} vs {c['stack_metric']:.4f} on {c['eval_label']}; "
+                      f"moved: {c['moved']}."]
         if self.report.rollback:
             r = self.report.rollback
             lines += ["", f"Rollback: production {r['from']} -> {r['to']}; scorer followed: {r['scorer_followed']}; "

@@ -299,14 +299,17 @@ class AdapterManager:
 
     @_logs_failures("compact")
     def compact(self, alias: str = "production", *, max_depth: int = 4, method: str = "cat",
-                target_rank: int | None = None, tolerance: float = 0.005, eval_batches: Any = None) -> dict[str, Any]:
+                target_rank: int | None = None, tolerance: float = 0.005, eval_batches: Any = None,
+                max_eval_rows: int | None = None, seed: int = 0, max_length: int = 64) -> dict[str, Any]:
         """Turn a stack deeper than ``max_depth`` into one merged adapter; move the alias to it only if
-        its evaluation is within ``tolerance`` of the stack's."""
+        its evaluation is within ``tolerance`` of the stack's. ``max_eval_rows`` / ``seed`` /
+        ``max_length`` as the updates used them give the gate's rows, and reuse its figure."""
         check_method(method, target_rank)  # before the heavy import
         from adapters_mgr.workflows.compact import compact_alias  # heavy: torch
 
         return compact_alias(self.workspace, alias, max_depth=max_depth, method=method, target_rank=target_rank,
-                             tolerance=tolerance, eval_batches=eval_batches)
+                             tolerance=tolerance, eval_batches=eval_batches, max_eval_rows=max_eval_rows,
+                             seed=seed, max_length=max_length)
 
     def scorer(self, node_or_alias: Any = None, *, ranker: Any = None, max_length: int = 64) -> Scorer:
         """A :class:`~adapters_mgr.serving.scorer.Scorer` serving this node (following it if it is an alias)."""

@@ -36,6 +36,29 @@ def test_demo_quick_report_is_consistent_with_the_catalog(tmp_path, capsys):
         gate = node.metrics.get("baseline", {})
         assert week["production"] == gate.get(week["metric"])
         assert 0.0 <= week["stale_initial"] <= 1.0
+    # one figure per node and rows: every figure names its rows; the gate's baseline next week is the
+    # demo's "the week after" figure of the node it chose (read back, not evaluated again), and the
+    # compaction's stack figure is the gate's figure of that stack on the same rows
+    weeks = figures["weeks"]
+    for week in weeks:
+        assert week["eval_rows"].endswith(f"rows of {week['eval_batch']}")
+    for week, nxt in zip(weeks, weeks[1:]):
+        after = week["following"]
+        assert after is not None and after["batch"] == nxt["eval_batch"]
+        assert after["chosen"] == (week["node_id"] if week["decision"] == "promote" else
+                                   mgr.get(week["node_id"]).metrics["baseline"]["node_id"])
+        assert nxt["production"] == after["chosen_metric"]
+        assert after["gain"] == after["chosen_metric"] - after["other_metric"]
+    compaction = figures["compaction"]
+    if compaction.get("compacted"):
+        last = weeks[-1]
+        assert compaction["eval_batches"] == [last["eval_batch"]]
+        assert compaction["eval_label"] == last["eval_rows"]
+        assert compaction["stack_metric"] == (last["new"] if last["decision"] == "promote" else last["production"])
+    twice = mgr.catalog.query("SELECT node_id, examples_sha, max_length, count(*) AS n FROM evaluations "
+                              "GROUP BY ALL HAVING n > 1")
+    assert twice == [] and mgr.catalog.query("SELECT count(*) AS n FROM evaluations")[0]["n"] >= 6
+    assert "the week after" in (report_dir / "summary.md").read_text()
     assert figures["rollback"]["scorer_followed"] is True and figures["rollback"]["outputs_equal"] is True
     recs = figures["recommendations"]
     assert recs["after"]["node_id"] == mgr.alias_target("retrieval") == recs["retriever_update"]

@@ -411,3 +411,29 @@ def d003_bad_lines_and_late_rows(con: duckdb.DuckDBPyConnection) -> None:
         ALTER TABLE data_source_files ADD COLUMN rows_before BIGINT;
         """
     )
+
+
+@migration
+def m004_evaluations(con: duckdb.DuckDBPyConnection) -> None:
+    """A node's metrics on a set of eval examples, computed once and reused.
+
+    Why: the promotion gate, compaction and the demo each evaluated the same node on the same batch
+    again, on other subsamples or token lengths, and printed different figures for the same thing.
+    A node is immutable, so its figures on the same examples (digest of the rows as scored, prior
+    offsets included) at the same ``max_length`` never change: the first evaluation is recorded here
+    and every later one reads it. ``rows`` and ``batch_ids`` label the figure where it is shown.
+    """
+    con.execute(
+        """
+        CREATE TABLE IF NOT EXISTS evaluations (
+            node_id INTEGER NOT NULL,
+            examples_sha VARCHAR NOT NULL,
+            max_length INTEGER NOT NULL,
+            batch_ids JSON,
+            rows INTEGER NOT NULL,
+            metrics JSON NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (node_id, examples_sha, max_length)
+        )
+        """
+    )

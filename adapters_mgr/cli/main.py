@@ -579,11 +579,15 @@ def compact(
     target_rank: Annotated[int | None, typer.Option(min=1, help="Rank for svd.")] = None,
     tolerance: Annotated[float, typer.Option(help="Allowed drop of the primary metric to move the alias.")] = 0.005,
     eval_batch: Annotated[list[str] | None, typer.Option(help="Batches to evaluate on.")] = None,
+    max_eval_rows: Annotated[int | None, typer.Option(min=1, help="Subsample eval rows (as train did).")] = None,
+    seed: Annotated[int, typer.Option(help="Subsample seed (as train's --seed).")] = 0,
+    max_length: Annotated[int, typer.Option(min=8, help="Max tokens per text pair.")] = 64,
     json_out: JsonOpt = False,
 ) -> None:
     """Merge a deep stack into one adapter; move the alias only if it evaluates within tolerance."""
     report = _mgr(ctx).compact(alias, max_depth=max_depth, method=method, target_rank=target_rank,
-                               tolerance=tolerance, eval_batches=eval_batch or None)
+                               tolerance=tolerance, eval_batches=eval_batch or None, max_eval_rows=max_eval_rows,
+                               seed=seed, max_length=max_length)
     if json_out:
         print_json(report)
     elif not report["compacted"]:
@@ -591,7 +595,7 @@ def compact(
     else:
         verdict = f"{alias} moved to {report['merged']}" if report["moved"] else f"{alias} kept on {report['stack']}"
         say(f"compacted stack {report['stack']} into adapter {report['merged']}: {report['metric']} "
-             f"{fmt(report['merged_metric'])} vs {fmt(report['stack_metric'])}; {verdict}")
+             f"{fmt(report['merged_metric'])} vs {fmt(report['stack_metric'])} on {report['eval_label']}; {verdict}")
 
 
 @app.command()

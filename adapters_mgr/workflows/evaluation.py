@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from adapters_mgr.catalog import evaluations
 from adapters_mgr.catalog.records import Adapter
 from adapters_mgr.data.popularity import PopularityRecipe
 from adapters_mgr.data.prior import PriorRecipe
@@ -89,20 +90,44 @@ def with_prior(ws: Workspace, rows: list[dict[str, Any]], recipe: PriorRecipe) -
     return [{**r, OFFSET_COLUMN: float(v)} for r, v in zip(rows, logits, strict=True)]
 
 
-def evaluate_node(ws: Workspace, base_model: Any, tokenizer: Any, task: Task, node: Adapter, examples: Any, *,
-                  max_length: int = 64) -> dict[str, float]:
-    """Metrics of a catalog node (an adapter, or a stack in its own mode) on ``examples``, scored
-    with the node's own prior (so a gate compares an old node without it fairly to a new one with it)."""
+def node_examples(ws: Workspace, task: Task, node: Adapter, examples: Any) -> tuple[Task, Any, Any, str]:
+    """(task recipe, examples as the node scores them, member folders, mode): the node's own prior
+    offsets added to ranker rows, its popularity counts to retriever examples."""
     members, mode = ws.members(node)
     if task.name == "retriever":  # the node's own popularity term and learned weights (none: the cosine)
         pop = ws.popularity_recipe([m for m, _ in members])
-        return evaluate_adapters(base_model, tokenizer, retriever_task(pop), ws.member_folders(members),
-                                 with_eval_popularity(ws, examples, pop), mode, max_length=max_length)
+        return retriever_task(pop), with_eval_popularity(ws, examples, pop), ws.member_folders(members), mode
     recipe = ws.prior_recipe([m for m, _ in members])
     if task.name == "ranker" and recipe.used:
         examples = with_prior(ws, list(examples), recipe)
-    return evaluate_adapters(base_model, tokenizer, task_with_prior(task.name, recipe), ws.member_folders(members),
-                             examples, mode, max_length=max_length)
+    return task_with_prior(task.name, recipe), examples, ws.member_folders(members), mode
+
+
+def evaluate_node(ws: Workspace, base_model: Any, tokenizer: Any, task: Task, node: Adapter, examples: Any, *,
+                  max_length: int = 64) -> dict[str, float]:
+    """Metrics of a catalog node (an adapter, or a stack in its own mode) on ``examples``, scored
+    with the node's own prior (so a gate compares an old node without it fairly to a new one with it).
+    Computed once per node and examples: a figure recorded earlier is returned as it was."""
+    scored_task, scored, folders, mode = node_examples(ws, task, node, examples)
+    key = evaluations.examples_key(scored)
+    with ws.catalog.connect() as con:
+        known = evaluations.lookup(con, node.id, key, max_length)
+    if known is not None:
+        return known
+    metrics = evaluate_adapters(base_model, tokenizer, scored_task, folders, scored, mode, max_length=max_length)
+    remember(ws, node.id, scored, max_length, metrics)
+    return metrics
+
+
+def remember(ws: Workspace, node_id: int, scored: Any, max_length: int, metrics: dict[str, Any]) -> None:
+    """Record ``metrics`` as node ``node_id``'s figures on the examples it was scored on."""
+    with ws.catalog.transaction() as con:
+        evaluations.record(con, node_id, evaluations.examples_key(scored), max_length, metrics)
+
+
+def rows_label(examples: Any) -> str:
+    """``500 rows of b000021``: what a figure on ``examples`` was computed on."""
+    return evaluations.examples_key(examples).label()
 
 
 def with_primary(metrics: dict[str, Any], task: Task, baseline: dict[str, Any] | None = None) -> dict[str, Any]:

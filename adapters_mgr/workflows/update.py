@@ -41,6 +41,7 @@ import torch
 import transformers
 
 from adapters_mgr.catalog import aliases, nodes
+from adapters_mgr.catalog.evaluations import examples_key
 from adapters_mgr.catalog.nodes import ParentSpec
 from adapters_mgr.catalog.records import Adapter, check_alias, check_name
 from adapters_mgr.catalog.sql import log_event, to_json
@@ -64,7 +65,10 @@ from adapters_mgr.workflows.evaluation import (
     eval_examples,
     evaluate_node,
     gate_decision,
+    node_examples,
+    remember,
     retriever_task,
+    rows_label,
     task_with_prior,
     with_eval_popularity,
     with_popularity,
@@ -440,6 +444,16 @@ def finish_training(plan: UpdatePlan, eval_set: Any, result: TrainResult, out: P
         result.release()
 
 
+def remember_trained(ws: Workspace, plan: UpdatePlan, rows: UpdateRows, node_id: int,
+                     metrics: dict[str, Any]) -> None:
+    """Record the new node's figures on its eval examples, so the next gate (its baseline), a
+    compaction or a report reads them instead of evaluating again; only when the node, scored on
+    its own, sees exactly these examples (same prior offsets and popularity counts)."""
+    _, scored, _, _ = node_examples(ws, plan.task, ws.get(node_id), rows.examples)
+    if examples_key(scored) == examples_key(rows.examples):
+        remember(ws, node_id, scored, plan.cfg.max_length, metrics)
+
+
 # -- 4. gate ------------------------------------------------------------------------------------------
 def gate_step(ws: Workspace, plan: UpdatePlan, rows: UpdateRows, metrics: dict[str, Any]) -> Gate:
     """The alias's current target, evaluated on the same examples when it is comparable, and the decision."""
@@ -568,6 +582,7 @@ def run_update(ws: Workspace, batches: Any, cfg: UpdateConfig, *, parent: Any = 
             maybe_crash("train:trained")
             gate = gate_step(ws, plan, rows, trained.metrics)
             node_id, adapter_id = register_step(ws, plan, rows, trained, gate, parent)
+            remember_trained(ws, plan, rows, node_id, trained.metrics)
         except Exception as exc:
             _tell_failure(team, exc)
             raise
@@ -583,7 +598,7 @@ def run_update(ws: Workspace, batches: Any, cfg: UpdateConfig, *, parent: Any = 
         decision=gate.decision, promoted=promoted, train_batches=plan.train_ids, eval_batches=plan.eval_ids,
         wall_s=time.perf_counter() - started,
         extra={"replay_batches": rows.replay_ids, "train_rows": len(rows.train),
-               "samples_per_s": trained.hyperparameters["samples_per_s"],
+               "eval_label": rows_label(rows.examples), "samples_per_s": trained.hyperparameters["samples_per_s"],
                **({"processes": team.size} if team.size > 1 else {})},
     )
     _quietly(team.share, ("done", update))  # registered: a peer gone by now changes nothing
