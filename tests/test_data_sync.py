@@ -560,3 +560,23 @@ def test_the_data_calls_are_on_the_manager_too(tmp_path):
     assert a == mgr.replay_sample([ids[0]], ratio=1.0, seed=3) and len(a) == 1
     with pytest.raises(NotFound):
         mgr.batch("b999999")
+
+
+def test_a_glob_that_matches_nothing_is_said_from_the_python_api(api, tmp_path):
+    """Accepted (a folder may fill later) but never silent: a warning at add and at each sync."""
+    from adapters_mgr.data.api import NoFilesMatched
+
+    pattern = str(tmp_path / "landing" / "*.csv")
+    with pytest.warns(NoFilesMatched, match="no file matches"):
+        src = api.add_source("landing", pattern, format="csv")
+    assert src["files_matched"] == 0
+    with pytest.warns(NoFilesMatched, match="landing.*0 files matched"):
+        assert api.sync() == []
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "landing" / "a.csv").write_text("user_id,item_id,rating,ts\nu1,i1,5,2024-01-01T00:00:00Z\n")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoFilesMatched)  # a glob that matches now says nothing
+        assert len(api.sync()) == 1
+        assert api.add_source("landing", pattern, format="csv")["files_matched"] == 1

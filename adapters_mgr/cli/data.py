@@ -7,6 +7,7 @@ an exit code. The API comes from ``ctx.obj.manager().data`` (``ctx.obj`` is the 
 from __future__ import annotations
 
 import json
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +25,7 @@ from adapters_mgr.cli.render import (
     table_fetch_limit,
 )
 from adapters_mgr.data import movielens
-from adapters_mgr.data.api import check_limit
+from adapters_mgr.data.api import NoFilesMatched, check_limit
 from adapters_mgr.data.sources import list_files
 from adapters_mgr.data.texts import DEFAULT_TEMPLATES
 from adapters_mgr.errors import InvalidInput
@@ -84,15 +85,17 @@ def add_source_cmd(
     rr = None
     if rating_min is not None or rating_max is not None:
         rr = (1.0 if rating_min is None else rating_min, 5.0 if rating_max is None else rating_max)
-    src = _api(ctx).add_source(
-        name, uri, kind=kind, format=format, mapping=parse_json_option(mapping, "--mapping", MAPPING_EXAMPLE),
-        ts_format=ts_format, read=parse_json_option(read, "--read", READ_EXAMPLE), label_threshold=label_threshold,
-        rating_range=rr, max_events_per_minute=max_events_per_minute,
-        list_attrs=parse_json_option(list_attrs, "--list-attrs", LIST_ATTRS_EXAMPLE), replace=replace,
-    )
-    matched = len(list_files(src["uri"]))
+    with warnings.catch_warnings():  # said below, in the CLI's words
+        warnings.simplefilter("ignore", NoFilesMatched)
+        src = _api(ctx).add_source(
+            name, uri, kind=kind, format=format, mapping=parse_json_option(mapping, "--mapping", MAPPING_EXAMPLE),
+            ts_format=ts_format, read=parse_json_option(read, "--read", READ_EXAMPLE),
+            label_threshold=label_threshold, rating_range=rr, max_events_per_minute=max_events_per_minute,
+            list_attrs=parse_json_option(list_attrs, "--list-attrs", LIST_ATTRS_EXAMPLE), replace=replace,
+        )
+    matched = src["files_matched"]
     if as_json:
-        print_json({**src, "files_matched": matched})
+        print_json(src)
         return
     console.print(f"source [bold]{src['name']}[/bold] ({src['kind']}, {src['format']}) -> {src['mapping']}")
     if not matched:
@@ -113,7 +116,8 @@ def sync_cmd(
 ) -> None:
     """Take in what is new in each source as immutable batches (nothing new: no batch)."""
     api = _api(ctx)
-    with console.status("syncing") as status:
+    with console.status("syncing") as status, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoFilesMatched)  # said below, in the CLI's words
         ids = api.sync(sources=source or None, window=window, dedup_tolerance=dedup_tolerance,
                        progress=lambda m: status.update(m))
     rows = [api.batch(i) for i in ids]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,14 @@ from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.sql import fetch_dicts, from_json
 from adapters_mgr.data import digest, popularity, prior, registry, sampling, texts
 from adapters_mgr.data.classify import RULES
+from adapters_mgr.data.sources import list_files
 from adapters_mgr.data.sync import run_sync
 from adapters_mgr.errors import IntegrityError, InvalidInput, NotFound
+
+
+class NoFilesMatched(UserWarning):
+    """A source's path or glob matches no file (yet): accepted, since a folder may fill later, but
+    said, so a typo in a glob does not pass for an empty source. The CLI says it in its own words."""
 
 _BATCH_JSON = ("sources", "quarantined_by_rule", "duplicates_by_kind")
 BATCH_COLUMNS = (
@@ -100,7 +107,12 @@ class DataAPI:
                 con, name, str(uri), format=format, mapping=mapping, ts_format=ts_format, kind=kind,
                 priority=priority, replace=replace, options=options,
             )
-        return src.to_dict()
+        out = src.to_dict()
+        out["files_matched"] = len(list_files(out["uri"]))
+        if not out["files_matched"]:
+            warnings.warn(f"source {name!r}: no file matches {out['uri']!r} yet; a sync reads the files that "
+                          "appear there later", NoFilesMatched, stacklevel=2)
+        return out
 
     def remove_source(self, name: str) -> None:
         with self.catalog.transaction() as con:
@@ -132,8 +144,13 @@ class DataAPI:
         """Take in what is new since each source's watermark; return the new batch ids (maybe none)."""
         if isinstance(sources, str):
             sources = [sources]
-        return run_sync(self.catalog, sources=sources, window=window, dedup_tolerance=dedup_tolerance,
-                        progress=progress)
+        ids = run_sync(self.catalog, sources=sources, window=window, dedup_tolerance=dedup_tolerance,
+                       progress=progress)
+        for src in self.sources():
+            if (not sources or src["name"] in sources) and not list_files(src["uri"]):
+                warnings.warn(f"source {src['name']!r}: 0 files matched {src['uri']!r}", NoFilesMatched,
+                              stacklevel=2)
+        return ids
 
     def batches(self) -> list[dict[str, Any]]:
         with self.catalog.connect() as con:
