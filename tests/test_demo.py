@@ -42,7 +42,7 @@ def test_demo_quick_report_is_consistent_with_the_catalog(tmp_path, capsys):
     weeks = figures["weeks"]
     for week in weeks:
         assert week["eval_rows"].endswith(f"rows of {week['eval_batch']}")
-    for week, nxt in zip(weeks, weeks[1:]):
+    for week, nxt in zip(weeks, weeks[1:], strict=False):
         after = week["following"]
         assert after is not None and after["batch"] == nxt["eval_batch"]
         assert after["chosen"] == (week["node_id"] if week["decision"] == "promote" else

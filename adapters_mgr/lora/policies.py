@@ -196,6 +196,15 @@ def plan(
         got = getattr(config.task_type, "value", config.task_type)
         if got != want_type:
             raise InvalidInput(f"parent {parent.source} is a {got} adapter but task {task.name!r} needs {want_type}")
+    if rules.makes_stack_node:  # the node folds every member: each must touch the same modules and layers
+        mine = settings or LoraSettings()
+        for parent, config in zip(items, configs, strict=True):
+            theirs = LoraSettings.from_peft_config(config)
+            if (sorted(theirs.target_modules), theirs.layers) != (sorted(mine.target_modules), mine.layers):
+                raise InvalidInput(
+                    f"a stack combines adapters on the same LoRA modules and layers: parent {parent.source} has "
+                    f"{list(theirs.target_modules)} on {_layers(theirs)}, the new adapter "
+                    f"{list(mine.target_modules)} on {_layers(mine)}; train it with the parent's (e.g. top_layers)")
     if rules.inherits_shape:
         inherited = LoraSettings.from_peft_config(configs[0])
         if settings is not None and not settings.same_shape(inherited):
@@ -206,6 +215,10 @@ def plan(
             )
         settings = inherited if settings is None else settings
     return Plan(rules, items, settings or LoraSettings(), float(new_weight), mode, adapter_name)
+
+
+def _layers(settings: LoraSettings) -> str:
+    return "every layer" if settings.layers is None else f"layers {list(settings.layers)}"
 
 
 @known_warnings_silenced()  # get_peft_model trips a transformers deprecation (see lora/quiet.py)

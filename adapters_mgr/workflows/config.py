@@ -39,6 +39,8 @@ class UpdateConfig:
     alpha: float = knob(16.0, "LoRA alpha (the delta is scaled by alpha / rank).")
     dropout: float = knob(0.05, "LoRA dropout.", min=0.0)
     target_modules: tuple[str, ...] = knob(("query", "value"), "Modules that get a LoRA (comma-separated).")
+    top_layers: int | None = knob(None, "LoRA on the top N encoder layers only (none: all): trains faster, the "
+                                        "backward pass stops there.", min=1)
     epochs: int = knob(1, "Passes over the training rows.", min=1)
     lr: float = knob(5e-4, "Learning rate.")
     warmup_ratio: float = knob(0.0, "Fraction of steps with a linear lr warm-up (0 = none).", min=0.0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import platform
 import shutil
 import tempfile
@@ -118,6 +119,7 @@ class UpdatePlan:
     tolerance: float = 0.0
     prior: PriorRecipe = NO_PRIOR  # the as-of prior the new adapter scores on top of (recorded with it)
     popularity: PopularityRecipe = NO_POPULARITY  # retriever: the popularity term, with its starting weights
+    lora_layers: tuple[int, ...] | None = None  # ``top_layers`` as the base's layer indices (None: all)
 
     @property
     def seq(self) -> dict[str, int]:
@@ -128,7 +130,8 @@ class UpdatePlan:
         if self.policy.inherits_shape:
             return None
         cfg = self.cfg
-        return LoraSettings(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=tuple(cfg.target_modules))
+        return LoraSettings(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=tuple(cfg.target_modules),
+                            layers=self.lora_layers)
 
 
 @dataclass
@@ -216,7 +219,7 @@ def check_config(cfg: UpdateConfig) -> tuple[Task, Policy]:
     if cfg.replay_ratio < 0:
         raise InvalidInput(f"replay_ratio must be >= 0, got {cfg.replay_ratio!r}")
     policy.check(mode=cfg.mode)
-    for knob in ("max_train_rows", "max_eval_rows"):
+    for knob in ("max_train_rows", "max_eval_rows", "top_layers"):
         value = getattr(cfg, knob)
         if value is not None and value <= 0:
             raise InvalidInput(f"{knob} must be positive, got {value!r}")
@@ -353,7 +356,20 @@ def plan_update(ws: Workspace, batches: Any, cfg: UpdateConfig, *, parent: Any =
     cfg = dataclasses.replace(cfg, prior=recipe.kind, popularity=pop.kind)
     task = retriever_task(pop) if cfg.task == "retriever" else task_with_prior(cfg.task, recipe)
     return UpdatePlan(cfg, policy, task, name, base_id, parent_node, members, train_ids,
-                      eval_ids, all_batches, promote, alias, tolerance, recipe, pop)
+                      eval_ids, all_batches, promote, alias, tolerance, recipe, pop, top_layers(ws, cfg, base_id))
+
+
+def top_layers(ws: Workspace, cfg: UpdateConfig, base_id: str) -> tuple[int, ...] | None:
+    """``cfg.top_layers`` as layer indices of this base (its recorded config says how many it has)."""
+    if cfg.top_layers is None:
+        return None
+    config = ws.base(base_id).get("config") or {}
+    if isinstance(config, str):
+        config = json.loads(config)
+    total = config.get("num_hidden_layers")
+    if not isinstance(total, int):
+        raise InvalidInput(f"base {base_id} records no num_hidden_layers; top_layers cannot be resolved")
+    return LoraSettings.top(cfg.top_layers, total)
 
 
 # -- 2. rows ------------------------------------------------------------------------------------------
@@ -661,7 +677,7 @@ def reproduce(ws: Workspace, ref: Any, *, progress: bool = False) -> dict[str, A
             stack_node = ws.get(stack_edges[0].child_id)
             members = [(m, w) for m, w in ws.members(stack_node)[0] if m.id != node.id]
     plan = UpdatePlan(cfg, policy, task, node.name, node.base_id, None, members, train_ids, [], ws.data.batches(),
-                      prior=recipe, popularity=pop)
+                      prior=recipe, popularity=pop, lora_layers=top_layers(ws, cfg, node.base_id))
     # adapters registered before templates were recorded: the catalog's current templates
     templates = hp.get("templates") or ws.data.templates()
     rows = subsample_rows(ws.data.training_rows(train_ids, templates=templates), cfg.max_train_rows, cfg.seed)
