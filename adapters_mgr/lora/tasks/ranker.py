@@ -32,6 +32,7 @@ from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora import metrics
 from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.examples import Interactions, as_interactions
+from adapters_mgr.lora.pretokenise import Pretokenised
 from adapters_mgr.lora.tasks.base import Task, register_task
 
 PRIORS = ("none", "bias")
@@ -84,11 +85,10 @@ class RankerTask(Task):
 
     def collate(self, data: Interactions, tokenizer: Any, max_length: int) -> Callable[[list[int]], dict[str, Any]]:
         offsets = self._offsets(data, "ranker training examples")
+        encoded = Pretokenised(tokenizer, data.user_texts, data.item_texts, max_length)  # once, every epoch reuses
 
         def collate_fn(index: list[int]) -> dict[str, Any]:
-            batch = tokenize_pairs(
-                tokenizer, [data.user_texts[i] for i in index], [data.item_texts[i] for i in index], max_length
-            )
+            batch: dict[str, Any] = encoded.batch(index)
             batch["labels"] = torch.as_tensor(data.labels[index], dtype=torch.long)
             if offsets is not None:
                 batch["offsets"] = torch.as_tensor(offsets[index], dtype=torch.float32)

@@ -56,6 +56,7 @@ from adapters_mgr.lora.examples import (
     as_retrieval_eval,
     positives,
 )
+from adapters_mgr.lora.pretokenise import Pretokenised
 from adapters_mgr.lora.tasks.base import Task, register_task
 
 RECORD_KEY = "popularity_recipe"  # = adapters_mgr.data.popularity.RECORD_KEY (lora does not import data)
@@ -170,10 +171,13 @@ class RetrieverTask(Task):
             # log of each row's item's share of the training rows: its in-batch sampling probability
             logq = np.log(item_freq[item_idx.reshape(-1)] / len(data)) if self.logq else np.zeros(len(data))
 
+        # users then items, tokenised once (every epoch reuses them); row i's item is row n + i
+        n = len(data)
+        encoded = Pretokenised(tokenizer, [*data.user_texts, *data.item_texts], None, max_length)
+
         def collate_fn(index: list[int]) -> dict[str, Any]:
             # one forward over users + items: keeps DDP happy (each parameter used once per step)
-            texts = [data.user_texts[i] for i in index] + [data.item_texts[i] for i in index]
-            batch = dict(tokenize_texts(tokenizer, texts, max_length))
+            batch: dict[str, Any] = encoded.batch([*index, *(n + i for i in index)])
             batch["user_idx"] = torch.as_tensor(user_idx.reshape(-1)[index], dtype=torch.long)
             batch["item_idx"] = torch.as_tensor(item_idx.reshape(-1)[index], dtype=torch.long)
             if pop is not None:
