@@ -148,3 +148,20 @@ def test_item_and_user_text_use_the_attributes_valid_at_the_event(api, tmp_path)
     assert "New Title" in after["item_text"] and "Horror" in after["item_text"]
     assert "student" in before["user_text"] and "doctor" not in before["user_text"]
     assert "doctor" in after["user_text"]
+
+
+def test_recently_disliked_titles_are_as_of_the_event(api, tmp_path):
+    """``{recent_disliked}``: the user's last 5 negatively rated titles strictly before the event,
+    newest first; the training rows and the point-in-time API agree."""
+    _small_log(api, tmp_path)
+    (tmp_path / "ev2.csv").write_text("user_id,item_id,rating,ts\nu1,i1,2,6000\nu1,i2,5,7000\n")
+    api.add_source("ev2", tmp_path / "ev2.csv", ts_format="epoch_s")
+    api.set_template("user", "liked: {recent_items} | disliked: {recent_disliked}")
+    ids = api.sync(window="1d")
+    rows = {(r["user_id"], r["item_id"], r["ts"].timestamp()): r for r in api.training_rows(ids)}
+    assert rows[("u1", "i2", 3000)]["user_text"] == "liked: Alpha | disliked: none yet"
+    assert rows[("u1", "i1", 6000)]["user_text"] == "liked: Beta; Alpha | disliked: Gamma"   # i3 at 4000
+    last = rows[("u1", "i2", 7000)]
+    assert last["user_text"] == "liked: Beta; Alpha | disliked: Alpha; Gamma"          # i1 again at 6000
+    assert api.user_text("u1", last["ts"]) == last["user_text"]
+    assert rows[("u2", "i2", 5000)]["user_text"] == "liked: none yet | disliked: Alpha"

@@ -13,7 +13,8 @@ Template fields (Python ``str.format`` syntax; missing values render as 'unknown
   before), ``item_mean``, ``item_events`` (interactions before), ``item_stats`` (a ready phrase);
 - user: ``user_id``, every user attribute (age, gender, occupation, zip_code), ``user_count``,
   ``user_mean``, ``user_events``, ``user_stats``, ``recent_items`` (titles of the last 5 items the
-  user rated positively), ``genre_affinity`` (top 3 genres by count, with mean rating).
+  user rated positively), ``recent_disliked`` (the last 5 rated negatively), ``genre_affinity``
+  (top 3 genres by count, with mean rating).
 """
 
 from __future__ import annotations
@@ -191,7 +192,9 @@ def training_rows(
         user_fields.update(user_id=r["user_id"], user_count=_value(r["user_n"]), user_mean=_value(r["user_mean"]),
                            user_events=_value(r["user_events"]),
                            user_stats=_phrase_user(r["user_n"], r["user_mean"], r["user_events"]),
-                           recent_items=r["recent_items"] or "none yet", genre_affinity=r["affinity"] or "none yet")
+                           recent_items=r["recent_items"] or "none yet",
+                           recent_disliked=r["recent_disliked"] or "none yet",
+                           genre_affinity=r["affinity"] or "none yet")
         out.append({"batch_id": r["batch_id"], "user_id": r["user_id"], "item_id": r["item_id"], "ts": r["ts"],
                     "rating": r["rating"], "label": int(r["label"]), "source": r["source"],
                     "user_text": user_tpl.format_map(user_fields).strip(),
@@ -255,11 +258,12 @@ def _window_stats(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> list[
         f"""
         CREATE OR REPLACE TEMP TABLE _w AS
         WITH ug AS (
-            SELECT user_id, t, {stats}, count(*) FILTER (WHERE real AND label = 1) AS pos{g_agg}
+            SELECT user_id, t, {stats}, count(*) FILTER (WHERE real AND label = 1) AS pos,
+                   count(*) FILTER (WHERE real AND label = 0) AS neg{g_agg}
             FROM _h GROUP BY user_id, t),
         uc AS (
             SELECT user_id, t, {before('n', 'wu')} AS n, {before('s', 'wu')} AS s, {before('e', 'wu')} AS e,
-                   {before('pos', 'wu')} AS pos{g_cum}
+                   {before('pos', 'wu')} AS pos, {before('neg', 'wu')} AS neg{g_cum}
             FROM ug WINDOW wu AS (PARTITION BY user_id ORDER BY t)),
         ig AS (SELECT item_id, t, {stats} FROM _h GROUP BY item_id, t),
         ic AS (
@@ -268,7 +272,7 @@ def _window_stats(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> list[
         SELECT h.rid, h.probe,
             i.n AS item_n, CASE WHEN i.n > 0 THEN i.s / i.n END AS item_mean, i.e AS item_events,
             u.n AS user_n, CASE WHEN u.n > 0 THEN u.s / u.n END AS user_mean, u.e AS user_events,
-            u.pos AS user_pos{g_out}
+            u.pos AS user_pos, u.neg AS user_neg{g_out}
         FROM _h h JOIN uc u ON u.user_id = h.user_id AND u.t = h.t JOIN ic i ON i.item_id = h.item_id AND i.t = h.t
         """
     )
@@ -282,6 +286,14 @@ def _window_stats(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> list[
         FROM _h WHERE real AND label = 1
         """
     )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _negs AS
+        SELECT user_id, {_title('item_attrs', 'item_id')} AS title,
+               row_number() OVER (PARTITION BY user_id ORDER BY t, item_id) AS nidx
+        FROM _h WHERE real AND label = 0
+        """
+    )
     cur = con.execute(
         f"""
         WITH p AS (SELECT h.*, w.* EXCLUDE (rid, probe), {affinity} AS affinity
@@ -290,12 +302,17 @@ def _window_stats(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> list[
             SELECT p.rid, string_agg(pos.title, '; ' ORDER BY pos.pidx DESC) AS recent_items
             FROM p JOIN _pos pos ON pos.user_id = p.user_id
                  AND pos.pidx BETWEEN p.user_pos - {RECENT_K - 1} AND p.user_pos
+            GROUP BY p.rid),
+        recent_neg AS (
+            SELECT p.rid, string_agg(n.title, '; ' ORDER BY n.nidx DESC) AS recent_disliked
+            FROM p JOIN _negs n ON n.user_id = p.user_id
+                 AND n.nidx BETWEEN p.user_neg - {RECENT_K - 1} AND p.user_neg
             GROUP BY p.rid)
         SELECT p.batch_id, p.user_id, p.item_id, p.ts, p.rating, p.label, p.source,
                CAST(p.item_attrs AS VARCHAR) AS item_attrs, CAST(p.user_attrs AS VARCHAR) AS user_attrs,
                p.item_n, p.item_mean, p.item_events, p.user_n, p.user_mean, p.user_events,
-               recent.recent_items, p.affinity
-        FROM p LEFT JOIN recent USING (rid)
+               recent.recent_items, recent_neg.recent_disliked, p.affinity
+        FROM p LEFT JOIN recent USING (rid) LEFT JOIN recent_neg USING (rid)
         ORDER BY p.ts, p.user_id, p.item_id, p.real DESC, p.source
         """
     )
@@ -366,7 +383,9 @@ def user_texts(
                            WHERE {vf} GROUP BY 1),
             st AS (SELECT user_id, count(rating) AS n, avg(rating) AS mean, count(*) AS events,
                           list({_title('item_attrs', 'item_id')} ORDER BY t DESC, item_id DESC)
-                              FILTER (WHERE label = 1) AS liked
+                              FILTER (WHERE label = 1) AS liked,
+                          list({_title('item_attrs', 'item_id')} ORDER BY t DESC, item_id DESC)
+                              FILTER (WHERE label = 0) AS disliked
                    FROM _uh GROUP BY 1),
             gx AS (SELECT user_id, g, CAST(count(*) AS BIGINT) AS c, avg(rating) AS m
                    FROM (SELECT user_id, rating, unnest({_genres_expr('item_attrs')}) AS g FROM _uh)
@@ -374,16 +393,18 @@ def user_texts(
             aff AS (SELECT user_id, {affinity_sql('list(struct_pack(c := c, g := g, m := m))')} AS affinity
                     FROM gx GROUP BY 1)
             SELECT u.user_id, attrs.attrs, coalesce(st.n, 0), st.mean, coalesce(st.events, 0),
-                   array_to_string(list_slice(st.liked, 1, {RECENT_K}), '; '), aff.affinity
+                   array_to_string(list_slice(st.liked, 1, {RECENT_K}), '; '),
+                   array_to_string(list_slice(st.disliked, 1, {RECENT_K}), '; '), aff.affinity
             FROM _uids u LEFT JOIN attrs USING (user_id) LEFT JOIN st USING (user_id) LEFT JOIN aff USING (user_id)
             """,
             [as_of] if as_of is not None else [],
         ).fetchall()
     out = {}
-    for user_id, attrs, n, mean, events, recent, affinity in rows:
+    for user_id, attrs, n, mean, events, recent, disliked, affinity in rows:
         fields = {**(json.loads(attrs) if attrs else {}), "user_id": user_id, "user_count": int(n), "user_mean": mean,
                   "user_events": int(events), "user_stats": _phrase_user(int(n), mean, int(events)),
-                  "recent_items": recent or "none yet", "genre_affinity": affinity or "none yet"}
+                  "recent_items": recent or "none yet", "recent_disliked": disliked or "none yet",
+                  "genre_affinity": affinity or "none yet"}
         out[user_id] = render(tpl["user"], fields)
     return out
 
