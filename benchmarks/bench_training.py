@@ -86,14 +86,15 @@ class Bench:
             return tiny_base("seq_cls")
         return load_base_model(self.path, HeadSpec("seq_cls"))
 
-    def ours(self) -> float:
+    def ours(self, top_layers: int | None = None) -> float:
         """samples/s of the tool's trainer, timed by the trainer itself (the loop, not model set-up)."""
         from adapters_mgr.lora.settings import LoraSettings
         from adapters_mgr.lora.trainer import train_adapter
 
         rows = [{"user_id": str(i), "item_id": str(i), "user_text": u, "item_text": it, "label": y}
                 for i, (u, it, y) in enumerate(zip(self.users, self.items, self.labels, strict=True))]
-        result = train_adapter(self.base(), self.tokenizer, "ranker", rows, settings=LoraSettings(r=8, dropout=0.05),
+        result = train_adapter(self.base(), self.tokenizer, "ranker", rows, settings=LoraSettings(
+                                   r=8, dropout=0.05, layers=LoraSettings.top(top_layers, self.layers)),
                                batch_size=self.batch_size, max_length=self.max_length, seed=0, progress=False)
         result.release()
         return result.samples_per_s
@@ -140,6 +141,7 @@ def run(bench: Bench, rounds: int) -> dict[str, Any]:
         "raw_peft_pretokenised": lambda: bench.raw(pretokenised=True),
         "raw_peft_top2_layers": lambda: bench.raw(top_layers=2),
         "raw_peft_top1_layer": lambda: bench.raw(top_layers=1),
+        "ours_top2_layers": lambda: bench.ours(top_layers=2),
     }
     for fn in variants.values():  # warm-up: first-call costs (imports, allocator) out of the figures
         fn()

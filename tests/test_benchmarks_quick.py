@@ -17,7 +17,7 @@ def test_run_all_quick_writes_every_section(tmp_path):
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (REPO / "BENCHMARKS_quick.md").read_text()
-    for script in ("bench_catalog", "bench_concurrency", "bench_data", "bench_serving", "bench_incremental",
-                   "bench_templates"):
+    for script in ("bench_catalog", "bench_concurrency", "bench_data", "bench_serving", "bench_training",
+                   "bench_incremental", "bench_templates"):
         assert f"## {script} (ok" in report, script
     assert "## Targets" in report and ("met" in report or "MISSED" in report)
