@@ -69,7 +69,10 @@ RANKER = {
     "e_lora_retrain": "(e) LoRA retrained on all so far",
     "f_full_ft": "(f) full fine-tuning on all so far",
     "g_bias": "(g) bias model (all history)",
+    "p_prior": "(p) as-of prior alone",
 }
+SLICES = ("cold_items", "cold_users")  # fewer than COLD earlier ratings of the row's item / user
+COLD = 10
 INCREMENTAL = ("b_warm_start", "c_stack", "d_replay", "d2_long_short_ensemble", "d2_long_short_weights")
 RETRIEVER = {
     "r_stale": "BERT retriever, stale initial",
@@ -79,7 +82,8 @@ RETRIEVER = {
     "g_item_knn": "(g) item-kNN CF (all history)",
 }
 TARGETS = {"wall_vs_e": 0.10, "wall_vs_f": 0.02, "auc_margin_vs_e": 0.005, "max_trail_vs_e": 0.01,
-           "bytes_vs_base": 0.005}
+           "bytes_vs_base": 0.005, "max_below_prior": 0.002, "above_bias": 0.03, "goal_vs_prior": 0.005,
+           "goal_cold_vs_prior": 0.02}
 
 
 # -- measuring -------------------------------------------------------------------------------------------
@@ -174,6 +178,9 @@ class Bench:
         self.encoder_base = mgr.base_model(base_id, HeadSpec("encoder"))
         self.results: dict[str, dict[str, list[dict[str, Any]]]] = {"ranker": {}, "retriever": {}}
         self.checkpoint: Path | None = None
+        self.cold_rows: dict[str, list[dict[str, Any]]] = {}  # the current period's cold eval rows
+        self.eval_feats: list[dict[str, Any]] = []
+        self.logit_of: dict[int, float] = {}
         self.common = dict(base=base_id, rank=args.rank, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
                            warmup_ratio=args.warmup_ratio,
                            batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=False)
@@ -193,6 +200,8 @@ class Bench:
         n_train = int(res.extra.get("train_rows", 0))
         n_fit = n_train if side == "ranker" else int((node.metrics or {}).get("n_train", 0)) or n_train
         metrics = res.metrics
+        if side == "ranker":
+            metrics = {**metrics, **self.slice_metrics(node)}
         self.record(side, key, period, metrics=_clean(metrics), wall_s=wall, train_rows=n_train,
                     train_loop_s=(n_fit / sps) if sps else None, samples_per_s=sps, bytes=int(node.bytes or 0),
                     peak_rss_mib=peak, node_id=res.node_id, adapter_id=res.adapter_id,
@@ -210,10 +219,36 @@ class Bench:
         node = self.mgr.get(adapter_id)  # scored with its own as-of prior, as train_update's gate does
         metrics, wall, peak = measured(lambda: evaluate_node(
             self.mgr.workspace, base, self.tok, get_task(side), node, examples, max_length=self.args.max_length))
+        if side == "ranker":
+            metrics = {**metrics, **self.slice_metrics(node)}
         self.record(side, key, period, metrics=_clean(metrics), wall_s=0.0, eval_s=wall, train_rows=0, bytes=0,
                     peak_rss_mib=peak, adapter_id=adapter_id)
         primary = metrics.get("auc" if side == "ranker" else "ndcg@10")
         self.clock.log(f"t={period} {side:9s} {key:24s} {primary:.4f}  (eval only {wall:.1f}s)")
+
+    def slice_metrics(self, node: Any) -> dict[str, float]:
+        """AUC of a ranker node on the cold rows of the current eval set (read back when recorded)."""
+        from adapters_mgr.lora.tasks import get_task
+        from adapters_mgr.workflows.evaluation import evaluate_node
+
+        out: dict[str, float] = {}
+        for name, rows in self.cold_rows.items():
+            if len({r["label"] for r in rows}) == 2:
+                m = evaluate_node(self.mgr.workspace, self.ranker_base, self.tok, get_task("ranker"), node, rows,
+                                  max_length=self.args.max_length)
+                out[f"auc_{name}"] = m["auc"]
+        return out
+
+    def prepare_slices(self, t: int, ranker_rows: list[dict[str, Any]]) -> None:
+        """The as-of counts of each eval row (the prior's features, strictly before the event): cold
+        rows for the slices, and the prior's logits for the (p) strategy."""
+        feats = {(f["user_id"], f["item_id"], f["ts"]): f for f in self.mgr.data.prior_features([self.ids[t + 1]])}
+        self.eval_feats = [feats[(r["user_id"], r["item_id"], r["ts"])] for r in ranker_rows]
+        self.logit_of = {id(r): f["prior_logit"] for r, f in zip(ranker_rows, self.eval_feats, strict=True)}
+        self.cold_rows = {
+            "cold_items": [r for r, f in zip(ranker_rows, self.eval_feats, strict=True) if f["item_n"] < COLD],
+            "cold_users": [r for r, f in zip(ranker_rows, self.eval_feats, strict=True) if f["user_n"] < COLD],
+        }
 
     # -- eval sets identical to train_update's ------------------------------------------------------------
     def eval_sets(self, t: int) -> tuple[list[dict[str, Any]], Any, list[dict[str, Any]]]:
@@ -231,6 +266,11 @@ class Bench:
         return ranker_rows, retr, history
 
     # -- classical baselines ------------------------------------------------------------------------------
+    def fixed_slices(self, evaluate: Any) -> dict[str, float]:
+        """Slice AUCs of a model that is not a catalog node (``evaluate(rows)`` -> metrics)."""
+        return {f"auc_{name}": evaluate(rows)["auc"] for name, rows in self.cold_rows.items()
+                if len({r["label"] for r in rows}) == 2}
+
     def classical(self, t: int, ranker_rows: list[dict[str, Any]], retr: Any, history: list[dict[str, Any]]) -> None:
         from adapters_mgr.baselines import BiasModel, ItemKNN, evaluate_retrieval, popularity
         from adapters_mgr.lora.tasks import get_task
@@ -245,9 +285,21 @@ class Bench:
                                   [r["label"] for r in ranker_rows])
 
         metrics, wall, peak = measured(bias)
+        metrics = {**metrics, **self.fixed_slices(lambda rows: BiasModel(a.bias_reg, a.bias_reg).fit(
+            [r["user_id"] for r in history], [r["item_id"] for r in history], [r["label"] for r in history]
+        ).evaluate([r["user_id"] for r in rows], [r["item_id"] for r in rows], [r["label"] for r in rows]))}
         self.record("ranker", "g_bias", t, metrics=_clean(metrics), wall_s=wall, train_rows=len(history),
                     bytes=0, peak_rss_mib=peak)
         self.clock.log(f"t={t} ranker    g_bias                   {metrics['auc']:.4f}  {wall:6.2f}s")
+        labels = np.array([r["label"] for r in ranker_rows])
+        logit = np.array([f["prior_logit"] for f in self.eval_feats])
+        prior_m = prior_metrics(labels, logit, [r["user_id"] for r in ranker_rows])
+        prior_m.update(self.fixed_slices(lambda rows: prior_metrics(
+            np.array([r["label"] for r in rows]), np.array([self.logit_of[id(r)] for r in rows]),
+            [r["user_id"] for r in rows])))
+        self.record("ranker", "p_prior", t, metrics=_clean(prior_m), wall_s=0.0, train_rows=0, bytes=0,
+                    peak_rss_mib=0)
+        self.clock.log(f"t={t} ranker    p_prior                  {prior_m['auc']:.4f}")
         eval_set = get_task("retriever").parse_eval(retr)
         liked = [r for r in history if r["label"] == 1]
         catalog = list(eval_set.catalog)
@@ -314,6 +366,8 @@ class Bench:
                             "retrain_rows": all_rows})
             clock.log(f"period t={t}: train {train_id} ({self.batches[t]['num_rows']} rows), eval {eval_id}")
             ranker_rows, retr, history = self.eval_sets(t)
+            self.prepare_slices(t, ranker_rows)
+            periods[-1]["cold_rows"] = {k: len(v) for k, v in self.cold_rows.items()}
             periods[-1]["ranker_eval_rows"] = len(ranker_rows)
             periods[-1]["retriever_eval_users"] = len({str(r["user_id"]) for r in retr["rows"] if r["label"] == 1})
             # (a) stale
@@ -353,9 +407,18 @@ class Bench:
         return {"periods": periods, "initial": init, "results": self.results}
 
 
+def prior_metrics(labels: np.ndarray, logit: np.ndarray, users: list[Any]) -> dict[str, float]:
+    """AUC / GAUC / log-loss of the as-of prior's probabilities."""
+    from adapters_mgr.lora import metrics
+
+    prob = 1.0 / (1.0 + np.exp(-logit))
+    return {"auc": metrics.auc(labels, prob), "gauc": metrics.gauc(np.asarray(users, dtype=str), labels, prob),
+            "logloss": metrics.log_loss(labels, prob), "n_eval": len(labels)}
+
+
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     keep = ("auc", "gauc", "logloss", "recall@10", "ndcg@10", "hr@10", "n_eval", "users", "n_items", "train_loss",
-            "n_train")
+            "n_train", *(f"auc_{s}" for s in SLICES))
     return {k: (finite(v) if isinstance(v, float) else v) for k, v in metrics.items() if k in keep}
 
 
@@ -379,6 +442,7 @@ def summarise(payload: dict[str, Any]) -> dict[str, Any]:
         summary["ranker"][key] = {
             "mean_auc": mean(series(res, "ranker", key, "auc")), "mean_gauc": mean(series(res, "ranker", key, "gauc")),
             "mean_logloss": mean(series(res, "ranker", key, "logloss")),
+            **{f"mean_auc_{sl}": mean(series(res, "ranker", key, f"auc_{sl}")) for sl in SLICES},
             "mean_wall_s": mean(series(res, "ranker", key, "wall_s", False)),
             "last_wall_s": (series(res, "ranker", key, "wall_s", False) or [None])[-1],
             "last_train_loop_s": (series(res, "ranker", key, "train_loop_s", False) or [None])[-1],
@@ -450,7 +514,30 @@ def verdicts(payload: dict[str, Any], summary: dict[str, Any]) -> list[dict[str,
         n = len(stale)
         add("(b)-(d2) beat (a) every period", all(v == n for v in wins.values()),
             ", ".join(f"{k} {v}/{n}" for k, v in wins.items()))
+    prior = rk.get("p_prior", {}).get("mean_auc")
+    policies = [k for k in (*INCREMENTAL, "a_stale", "e_lora_retrain", "f_full_ft") if k in rk]
+    if prior is not None and policies:
+        gaps = {k: rk[k]["mean_auc"] - prior for k in policies}
+        add(f"floor: no policy's mean AUC below the as-of prior by more than {TARGETS['max_below_prior']}",
+            min(gaps.values()) >= -TARGETS["max_below_prior"],
+            f"prior {prior:.4f}; " + ", ".join(f"{k} {v:+.4f}" for k, v in gaps.items()))
+        best_k = max(inc, key=lambda k: rk[k]["mean_auc"] or -1) if inc else None
+        if best_k:
+            add(f"goal: best incremental beats the as-of prior by >= {TARGETS['goal_vs_prior']} mean AUC "
+                "(one seed here; the paired interval over seeds is in bench_incremental_seeds)",
+                gaps[best_k] >= TARGETS["goal_vs_prior"], f"{best_k} {gaps[best_k]:+.4f}")
+            cold = rk[best_k].get("mean_auc_cold_items")
+            prior_cold = rk["p_prior"].get("mean_auc_cold_items")
+            if cold is not None and prior_cold is not None:
+                add(f"goal: ... and by >= {TARGETS['goal_cold_vs_prior']} on cold items",
+                    cold - prior_cold >= TARGETS["goal_cold_vs_prior"],
+                    f"{best_k} {cold:.4f} vs prior {prior_cold:.4f} ({cold - prior_cold:+.4f})")
     bias = rk.get("g_bias", {}).get("mean_auc")
+    if bias is not None and policies:
+        margins = {k: rk[k]["mean_auc"] - bias for k in policies}
+        add(f"floor: every policy above the per-period bias model by >= {TARGETS['above_bias']} mean AUC",
+            min(margins.values()) >= TARGETS["above_bias"],
+            f"bias {bias:.4f}; " + ", ".join(f"{k} {v:+.4f}" for k, v in margins.items()))
     if bias is not None and inc:
         best_k = max(inc, key=lambda k: rk[k]["mean_auc"] or -1)
         add("best incremental ranker beats the bias model's mean next-week AUC", rk[best_k]["mean_auc"] > bias,
@@ -547,8 +634,14 @@ def render(payload: dict[str, Any]) -> str:
             row[f"t={e['period']}"] = fmt(e["metrics"].get("auc"))
         row["mean AUC"] = fmt(s["ranker"][key]["mean_auc"])
         row["mean GAUC"] = fmt(s["ranker"][key]["mean_gauc"])
+        for sl in SLICES:
+            row[f"mean AUC {sl.replace('_', ' ')}"] = fmt(s["ranker"][key].get(f"mean_auc_{sl}"))
         rows.append(row)
-    md.append(md_table(rows, ["strategy", *[f"t={t}" for t in ts], "mean AUC", "mean GAUC"]))
+    md.append(md_table(rows, ["strategy", *[f"t={t}" for t in ts], "mean AUC", "mean GAUC",
+                              *[f"mean AUC {sl.replace('_', ' ')}" for sl in SLICES]]))
+    md.append(f"Cold: fewer than {COLD} ratings of the row's item (user) before the event; the prior's own "
+              "features. Slice sizes per period: " + ", ".join(
+                  f"t={p['t']} {p.get('cold_rows', {})}" for p in payload["periods"]) + ".\n")
     md.append(f"Initial ranker on batch {payload['periods'][0]['train_batch']} (its own next batch): AUC "
               f"{fmt(payload['initial']['ranker'].get('auc'))}.\n")
     n_eval = payload["periods"][0].get("ranker_eval_rows") or c["eval_rows"]

@@ -67,3 +67,15 @@ def test_quick_runs_end_to_end(tmp_path: Path) -> None:
     assert any("bias model" in n for n in names) and any("(e)" in n for n in names)
     for key in bench.INCREMENTAL:
         assert 0 < data["summary"]["ranker"][key]["mean_bytes"] < data["base_bytes"]
+
+
+def test_paired_interval() -> None:
+    from benchmarks._stats import paired, t975
+
+    p = paired([0.71, 0.72, 0.73, 0.74], [0.70, 0.70, 0.70, 0.70])
+    assert math.isclose(p["mean"], 0.025) and p["wins"] == 4 and p["n"] == 4
+    half = t975(3) * p["std"] / 2
+    assert math.isclose(p["low"], 0.025 - half) and math.isclose(p["high"], 0.025 + half) and p["low"] > 0
+    assert t975(3) == 3.182 and t975(11) == 2.228 and t975(1000) == 1.96
+    noisy = paired([0.70, 0.72, 0.69], [0.71, 0.70, 0.70])
+    assert noisy["low"] < 0 < noisy["high"]

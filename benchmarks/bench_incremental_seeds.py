@@ -1,0 +1,222 @@
+"""bench_incremental over several seeds, with paired verdicts: each strategy against the as-of prior
+and the per-period bias model, per (seed, period), mean difference with a 95% t-interval.
+
+    python benchmarks/bench_incremental_seeds.py                 # seeds 0,1,2 (3 processes, 1 thread each)
+    python benchmarks/bench_incremental_seeds.py --quick         # tiny BERT + synthetic stream (CI)
+    python benchmarks/bench_incremental_seeds.py --collect       # aggregate runs already written
+
+Why: one seed moves every LoRA figure by several hundredths, while the targets are differences of a
+few thousandths. A seed changes the initial adapters, every update's rows and init, and the eval
+rows (so the pairs are (seed, period): all strategies of a pair scored the same rows). Each seed
+is a whole ``bench_incremental.py`` run in its own process, written to
+``results/incremental_seeds/seed<N>``; this script runs them (``--parallel`` at a time) and writes
+``results/bench_incremental_seeds{_quick}.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import RESULTS, machine, md_table, write_results  # noqa: E402
+from benchmarks._stats import describe, fmt_paired, paired  # noqa: E402
+from benchmarks.bench_incremental import INCREMENTAL, RANKER, RETRIEVER, SLICES, TARGETS  # noqa: E402
+
+
+def run_seeds(seeds: list[int], parallel: int, quick: bool, extra: list[str], out: Path) -> dict[int, float]:
+    """One bench_incremental process per seed, ``parallel`` at a time; returns each run's wall seconds."""
+    pending = list(seeds)
+    running: dict[int, tuple[subprocess.Popen, float]] = {}
+    walls: dict[int, float] = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            seed = pending.pop(0)
+            folder = out / f"seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_incremental.py"), "--seed", str(seed),
+                   "--out", str(folder), "--threads", "1", *(["--quick"] if quick else []), *extra]
+            log = (folder / "run.log").open("w")
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            running[seed] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),
+                             time.perf_counter())
+            print(f"seed {seed}: started ({' '.join(cmd[1:])})", flush=True)
+        time.sleep(2)
+        for seed, (proc, started) in list(running.items()):
+            if proc.poll() is not None:
+                walls[seed] = time.perf_counter() - started
+                del running[seed]
+                print(f"seed {seed}: exit {proc.returncode} after {walls[seed]:.0f} s", flush=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"seed {seed} failed; see {out / f'seed{seed}' / 'run.log'}")
+    return walls
+
+
+def load(out: Path, seeds: list[int], quick: bool) -> dict[int, dict[str, Any]]:
+    name = "bench_incremental_quick.json" if quick else "bench_incremental.json"
+    runs = {}
+    for seed in seeds:
+        path = out / f"seed{seed}" / name
+        if not path.exists():
+            raise SystemExit(f"no result for seed {seed} at {path}; run without --collect")
+        runs[seed] = json.loads(path.read_text())
+    return runs
+
+
+def per_pair(runs: dict[int, dict[str, Any]], side: str, key: str, metric: str) -> dict[tuple[int, int], float]:
+    """(seed, period) -> the strategy's figure (missing and non-finite figures left out)."""
+    out = {}
+    for seed, run in runs.items():
+        for e in run["results"][side].get(key, []):
+            value = e["metrics"].get(metric)
+            if isinstance(value, (int, float)) and value == value:
+                out[(seed, e["period"])] = float(value)
+    return out
+
+
+def compare(a: dict[tuple[int, int], float], b: dict[tuple[int, int], float]) -> dict[str, Any] | None:
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    return paired([a[k] for k in common], [b[k] for k in common])
+
+
+def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    ranker: dict[str, Any] = {}
+    for key in RANKER:
+        auc = per_pair(runs, "ranker", key, "auc")
+        if not auc:
+            continue
+        seed_means = [describe([v for (s, _), v in auc.items() if s == seed])["mean"] for seed in runs
+                      if any(s == seed for s, _ in auc)]
+        row: dict[str, Any] = {"mean_auc": describe(list(auc.values()))["mean"], "seed_means": seed_means,
+                               "seed_std": describe(seed_means)["std"]}
+        for ref in ("p_prior", "g_bias"):
+            if key != ref:
+                row[f"vs_{ref}"] = compare(auc, per_pair(runs, "ranker", ref, "auc"))
+        for sl in SLICES:
+            mine = per_pair(runs, "ranker", key, f"auc_{sl}")
+            row[f"mean_auc_{sl}"] = describe(list(mine.values()))["mean"] if mine else None
+            if key != "p_prior":
+                row[f"{sl}_vs_p_prior"] = compare(mine, per_pair(runs, "ranker", "p_prior", f"auc_{sl}"))
+        ranker[key] = row
+    retriever: dict[str, Any] = {}
+    for key in RETRIEVER:
+        ndcg = per_pair(runs, "retriever", key, "ndcg@10")
+        if not ndcg:
+            continue
+        row = {"mean_ndcg@10": describe(list(ndcg.values()))["mean"]}
+        for ref in ("g_popularity", "g_item_knn"):
+            if key != ref:
+                row[f"vs_{ref}"] = compare(ndcg, per_pair(runs, "retriever", ref, "ndcg@10"))
+        retriever[key] = row
+    return {"ranker": ranker, "retriever": retriever}
+
+
+def verdicts(agg: dict[str, Any]) -> list[dict[str, Any]]:
+    rk, rq = agg["ranker"], agg["retriever"]
+    out: list[dict[str, Any]] = []
+    policies = [k for k in rk if k not in ("p_prior", "g_bias")]
+    inc = [k for k in INCREMENTAL if k in rk]
+    if "p_prior" in rk and policies:
+        worst = min(policies, key=lambda k: rk[k]["vs_p_prior"]["mean"])
+        out.append({"target": f"floor: no policy below the as-of prior by more than {TARGETS['max_below_prior']} "
+                              "mean AUC", "met": rk[worst]["vs_p_prior"]["mean"] >= -TARGETS["max_below_prior"],
+                    "detail": f"worst {worst} {fmt_paired(rk[worst]['vs_p_prior'])}"})
+    if "g_bias" in rk and policies:
+        worst = min(policies, key=lambda k: rk[k]["vs_g_bias"]["mean"])
+        out.append({"target": f"floor: every policy above the per-period bias model by >= {TARGETS['above_bias']}",
+                    "met": rk[worst]["vs_g_bias"]["mean"] >= TARGETS["above_bias"],
+                    "detail": f"worst {worst} {fmt_paired(rk[worst]['vs_g_bias'])}"})
+    if "p_prior" in rk and inc:
+        best = max(inc, key=lambda k: rk[k]["vs_p_prior"]["mean"])
+        p = rk[best]["vs_p_prior"]
+        out.append({"target": f"goal: best incremental beats the prior by >= {TARGETS['goal_vs_prior']} mean AUC, "
+                              "95% interval above 0", "met": p["mean"] >= TARGETS["goal_vs_prior"] and p["low"] > 0,
+                    "detail": f"{best} {fmt_paired(p)}"})
+        cold = rk[best].get("cold_items_vs_p_prior")
+        if cold:
+            out.append({"target": f"goal: ... and by >= {TARGETS['goal_cold_vs_prior']} on cold items",
+                        "met": cold["mean"] >= TARGETS["goal_cold_vs_prior"],
+                        "detail": f"{best} {fmt_paired(cold)}"})
+    bert = [k for k in ("r_stale", "r_fresh", "r_warm_start") if k in rq]
+    if bert:
+        best = max(bert, key=lambda k: rq[k]["mean_ndcg@10"])
+        for ref, kind in (("g_popularity", "floor"), ("g_item_knn", "goal")):
+            p = rq[best].get(f"vs_{ref}")
+            if p:
+                out.append({"target": f"{kind}: best retriever's mean NDCG@10 >= {RETRIEVER[ref]}",
+                            "met": p["mean"] >= 0, "detail": f"{best} {fmt_paired(p)}"})
+    return out
+
+
+def render(payload: dict[str, Any]) -> str:
+    agg, runs = payload["aggregate"], payload["runs"]
+    md = [f"# Incremental benchmark over {len(payload['seeds'])} seeds"
+          + (" (quick: figures meaningless)" if payload["quick"] else "") + "\n",
+          f"Seeds {payload['seeds']}, each a whole `bench_incremental.py` run (1 torch thread, {payload['parallel']} "
+          f"at a time on {payload['machine'].get('cpus')} CPUs; wall {payload['wall_s']:.0f} s). Pairs are "
+          "(seed, period): every strategy of a pair scored the same eval rows. Differences: mean [95% t-interval] "
+          "(pairs where the strategy is higher / pairs). Per-seed runs: `results/incremental_seeds/seed<N>/`.\n",
+          "## Ranker: next-period AUC\n"]
+    rows = []
+    for key, label in RANKER.items():
+        r = agg["ranker"].get(key)
+        if r is None:
+            continue
+        rows.append({"strategy": label, "mean AUC": f"{r['mean_auc']:.4f}", "std of seed means": f"{r['seed_std']:.4f}",
+                     "− prior": fmt_paired(r["vs_p_prior"]) if r.get("vs_p_prior") else "–",
+                     "− bias model": fmt_paired(r["vs_g_bias"]) if r.get("vs_g_bias") else "–",
+                     **{f"AUC {sl.replace('_', ' ')}": (f"{r[f'mean_auc_{sl}']:.4f}" if r.get(f"mean_auc_{sl}")
+                                                       is not None else "–") for sl in SLICES},
+                     "cold items − prior": fmt_paired(r["cold_items_vs_p_prior"])
+                     if r.get("cold_items_vs_p_prior") else "–"})
+    md.append(md_table(rows, list(rows[0])))
+    md.append("## Retriever: next-period NDCG@10\n")
+    rows = [{"strategy": label, "mean NDCG@10": f"{agg['retriever'][key]['mean_ndcg@10']:.4f}",
+             "− popularity": fmt_paired(agg["retriever"][key]["vs_g_popularity"], 4)
+             if agg["retriever"][key].get("vs_g_popularity") else "–",
+             "− item-kNN": fmt_paired(agg["retriever"][key]["vs_g_item_knn"], 4)
+             if agg["retriever"][key].get("vs_g_item_knn") else "–"}
+            for key, label in RETRIEVER.items() if key in agg["retriever"]]
+    md.append(md_table(rows, list(rows[0])))
+    md.append("## Targets (issue 14)\n")
+    md += [f"- **{'MET' if t['met'] else 'MISSED'}** — {t['target']}: {t['detail']}" for t in payload["targets"]]
+    first = runs[str(payload["seeds"][0])] if str(payload["seeds"][0]) in runs else next(iter(runs.values()))
+    md.append(f"\nConfiguration of every seed (besides `--seed`): {json.dumps(first['config'], default=str)}\n")
+    return "\n".join(md) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--parallel", type=int, default=3, help="runs at a time (each 1 torch thread)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--collect", action="store_true", help="aggregate existing runs only")
+    ap.add_argument("--out", type=Path, default=RESULTS / "incremental_seeds")
+    args, extra = ap.parse_known_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    started = time.perf_counter()
+    walls = {} if args.collect else run_seeds(seeds, args.parallel, args.quick, extra, args.out)
+    runs = load(args.out, seeds, args.quick)
+    agg = aggregate(runs)
+    payload = {"machine": machine(), "quick": args.quick, "seeds": seeds, "parallel": args.parallel,
+               "extra_args": extra, "seed_wall_s": walls, "aggregate": agg, "targets": verdicts(agg),
+               "runs": {str(s): {"config": r["config"], "summary": r["summary"]} for s, r in runs.items()},
+               "wall_s": time.perf_counter() - started}
+    name = "bench_incremental_seeds_quick" if args.quick else "bench_incremental_seeds"
+    json_path, md_path = write_results(name, payload, render(payload))
+    print(Path(md_path).read_text())
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
