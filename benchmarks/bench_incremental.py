@@ -58,6 +58,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._common import RESULTS, machine, md_table, write_results  # noqa: E402
+from benchmarks._implicit import ImplicitALS  # noqa: E402
+from benchmarks._implicit import available as als_available  # noqa: E402
 
 RANKER = {
     "a_stale": "(a) stale initial adapter",
@@ -70,6 +72,8 @@ RANKER = {
     "f_full_ft": "(f) full fine-tuning on all so far",
     "g_bias": "(g) bias model (all history)",
     "p_prior": "(p) as-of prior alone",
+    "p_prior_content": "(p) prior + zero-shot content (logistic, fitted on week t)",
+    "g_als": "(g) implicit ALS on likes (all history)",
 }
 SLICES = ("cold_items", "cold_users")  # fewer than COLD earlier ratings of the row's item / user
 COLD = 10
@@ -80,6 +84,7 @@ RETRIEVER = {
     "r_warm_start": "BERT retriever, warm_start chain",
     "g_popularity": "(g) popularity (all history)",
     "g_item_knn": "(g) item-kNN CF (all history)",
+    "g_als": "(g) implicit ALS on likes (all history)",
 }
 TARGETS = {"wall_vs_e": 0.10, "wall_vs_f": 0.02, "auc_margin_vs_e": 0.005, "max_trail_vs_e": 0.01,
            "bytes_vs_base": 0.005, "max_below_prior": 0.002, "above_bias": 0.03, "goal_vs_prior": 0.005,
@@ -181,6 +186,7 @@ class Bench:
         self.cold_rows: dict[str, list[dict[str, Any]]] = {}  # the current period's cold eval rows
         self.eval_feats: list[dict[str, Any]] = []
         self.logit_of: dict[int, float] = {}
+        self.item_emb: dict[str, np.ndarray] | None = None  # the bare encoder's item embeddings (once)
         self.common = dict(base=base_id, rank=args.rank, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
                            warmup_ratio=args.warmup_ratio,
                            batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=False)
@@ -271,6 +277,33 @@ class Bench:
         return {f"auc_{name}": evaluate(rows)["auc"] for name, rows in self.cold_rows.items()
                 if len({r["label"] for r in rows}) == 2}
 
+    def prior_content(self, t: int, ranker_rows: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
+        """(p) prior + zero-shot content: the prior's logit and cos(user profile, item) under the bare
+        encoder, combined by a logistic regression fitted on week t's rows (each as of its own event
+        for the prior, as of the week's start for the profile), scored on week t+1's rows."""
+        from benchmarks import _content_baseline as cb
+
+        started = time.perf_counter()
+        if self.item_emb is None:
+            self.item_emb = cb.item_embeddings(self.mgr, self.encoder_base, self.tok, self.args.max_length)
+        train = self.mgr.data.training_rows([self.ids[t]], with_text=False)
+        before = self.mgr.data.interactions(self.ids[:t])
+        x_train = np.column_stack([self.mgr.data.prior_logits(train),
+                                   cb.content_feature(train, cb.profiles(before, self.item_emb), self.item_emb)])
+        w = cb.fit_logistic(x_train, np.array([r["label"] for r in train], dtype=float))
+        prof = cb.profiles(history, self.item_emb)
+
+        def score(rows: list[dict[str, Any]]) -> dict[str, float]:
+            x = np.column_stack([[self.logit_of[id(r)] for r in rows], cb.content_feature(rows, prof, self.item_emb)])
+            p = cb.predict_logistic(w, x)
+            return prior_metrics(np.array([r["label"] for r in rows]), np.log(p / (1 - p)),
+                                 [r["user_id"] for r in rows])
+
+        out = {**score(ranker_rows), **self.fixed_slices(score)}
+        self.record("ranker", "p_prior_content", t, metrics=_clean(out), wall_s=time.perf_counter() - started,
+                    train_rows=len(train), bytes=0, peak_rss_mib=0, weights=[float(v) for v in w])
+        self.clock.log(f"t={t} ranker    p_prior_content          {out['auc']:.4f}  weights {np.round(w, 3)}")
+
     def classical(self, t: int, ranker_rows: list[dict[str, Any]], retr: Any, history: list[dict[str, Any]]) -> None:
         from adapters_mgr.baselines import BiasModel, ItemKNN, evaluate_retrieval, popularity
         from adapters_mgr.lora.tasks import get_task
@@ -299,6 +332,7 @@ class Bench:
             [r["user_id"] for r in rows])))
         self.record("ranker", "p_prior", t, metrics=_clean(prior_m), wall_s=0.0, train_rows=0, bytes=0,
                     peak_rss_mib=0)
+        self.prior_content(t, ranker_rows, history)
         self.clock.log(f"t={t} ranker    p_prior                  {prior_m['auc']:.4f}")
         eval_set = get_task("retriever").parse_eval(retr)
         liked = [r for r in history if r["label"] == 1]
@@ -312,7 +346,21 @@ class Bench:
             model = ItemKNN(k=a.knn_k).fit([r["user_id"] for r in liked], [r["item_id"] for r in liked], catalog)
             return evaluate_retrieval(lambda users, items: model.scores(users), eval_set)
 
-        for key, fn in (("g_popularity", pop), ("g_item_knn", knn)):
+        fits: list[tuple[str, Any]] = [("g_popularity", pop), ("g_item_knn", knn)]
+        if als_available():
+            als = ImplicitALS(seed=a.seed).fit([r["user_id"] for r in liked], [r["item_id"] for r in liked])
+            fits.append(("g_als", lambda: evaluate_retrieval(lambda users, items: als.scores(users, items), eval_set)))
+            als_m = prior_metrics(np.array([r["label"] for r in ranker_rows]), als.pair_scores(
+                [r["user_id"] for r in ranker_rows], [r["item_id"] for r in ranker_rows]),
+                [r["user_id"] for r in ranker_rows])
+            als_m.pop("logloss")  # scores, not probabilities
+            als_m.update(self.fixed_slices(lambda rows: {"auc": metrics_auc(
+                [r["label"] for r in rows],
+                als.pair_scores([r["user_id"] for r in rows], [r["item_id"] for r in rows]))}))
+            self.record("ranker", "g_als", t, metrics=_clean(als_m), wall_s=0.0, train_rows=len(liked), bytes=0,
+                        peak_rss_mib=0)
+            self.clock.log(f"t={t} ranker    g_als                    {als_m['auc']:.4f}")
+        for key, fn in fits:
             metrics, wall, peak = measured(fn)
             self.record("retriever", key, t, metrics=_clean(metrics), wall_s=wall, train_rows=len(liked), bytes=0,
                         peak_rss_mib=peak)
@@ -338,6 +386,23 @@ class Bench:
         self.clock.log(f"t={t} ranker    f_full_ft                {out['metrics']['auc']:.4f}  {wall:6.1f}s  "
                        f"rows={out['train_rows']}  {out['samples_per_s']:.1f}/s  peak {peak:.0f} MiB")
 
+    def run_baselines(self) -> dict[str, Any]:
+        a = self.args
+        periods = []
+        for t in range(a.init_weeks, a.init_weeks + a.periods):
+            periods.append({"t": t, "train_batch": self.ids[t], "eval_batch": self.ids[t + 1],
+                            "train_batch_rows": self.batches[t]["num_rows"],
+                            "eval_batch_rows": self.batches[t + 1]["num_rows"],
+                            "rows_so_far": int(sum(b["num_rows"] for b in self.batches[: t + 1])),
+                            "retrain_rows": 0})
+            ranker_rows, retr, history = self.eval_sets(t)
+            periods[-1]["ranker_eval_rows"] = len(ranker_rows)
+            periods[-1]["retriever_eval_users"] = len({str(r["user_id"]) for r in retr["rows"] if r["label"] == 1})
+            self.prepare_slices(t, ranker_rows)
+            periods[-1]["cold_rows"] = {k: len(v) for k, v in self.cold_rows.items()}
+            self.classical(t, ranker_rows, retr, history)
+        return {"periods": periods, "initial": {"ranker": {}, "retriever": {}}, "results": self.results}
+
     # -- everything -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         a = self.args
@@ -347,6 +412,8 @@ class Bench:
             raise SystemExit(f"need {need} batches (init {a.init_weeks} + {a.periods} periods + 1), have {len(ids)}")
         init_ids = ids[: a.init_weeks]
         clock = self.clock
+        if a.baselines_only:  # the classical and prior baselines alone: no BERT model is trained
+            return self.run_baselines()
         clock.log(f"initial adapters on {init_ids[0]}..{init_ids[-1]} ({a.init_rows} rows each)")
         init_r = self.update("ranker", "init", a.init_weeks - 1, init_ids, eval_rows=a.eval_rows,
                              train_rows=a.init_rows, policy="fresh")
@@ -405,6 +472,12 @@ class Bench:
         init = {"ranker": _clean(init_r.metrics), "retriever": _clean(init_q.metrics),
                 "ranker_adapter": init_r.adapter_id, "retriever_adapter": init_q.adapter_id}
         return {"periods": periods, "initial": init, "results": self.results}
+
+
+def metrics_auc(labels: Any, scores: Any) -> float:
+    from adapters_mgr.lora import metrics
+
+    return metrics.auc(np.asarray(labels), np.asarray(scores, dtype=np.float64))
 
 
 def prior_metrics(labels: np.ndarray, logit: np.ndarray, users: list[Any]) -> dict[str, float]:
@@ -797,6 +870,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ft-rows-fraction", type=float, default=None,
                    help="(f) trains on this fraction of (e)'s rows (default 0.5; 1 quick)")
     p.add_argument("--skip-full-ft", action="store_true")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="only the prior, prior + content and classical baselines (no BERT training; minutes)")
     p.add_argument("--replay-ratio", type=float, default=1.0)
     p.add_argument("--replay-half-life", type=float, default=4.0)
     p.add_argument("--replay-relevance", type=float, default=0.5)
@@ -842,7 +917,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     quiet_transformers()
     clock = Clock()
-    name = "bench_incremental_quick" if args.quick else "bench_incremental"
+    name = ("bench_incremental_quick" if args.quick else "bench_incremental") + \
+        ("_baselines" if args.baselines_only else "")
     out_dir = Path(args.out) if args.out else RESULTS
     tmp = None
     if args.workdir is None:

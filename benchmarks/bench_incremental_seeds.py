@@ -61,13 +61,21 @@ def run_seeds(seeds: list[int], parallel: int, quick: bool, extra: list[str], ou
 
 
 def load(out: Path, seeds: list[int], quick: bool) -> dict[int, dict[str, Any]]:
-    name = "bench_incremental_quick.json" if quick else "bench_incremental.json"
+    """Each seed's run; strategies a later ``--baselines-only`` run of the same seed added (baselines
+    written after the BERT run began) are merged in: same seed, same eval rows."""
+    stem = "bench_incremental_quick" if quick else "bench_incremental"
     runs = {}
     for seed in seeds:
-        path = out / f"seed{seed}" / name
+        path = out / f"seed{seed}" / f"{stem}.json"
         if not path.exists():
             raise SystemExit(f"no result for seed {seed} at {path}; run without --collect")
         runs[seed] = json.loads(path.read_text())
+        extra = out / f"seed{seed}" / f"{stem}_baselines.json"
+        if extra.exists():
+            more = json.loads(extra.read_text())
+            for side in ("ranker", "retriever"):
+                for key, entries in more["results"][side].items():
+                    runs[seed]["results"][side].setdefault(key, entries)
     return runs
 
 
@@ -124,7 +132,7 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 def verdicts(agg: dict[str, Any]) -> list[dict[str, Any]]:
     rk, rq = agg["ranker"], agg["retriever"]
     out: list[dict[str, Any]] = []
-    policies = [k for k in rk if k not in ("p_prior", "g_bias")]
+    policies = [k for k in rk if not k.startswith(("p_", "g_"))]  # the BERT policies
     inc = [k for k in INCREMENTAL if k in rk]
     if "p_prior" in rk and policies:
         worst = min(policies, key=lambda k: rk[k]["vs_p_prior"]["mean"])

@@ -79,3 +79,15 @@ def test_paired_interval() -> None:
     assert t975(3) == 3.182 and t975(11) == 2.228 and t975(1000) == 1.96
     noisy = paired([0.70, 0.72, 0.69], [0.71, 0.70, 0.70])
     assert noisy["low"] < 0 < noisy["high"]
+
+
+def test_baselines_only_mode(tmp_path: Path) -> None:
+    from benchmarks import bench_incremental as bench
+
+    out = tmp_path / "results"
+    bench.main(["--quick", "--periods", "1", "--baselines-only", "--out", str(out), "--workdir", str(tmp_path / "w")])
+    data = json.loads((out / "bench_incremental_quick_baselines.json").read_text())
+    assert set(data["results"]["ranker"]) == {"g_bias", "p_prior", "p_prior_content", "g_als"}
+    assert set(data["results"]["retriever"]) == {"g_popularity", "g_item_knn", "g_als"}
+    content = data["results"]["ranker"]["p_prior_content"][0]
+    assert len(content["weights"]) == 3 and math.isfinite(content["metrics"]["auc"])
