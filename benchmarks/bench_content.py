@@ -36,7 +36,7 @@ from adapters_mgr.lora.tasks import get_task  # noqa: E402
 from adapters_mgr.lora.trainer import train_adapter  # noqa: E402
 from benchmarks._common import machine, md_table, write_results  # noqa: E402
 from benchmarks._stats import describe, fmt_paired, paired  # noqa: E402
-from benchmarks.bench_incremental import Clock, make_manager  # noqa: E402
+from benchmarks.bench_incremental import week20_setup  # noqa: E402
 
 CONTENT = {
     "item": "{title} ({year}). Genres: {genres}.",
@@ -83,10 +83,7 @@ def main() -> None:
     started = time.perf_counter()
     per_seed: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        setup = argparse.Namespace(quick=args.quick, synthetic_rows=3000, window="10m" if args.quick else "7d")
-        mgr, base_id, model_name, data_name = make_manager(setup, Path(tmp), Clock())
-        ids = [b["id"] for b in mgr.data.batches()]
-        train_ids, eval_id = (ids[: len(ids) // 2], ids[len(ids) // 2]) if args.quick else (ids[:20], ids[20])
+        mgr, base_id, model_name, data_name, train_ids, eval_id = week20_setup(args.quick, Path(tmp))
         tokenizer = mgr.tokenizer(base_id)
         base = mgr.base_model(base_id, HeadSpec("seq_cls", 2))
         layers = base.config.num_hidden_layers

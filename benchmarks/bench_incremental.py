@@ -159,6 +159,17 @@ def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple
     return mgr, base_id, model, data
 
 
+def week20_setup(quick: bool, workdir: Path) -> tuple[Any, str, str, str, list[str], str]:
+    """The template/content benchmarks' data: (mgr, base_id, model, data, train batch ids, eval batch id):
+    ML-100K weeks 0-19 and week 20 on the embedded MiniLM, or (``quick``, offline, as CI needs) the
+    synthetic stream's first half and the batch after it on a tiny random BERT."""
+    setup = argparse.Namespace(quick=quick, synthetic_rows=3000, window="10m" if quick else "7d")
+    mgr, base_id, model_name, data_name = make_manager(setup, workdir, Clock())
+    ids = [b["id"] for b in mgr.data.batches()]
+    train_ids, eval_id = (ids[: len(ids) // 2], ids[len(ids) // 2]) if quick else (ids[:20], ids[20])
+    return mgr, base_id, model_name, data_name, train_ids, eval_id
+
+
 def base_bytes(mgr: Any, base_id: str) -> int:
     from adapters_mgr.lora.base_model import HeadSpec
 

@@ -27,7 +27,7 @@ from adapters_mgr.data.texts import DEFAULT_TEMPLATES  # noqa: E402
 from adapters_mgr.lora.base_model import HeadSpec  # noqa: E402
 from adapters_mgr.lora.trainer import train_adapter  # noqa: E402
 from benchmarks._common import machine, md_table, write_results  # noqa: E402
-from benchmarks.bench_incremental import Clock, make_manager  # noqa: E402
+from benchmarks.bench_incremental import week20_setup  # noqa: E402
 
 TEMPLATES = {
     "stats last (before)": {**DEFAULT_TEMPLATES, "item": "{title} ({year}). Genres: {genres}. {item_stats}"},
@@ -69,10 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # the incremental benchmark's data and base: ML-100K weekly batches on the embedded MiniLM, or
         # (--quick, offline, as CI needs) the synthetic stream on a tiny random BERT
-        setup = argparse.Namespace(quick=args.quick, synthetic_rows=3000, window="10m" if args.quick else "7d")
-        mgr, base_id, _, _ = make_manager(setup, Path(tmp), Clock())
-        ids = [b["id"] for b in mgr.data.batches()]
-        train_ids, eval_id = (ids[: len(ids) // 2], ids[len(ids) // 2]) if args.quick else (ids[:20], ids[20])
+        mgr, base_id, _, _, train_ids, eval_id = week20_setup(args.quick, Path(tmp))
         tokenizer = mgr.tokenizer(base_id)
         base = mgr.base_model(base_id, HeadSpec("seq_cls", 2))
         per_seed: list[dict] = []

@@ -278,22 +278,15 @@ def _window_stats(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> list[
     )
     structs = ", ".join(f"struct_pack(c := gc{k}, g := {_sql_str(g)}, m := gm{k})" for k, g in enumerate(genres))
     affinity = affinity_sql(f"[{structs}]") if genres else "NULL"
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE _pos AS
-        SELECT user_id, {_title('item_attrs', 'item_id')} AS title,
-               row_number() OVER (PARTITION BY user_id ORDER BY t, item_id) AS pidx
-        FROM _h WHERE real AND label = 1
-        """
-    )
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE _negs AS
-        SELECT user_id, {_title('item_attrs', 'item_id')} AS title,
-               row_number() OVER (PARTITION BY user_id ORDER BY t, item_id) AS nidx
-        FROM _h WHERE real AND label = 0
-        """
-    )
+    for table, index, label in (("_pos", "pidx", 1), ("_negs", "nidx", 0)):  # liked / disliked, numbered
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE {table} AS
+            SELECT user_id, {_title('item_attrs', 'item_id')} AS title,
+                   row_number() OVER (PARTITION BY user_id ORDER BY t, item_id) AS {index}
+            FROM _h WHERE real AND label = {label}
+            """
+        )
     cur = con.execute(
         f"""
         WITH p AS (SELECT h.*, w.* EXCLUDE (rid, probe), {affinity} AS affinity
