@@ -11,7 +11,7 @@ from adapters_mgr.catalog.migrations import MIGRATIONS, apply_migrations, migrat
 
 # The names released catalogs hold in ``_migrations``: never rename or reorder these.
 RELEASED = ["m001_core", "m002_recommendations", "m003_lineage_index", "d001_data_core", "d002_interaction_rows",
-            "d003_bad_lines_and_late_rows"]
+            "d003_bad_lines_and_late_rows", "m004_evaluations"]
 
 
 def _recorded(con: duckdb.DuckDBPyConnection) -> list[str]:
