@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,13 +48,21 @@ def _canonical(value: Any) -> Any:
     return str(value)
 
 
-def examples_key(examples: Any, batch_ids: Iterable[str] = ()) -> ExamplesKey:
-    """The digest of ``examples`` (ranker: rows; retriever: the dict of rows, catalog, seen, as_of)."""
+def _rows_and_batches(examples: Any) -> tuple[int, tuple[str, ...]]:
     rows = examples.get("rows", []) if isinstance(examples, dict) else examples
-    batch_ids = tuple(batch_ids) or tuple({str(r["batch_id"]) for r in rows
-                                           if isinstance(r, dict) and r.get("batch_id")})
+    batch_ids = {str(r["batch_id"]) for r in rows if isinstance(r, dict) and r.get("batch_id")}
+    return len(rows), tuple(sorted(batch_ids))
+
+
+def rows_label(examples: Any) -> str:
+    """``500 rows of b000021``: what a figure on ``examples`` was computed on (no digest needed)."""
+    return ExamplesKey("", *_rows_and_batches(examples)).label()
+
+
+def examples_key(examples: Any) -> ExamplesKey:
+    """The digest of ``examples`` (ranker: rows; retriever: the dict of rows, catalog, seen, as_of)."""
     text = json.dumps(_canonical(examples), sort_keys=True, separators=(",", ":"))
-    return ExamplesKey(hashlib.sha256(text.encode()).hexdigest(), len(rows), tuple(sorted(batch_ids)))
+    return ExamplesKey(hashlib.sha256(text.encode()).hexdigest(), *_rows_and_batches(examples))
 
 
 def lookup(con: duckdb.DuckDBPyConnection, node_id: int, key: ExamplesKey, max_length: int

@@ -26,7 +26,6 @@ from adapters_mgr.cli.render import (
 )
 from adapters_mgr.data import movielens
 from adapters_mgr.data.api import NoFilesMatched, check_limit
-from adapters_mgr.data.sources import list_files
 from adapters_mgr.data.texts import DEFAULT_TEMPLATES
 from adapters_mgr.errors import InvalidInput
 
@@ -123,8 +122,7 @@ def sync_cmd(
     rows = [api.batch(i) for i in ids]
     report = (api.last_sync() or {}).get("detail") or {}
     notes = _sync_notes(report)
-    unmatched = [src for src in api.sources() if (not source or src["name"] in source)
-                 and not list_files(src["uri"])]
+    unmatched = api.sources_without_files(source or None)
     notes += [f"source {src['name']}: 0 files matched {src['uri']!r}" for src in unmatched]
     if as_json:
         print_json({"batches": ids, "details": rows, "late_rows": report.get("late_rows", 0),

@@ -146,11 +146,13 @@ class DataAPI:
             sources = [sources]
         ids = run_sync(self.catalog, sources=sources, window=window, dedup_tolerance=dedup_tolerance,
                        progress=progress)
-        for src in self.sources():
-            if (not sources or src["name"] in sources) and not list_files(src["uri"]):
-                warnings.warn(f"source {src['name']!r}: 0 files matched {src['uri']!r}", NoFilesMatched,
-                              stacklevel=2)
+        for src in self.sources_without_files(sources):
+            warnings.warn(f"source {src['name']!r}: 0 files matched {src['uri']!r}", NoFilesMatched, stacklevel=2)
         return ids
+
+    def sources_without_files(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """The sources (of ``names``; None: all) whose path or glob matches no file now."""
+        return [src for src in self.sources() if (not names or src["name"] in names) and not list_files(src["uri"])]
 
     def batches(self) -> list[dict[str, Any]]:
         with self.catalog.connect() as con:

@@ -200,7 +200,7 @@ def plan(
         mine = settings or LoraSettings()
         for parent, config in zip(items, configs, strict=True):
             theirs = LoraSettings.from_peft_config(config)
-            if (sorted(theirs.target_modules), theirs.layers) != (sorted(mine.target_modules), mine.layers):
+            if not theirs.same_placement(mine):
                 raise InvalidInput(
                     f"a stack combines adapters on the same LoRA modules and layers: parent {parent.source} has "
                     f"{list(theirs.target_modules)} on {_layers(theirs)}, the new adapter "

@@ -101,7 +101,7 @@ class LoraSettings:
         targets: Sequence[str] | str = config.target_modules
         layers = getattr(config, "layers_to_transform", None)
         return cls(
-            layers=(layers,) if isinstance(layers, int) else (tuple(layers) if layers else None),
+            layers=layers if isinstance(layers, int) or layers else None,  # an int or a list: normalised on init
             r=int(config.r),
             alpha=float(config.lora_alpha),
             dropout=float(config.lora_dropout),
@@ -113,9 +113,12 @@ class LoraSettings:
         return (
             self.r == other.r
             and float(self.alpha) == float(other.alpha)
-            and sorted(self.target_modules) == sorted(other.target_modules)
-            and self.layers == other.layers
+            and self.same_placement(other)
         )
+
+    def same_placement(self, other: LoraSettings) -> bool:
+        """The same modules on the same layers: what folding adapters together needs (ranks may differ)."""
+        return sorted(self.target_modules) == sorted(other.target_modules) and self.layers == other.layers
 
 
 __all__ = ["PEFT_TASK_TYPES", "LoraSettings"]

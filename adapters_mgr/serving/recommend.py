@@ -100,12 +100,12 @@ def recompute(
     two_stage = ranker is not None
     shape = f"two-stage, the ranker rescoring the top {top_m} of each" if two_stage else "retriever only"
     rate = last_rate(ws, two_stage)
+    expected = rate * len(wanted) if rate else None
     _say(f"recompute: {len(wanted):,} user(s), {shape}"
-         + (f"; expected ~{duration(rate * len(wanted))} (the last run's {rate:.3g} s/user)" if rate else ""),
+         + (f"; expected ~{duration(expected)} (the last run's {rate:.3g} s/user)" if expected is not None else ""),
          progress and bool(wanted))
     chunk_users = max(1, min(batch_users, PAIRS_PER_REQUEST // max(k, top_m))) if two_stage else batch_users
     scorer = Scorer(ws, alias, ranker=ranker)
-    expected = rate * len(wanted) if rate else None
     try:
         if wanted:
             scorer.item_embeddings()  # the fixed cost, paid before the first chunk is timed

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_mgr.catalog import aliases
+from adapters_mgr.catalog.evaluations import examples_key
 from adapters_mgr.catalog.records import Adapter
 from adapters_mgr.catalog.sql import log_event
 from adapters_mgr.data.sampling import subsample_rows
@@ -18,8 +19,8 @@ from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora.peft_scoring import evaluate_adapters
 from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.workflows.evaluation import (
+    cached_metrics,
     eval_examples,
-    evaluate_node,
     node_examples,
     remember,
     rows_label,
@@ -73,8 +74,10 @@ def compact_alias(ws: Workspace, alias: str, *, max_depth: int, method: str, tar
     base_model = plan_base(ws, plan)
     tok = ws.tokenizer(plan.base_id)
     # the stack as the gate scored it (its own prior / popularity term); recorded figures are reused
-    stack_metrics = evaluate_node(ws, base_model, tok, get_task(plan.task), node, examples, max_length=max_length)
-    task, scored, _, _ = node_examples(ws, get_task(plan.task), node, examples)
+    task, scored, folders, mode = node_examples(ws, get_task(plan.task), node, examples)
+    key = examples_key(scored)
+    stack_metrics = cached_metrics(ws, node.id, key, max_length, lambda: evaluate_adapters(
+        base_model, tok, task, folders, scored, mode, max_length=max_length))
     with tempfile.TemporaryDirectory(dir=staging_dir(ws)) as tmp:
         out = Path(tmp) / "merged"
         result = merge_to_folder(ws, plan, method, out, target_rank=target_rank, density=None, seed=0)
@@ -83,7 +86,7 @@ def compact_alias(ws: Workspace, alias: str, *, max_depth: int, method: str, tar
         metrics = with_primary(merged_metrics, task, {"node_id": node.id, **stack_metrics})
         merged_id = register_merged(ws, plan, result, out, name=f"{node.name}-compact", metrics=metrics)
         shutil.rmtree(out, ignore_errors=True)
-    remember(ws, merged_id, scored, max_length, merged_metrics)
+    remember(ws, merged_id, key, max_length, merged_metrics)
     primary = task.primary_metric
     within = within_tolerance(merged_metrics[primary], stack_metrics[primary], tolerance)
     decision = {"stack": node.id, "merged": merged_id, "metric": primary, "stack_metric": stack_metrics[primary],

@@ -4,6 +4,7 @@ promotion rule that both ``train --promote if_better`` and ``compact`` apply.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from adapters_mgr.catalog import evaluations
@@ -109,25 +110,30 @@ def evaluate_node(ws: Workspace, base_model: Any, tokenizer: Any, task: Task, no
     with the node's own prior (so a gate compares an old node without it fairly to a new one with it).
     Computed once per node and examples: a figure recorded earlier is returned as it was."""
     scored_task, scored, folders, mode = node_examples(ws, task, node, examples)
-    key = evaluations.examples_key(scored)
+    return cached_metrics(ws, node.id, evaluations.examples_key(scored), max_length, lambda: evaluate_adapters(
+        base_model, tokenizer, scored_task, folders, scored, mode, max_length=max_length))
+
+
+def cached_metrics(ws: Workspace, node_id: int, key: evaluations.ExamplesKey, max_length: int,
+                   compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The node's recorded figures on the examples ``key`` names, else ``compute()``, recorded."""
     with ws.catalog.connect() as con:
-        known = evaluations.lookup(con, node.id, key, max_length)
+        known = evaluations.lookup(con, node_id, key, max_length)
     if known is not None:
         return known
-    metrics = evaluate_adapters(base_model, tokenizer, scored_task, folders, scored, mode, max_length=max_length)
-    remember(ws, node.id, scored, max_length, metrics)
+    metrics = compute()
+    remember(ws, node_id, key, max_length, metrics)
     return metrics
 
 
-def remember(ws: Workspace, node_id: int, scored: Any, max_length: int, metrics: dict[str, Any]) -> None:
-    """Record ``metrics`` as node ``node_id``'s figures on the examples it was scored on."""
+def remember(ws: Workspace, node_id: int, key: evaluations.ExamplesKey, max_length: int,
+             metrics: dict[str, Any]) -> None:
+    """Record ``metrics`` as node ``node_id``'s figures on the examples ``key`` names."""
     with ws.catalog.transaction() as con:
-        evaluations.record(con, node_id, evaluations.examples_key(scored), max_length, metrics)
+        evaluations.record(con, node_id, key, max_length, metrics)
 
 
-def rows_label(examples: Any) -> str:
-    """``500 rows of b000021``: what a figure on ``examples`` was computed on."""
-    return evaluations.examples_key(examples).label()
+rows_label = evaluations.rows_label
 
 
 def with_primary(metrics: dict[str, Any], task: Task, baseline: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -466,8 +466,9 @@ def remember_trained(ws: Workspace, plan: UpdatePlan, rows: UpdateRows, node_id:
     compaction or a report reads them instead of evaluating again; only when the node, scored on
     its own, sees exactly these examples (same prior offsets and popularity counts)."""
     _, scored, _, _ = node_examples(ws, plan.task, ws.get(node_id), rows.examples)
-    if examples_key(scored) == examples_key(rows.examples):
-        remember(ws, node_id, scored, plan.cfg.max_length, metrics)
+    key = examples_key(scored)
+    if key == examples_key(rows.examples):
+        remember(ws, node_id, key, plan.cfg.max_length, metrics)
 
 
 # -- 4. gate ------------------------------------------------------------------------------------------
