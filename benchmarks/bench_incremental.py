@@ -74,6 +74,7 @@ RANKER = {
     "p_prior": "(p) as-of prior alone",
     "p_prior_content": "(p) prior + zero-shot content (logistic, fitted on week t)",
     "g_als": "(g) implicit ALS on likes (all history)",
+    "o_oracle": "(o) oracle: the drift stream's true like probabilities",
 }
 SLICES = ("cold_items", "cold_users")  # fewer than COLD earlier ratings of the row's item / user
 COLD = 10
@@ -83,6 +84,7 @@ RETRIEVER = {
     "r_fresh": "BERT retriever, fresh per week",
     "r_warm_start": "BERT retriever, warm_start chain",
     "g_popularity": "(g) popularity (all history)",
+    "g_popularity_recent": "(g) popularity, likes decayed (half-life 14 d)",
     "g_item_knn": "(g) item-kNN CF (all history)",
     "g_als": "(g) implicit ALS on likes (all history)",
 }
@@ -132,22 +134,43 @@ def finite(x: Any) -> float | None:
 
 
 # -- set-up ----------------------------------------------------------------------------------------------
-def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple[Any, str, str, str]:
-    """Manager with data synced into weekly batches; returns (mgr, base_id, model name, data name)."""
+def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple[Any, str, str, str, Any]:
+    """Manager with data synced into weekly batches; returns (mgr, base_id, model name, data name, the
+    drift stream or None)."""
     from adapters_mgr import AdapterManager
 
     mgr = AdapterManager(workdir / "mgr")
     mgr.init()
+    stream = None
     if args.quick:
         from adapters_mgr.data import synthetic
         from adapters_mgr.lora.testing import tiny_base_folder
 
         base_id = mgr.register_base(str(tiny_base_folder(workdir / "tiny-base")), name="tiny")
-        stream = synthetic.generate(workdir / "stream", rows=args.synthetic_rows, users=40, items=30, seed=0)
-        stream.register(mgr.data)
+    if args.quick and getattr(args, "stream", "movielens") != "drift":
+        gen = synthetic.generate(workdir / "stream", rows=args.synthetic_rows, users=40, items=30, seed=0)
+        gen.register(mgr.data)
         mgr.data.sync(window=args.window)
         model, data = "tiny random BERT (2 layers, hidden 16, MiniLM tokenizer)", \
             f"synthetic drifting stream ({args.synthetic_rows} rows, 40 users, 30 items, window {args.window})"
+    elif getattr(args, "stream", "movielens") == "drift":
+        from adapters_mgr.data.drift_stream import generate_drift
+
+        sizes = dict(users=60, items_initial=40, new_items_per_period=10, events_per_period=300) if args.quick else {}
+        stream = generate_drift(workdir / "drift", init_periods=args.init_weeks, periods=args.periods,
+                                seed=args.seed, **sizes)
+        stream.register(mgr.data)
+        args.window = stream.truth["window"]
+        mgr.data.sync(window=args.window)
+        if not args.quick:
+            base_id = mgr.default_base()
+        t = stream.truth
+        model = ("tiny random BERT (2 layers, hidden 16, MiniLM tokenizer)" if args.quick
+                 else "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; embedded)")
+        data = (f"synthetic drift stream (adapters_mgr/data/drift_stream.py, seed {args.seed}): "
+                f"{t.get('users')} users, {t.get('events_per_period')} events per {args.window} period, "
+                f"{t.get('new_items_per_period')} new items per period, genre trend drifting; oracle AUC "
+                f"{t.get('oracle_auc', float('nan')):.3f} (label ~ Bernoulli(true p_like))")
     else:
         from adapters_mgr.data.movielens import fetch, register_movielens
 
@@ -156,7 +179,7 @@ def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple
         base_id = mgr.default_base()
         model, data = "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; embedded)", \
             f"MovieLens-100K, batches of {args.window} (label: rating >= 4)"
-    return mgr, base_id, model, data
+    return mgr, base_id, model, data, stream
 
 
 def week20_setup(quick: bool, workdir: Path) -> tuple[Any, str, str, str, list[str], str]:
@@ -164,7 +187,7 @@ def week20_setup(quick: bool, workdir: Path) -> tuple[Any, str, str, str, list[s
     ML-100K weeks 0-19 and week 20 on the embedded MiniLM, or (``quick``, offline, as CI needs) the
     synthetic stream's first half and the batch after it on a tiny random BERT."""
     setup = argparse.Namespace(quick=quick, synthetic_rows=3000, window="10m" if quick else "7d")
-    mgr, base_id, model_name, data_name = make_manager(setup, workdir, Clock())
+    mgr, base_id, model_name, data_name, _ = make_manager(setup, workdir, Clock())
     ids = [b["id"] for b in mgr.data.batches()]
     train_ids, eval_id = (ids[: len(ids) // 2], ids[len(ids) // 2]) if quick else (ids[:20], ids[20])
     return mgr, base_id, model_name, data_name, train_ids, eval_id
@@ -183,10 +206,10 @@ def base_bytes(mgr: Any, base_id: str) -> int:
 
 # -- the run ---------------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, args: argparse.Namespace, mgr: Any, base_id: str, clock: Clock) -> None:
+    def __init__(self, args: argparse.Namespace, mgr: Any, base_id: str, clock: Clock, stream: Any = None) -> None:
         from adapters_mgr.lora.base_model import HeadSpec
 
-        self.args, self.mgr, self.base_id, self.clock = args, mgr, base_id, clock
+        self.args, self.mgr, self.base_id, self.clock, self.stream = args, mgr, base_id, clock, stream
         self.batches = mgr.data.batches()
         self.ids = [b["id"] for b in self.batches]
         self.tok = mgr.tokenizer(base_id)
@@ -199,7 +222,7 @@ class Bench:
         self.logit_of: dict[int, float] = {}
         self.item_emb: dict[str, np.ndarray] | None = None  # the bare encoder's item embeddings (once)
         self.common = dict(base=base_id, rank=args.rank, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
-                           warmup_ratio=args.warmup_ratio,
+                           warmup_ratio=args.warmup_ratio, head_lr=args.head_lr,
                            batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=False)
 
     def record(self, side: str, key: str, period: int, **fields: Any) -> None:
@@ -343,6 +366,18 @@ class Bench:
             [r["user_id"] for r in rows])))
         self.record("ranker", "p_prior", t, metrics=_clean(prior_m), wall_s=0.0, train_rows=0, bytes=0,
                     peak_rss_mib=0)
+        if self.stream is not None:  # the ceiling: the stream's true like probabilities
+            from adapters_mgr.data.drift_stream import true_probabilities
+
+            def oracle(rows: list[dict[str, Any]]) -> dict[str, float]:
+                p = np.clip(true_probabilities(self.stream, rows), 1e-9, 1 - 1e-9)
+                return prior_metrics(np.array([r["label"] for r in rows]), np.log(p / (1 - p)),
+                                     [r["user_id"] for r in rows])
+
+            oracle_m = {**oracle(ranker_rows), **self.fixed_slices(oracle)}
+            self.record("ranker", "o_oracle", t, metrics=_clean(oracle_m), wall_s=0.0, train_rows=0, bytes=0,
+                        peak_rss_mib=0)
+            self.clock.log(f"t={t} ranker    o_oracle                 {oracle_m['auc']:.4f}")
         self.prior_content(t, ranker_rows, history)
         self.clock.log(f"t={t} ranker    p_prior                  {prior_m['auc']:.4f}")
         eval_set = get_task("retriever").parse_eval(retr)
@@ -357,7 +392,15 @@ class Bench:
             model = ItemKNN(k=a.knn_k).fit([r["user_id"] for r in liked], [r["item_id"] for r in liked], catalog)
             return evaluate_retrieval(lambda users, items: model.scores(users), eval_set)
 
-        fits: list[tuple[str, Any]] = [("g_popularity", pop), ("g_item_knn", knn)]
+        def recent() -> dict[str, Any]:  # the fresh retriever's own term (FRESH_POPULARITY), alone
+            from adapters_mgr.data.popularity import PopularityRecipe
+            from adapters_mgr.workflows.update import FRESH_POPULARITY
+
+            counts = self.mgr.data.item_popularity(catalog, self.batches[t + 1]["ts_min"],
+                                                   recipe=PopularityRecipe(**FRESH_POPULARITY))
+            return evaluate_retrieval(lambda users, items: np.tile(counts, (len(users), 1)), eval_set)
+
+        fits: list[tuple[str, Any]] = [("g_popularity", pop), ("g_popularity_recent", recent), ("g_item_knn", knn)]
         if als_available():
             als = ImplicitALS(seed=a.seed).fit([r["user_id"] for r in liked], [r["item_id"] for r in liked])
             fits.append(("g_als", lambda: evaluate_retrieval(lambda users, items: als.scores(users, items), eval_set)))
@@ -379,6 +422,7 @@ class Bench:
 
     def full_ft(self, t: int, n_rows: int, ranker_rows: list[dict[str, Any]]) -> None:
         from adapters_mgr.data.sampling import subsample_rows
+        from adapters_mgr.lora.examples import OFFSET_COLUMN
         from benchmarks._full_ft import full_finetune
 
         a = self.args
@@ -387,8 +431,12 @@ class Bench:
         rows = subsample_rows(self.mgr.data.training_rows(self.ids[: t + 1]), n_rows, a.seed)  # = (e)'s rows
         if a.ft_rows_fraction < 1.0:
             rows = subsample_rows(rows, max(1, int(len(rows) * a.ft_rows_fraction)), a.seed)
-        out = full_finetune(self.ranker_base, self.tok, rows, ranker_rows, epochs=a.epochs, lr=a.ft_lr,
-                            batch_size=a.batch_size, max_length=a.max_length, seed=a.seed)
+        # a residual on the as-of prior, as the adapters are: (f) differs from (e) in what it trains only
+        rows = [{**r, OFFSET_COLUMN: float(v)} for r, v in zip(rows, self.mgr.data.prior_logits(rows), strict=True)]
+        evals = [{**r, OFFSET_COLUMN: self.logit_of[id(r)]} for r in ranker_rows]
+        out = full_finetune(self.ranker_base, self.tok, rows, evals, epochs=a.epochs, lr=a.ft_lr,
+                            batch_size=a.batch_size, max_length=a.max_length, seed=a.seed, prior="bias",
+                            head_lr=a.head_lr)
         wall = time.perf_counter() - t0
         peak = peak_rss_mib()
         self.record("ranker", "f_full_ft", t, metrics=_clean(out["metrics"]), wall_s=wall, train_rows=out["train_rows"],
@@ -534,6 +582,7 @@ def summarise(payload: dict[str, Any]) -> dict[str, Any]:
             "bytes_vs_base": (mean(series(res, "ranker", key, "bytes", False)) or 0) / base_b,
             "max_peak_rss_mib": max((x for x in series(res, "ranker", key, "peak_rss_mib", False) if x), default=None),
         }
+    gap_share(summary["ranker"])
     for key in RETRIEVER:
         if key not in res["retriever"]:
             continue
@@ -546,6 +595,18 @@ def summarise(payload: dict[str, Any]) -> dict[str, Any]:
         }
     summary["targets"] = verdicts(payload, summary)
     return summary
+
+
+def gap_share(ranker: dict[str, Any]) -> None:
+    """Each strategy's share of the gap from the as-of prior to the oracle that it closes (mean AUCs;
+    the drift stream only, where the true like probabilities give the oracle)."""
+    prior = ranker.get("p_prior", {}).get("mean_auc")
+    oracle = ranker.get("o_oracle", {}).get("mean_auc")
+    if prior is None or oracle is None or oracle <= prior:
+        return
+    for row in ranker.values():
+        if row.get("mean_auc") is not None:
+            row["gap_share"] = (row["mean_auc"] - prior) / (oracle - prior)
 
 
 def verdicts(payload: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -596,8 +657,13 @@ def verdicts(payload: dict[str, Any], summary: dict[str, Any]) -> list[dict[str,
             s = series(res, "ranker", k, "auc")
             wins[k] = sum(1 for x, y in zip(s, stale, strict=False) if x is not None and y is not None and x > y)
         n = len(stale)
-        add("(b)-(d2) beat (a) every period", all(v == n for v in wins.values()),
-            ", ".join(f"{k} {v}/{n}" for k, v in wins.items()))
+        add(("floor (drift stream): " if "o_oracle" in rk else "") + "(b)-(d2) beat (a) every period",
+            all(v == n for v in wins.values()), ", ".join(f"{k} {v}/{n}" for k, v in wins.items()))
+    if "o_oracle" in rk and inc and all("gap_share" in rk[k] for k in inc):
+        best_k = max(inc, key=lambda k: rk[k]["gap_share"])
+        add("goal (drift stream): the best policy closes >= 50% of the prior-to-oracle gap",
+            rk[best_k]["gap_share"] >= 0.5, f"prior {rk['p_prior']['mean_auc']:.4f}, oracle "
+            f"{rk['o_oracle']['mean_auc']:.4f}; " + ", ".join(f"{k} {rk[k]['gap_share']:+.0%}" for k in inc))
     prior = rk.get("p_prior", {}).get("mean_auc")
     policies = [k for k in (*INCREMENTAL, "a_stale", "e_lora_retrain", "f_full_ft") if k in rk]
     if prior is not None and policies:
@@ -720,9 +786,16 @@ def render(payload: dict[str, Any]) -> str:
         row["mean GAUC"] = fmt(s["ranker"][key]["mean_gauc"])
         for sl in SLICES:
             row[f"mean AUC {sl.replace('_', ' ')}"] = fmt(s["ranker"][key].get(f"mean_auc_{sl}"))
+        if "gap_share" in s["ranker"][key]:
+            row["gap closed"] = f"{s['ranker'][key]['gap_share']:+.0%}"
         rows.append(row)
+    oracle = "o_oracle" in s["ranker"]
     md.append(md_table(rows, ["strategy", *[f"t={t}" for t in ts], "mean AUC", "mean GAUC",
-                              *[f"mean AUC {sl.replace('_', ' ')}" for sl in SLICES]]))
+                              *[f"mean AUC {sl.replace('_', ' ')}" for sl in SLICES],
+                              *(["gap closed"] if oracle else [])]))
+    if oracle:
+        md.append("Gap closed: (strategy's mean AUC - the prior's) / (the oracle's - the prior's); the oracle "
+                  "scores each eval row by its true like probability, the ceiling of any model.\n")
     md.append(f"Cold: fewer than {COLD} ratings of the row's item (user) before the event; the prior's own "
               "features. Slice sizes per period: " + ", ".join(
                   f"t={p['t']} {p.get('cold_rows', {})}" for p in payload["periods"]) + ".\n")
@@ -852,6 +925,9 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny random BERT + synthetic stream, ~1 minute")
+    p.add_argument("--stream", choices=("movielens", "drift"), default="movielens",
+                   help="movielens (ML-100K weeks) or drift (adapters_mgr/data/drift_stream.py: tastes drift "
+                        "through item genres, new items every period, true like probabilities known)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--workdir", type=Path, default=None, help="where the catalog lives (default: a temp dir)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1, see parse_args)")
@@ -872,6 +948,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None,
                    help="LoRA lr of adapters trained from scratch: initial, (d2) short-term, (e), fresh retriever "
                         "(default 5e-3)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the rankers' head (default: the adapter's lr; see train --head-lr)")
     p.add_argument("--warmup-ratio", type=float, default=0.0,
                    help="linear lr warm-up over this fraction of each LoRA training's steps (default 0)")
     p.add_argument("--update-lr", type=float, default=None,
@@ -904,6 +982,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "batch_size": 16 if q else 32, "lr": 5e-3, "update_lr": 5e-3 if q else 1e-3,
                 "ft_lr": 5e-4 if q else 5e-5,
                 "ft_rows_fraction": 1.0 if q else 0.5}
+    if args.stream == "drift":  # 4 initial periods of 1,200 events (300 with --quick), then the updates
+        defaults["init_weeks"] = 4
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -942,8 +1022,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workdir.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     try:
-        mgr, base_id, model_name, data_name = make_manager(args, workdir, clock)
-        bench = Bench(args, mgr, base_id, clock)
+        mgr, base_id, model_name, data_name, stream = make_manager(args, workdir, clock)
+        bench = Bench(args, mgr, base_id, clock, stream)
         out_dir.mkdir(parents=True, exist_ok=True)
         bench.checkpoint = out_dir / f"{name}.partial.json"
         body = bench.run()

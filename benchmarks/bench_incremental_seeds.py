@@ -122,7 +122,7 @@ def aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
         if not ndcg:
             continue
         row = {"mean_ndcg@10": describe(list(ndcg.values()))["mean"]}
-        for ref in ("g_popularity", "g_item_knn"):
+        for ref in ("g_popularity", "g_popularity_recent", "g_item_knn"):
             if key != ref:
                 row[f"vs_{ref}"] = compare(ndcg, per_pair(runs, "retriever", ref, "ndcg@10"))
         retriever[key] = row
@@ -193,7 +193,9 @@ def render(payload: dict[str, Any]) -> str:
              "− popularity": fmt_paired(agg["retriever"][key]["vs_g_popularity"], 4)
              if agg["retriever"][key].get("vs_g_popularity") else "–",
              "− item-kNN": fmt_paired(agg["retriever"][key]["vs_g_item_knn"], 4)
-             if agg["retriever"][key].get("vs_g_item_knn") else "–"}
+             if agg["retriever"][key].get("vs_g_item_knn") else "–",
+             "− decayed popularity": fmt_paired(agg["retriever"][key]["vs_g_popularity_recent"], 4)
+             if agg["retriever"][key].get("vs_g_popularity_recent") else "–"}
             for key, label in RETRIEVER.items() if key in agg["retriever"]]
     md.append(md_table(rows, list(rows[0])))
     md.append("## Targets (issue 14)\n")

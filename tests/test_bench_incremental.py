@@ -88,6 +88,6 @@ def test_baselines_only_mode(tmp_path: Path) -> None:
     bench.main(["--quick", "--periods", "1", "--baselines-only", "--out", str(out), "--workdir", str(tmp_path / "w")])
     data = json.loads((out / "bench_incremental_quick_baselines.json").read_text())
     assert set(data["results"]["ranker"]) == {"g_bias", "p_prior", "p_prior_content", "g_als"}
-    assert set(data["results"]["retriever"]) == {"g_popularity", "g_item_knn", "g_als"}
+    assert set(data["results"]["retriever"]) == {"g_popularity", "g_popularity_recent", "g_item_knn", "g_als"}
     content = data["results"]["ranker"]["p_prior_content"][0]
     assert len(content["weights"]) == 3 and math.isfinite(content["metrics"]["auc"])

@@ -130,6 +130,35 @@ def test_fresh_ranker_with_the_prior_scores_exactly_the_prior_and_trains_on_the_
         peft_wiring.release(model)
 
 
+def test_head_lr_lets_a_residual_head_grow_and_only_the_head_sees_it(tmp_path):
+    from adapters_mgr.lora.trainer import train_adapter
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    rows = synthetic_rows(64, seed=2)
+    offsets = np.random.default_rng(1).normal(size=len(rows))
+    rows = [{**r, "prior_logit": o} for r, o in zip(rows, offsets, strict=True)]
+    common = dict(epochs=1, lr=1e-4, batch_size=16, max_length=32, seed=0, progress=False)
+
+    def trained_parts(**kw):
+        result = train_adapter(tiny_base(), tok, get_task("ranker", prior="bias"), rows, **common, **kw)
+        try:
+            state = result.adapter().state_dict
+            head = sum(float(v.abs().sum()) for k, v in state.items() if "classifier" in k)
+            lora_a = {k: v.clone() for k, v in state.items() if "lora_A" in k}
+            return head, lora_a, result.hyperparameters
+        finally:
+            result.release()
+
+    head_slow, a_slow, hp_slow = trained_parts()
+    head_fast, a_fast, hp_fast = trained_parts(head_lr=1e-2)
+    assert head_fast > 20 * head_slow > 0  # Adam moves each weight by ~lr a step
+    # the LoRA matrices keep lr: A starts seeded alike and moves by ~lr (its gradient is B's, B starts at 0)
+    assert max(float((a_fast[k] - a_slow[k]).abs().max()) for k in a_fast) < 1e-3
+    assert hp_fast["head_lr"] == 1e-2 and "head_lr" not in hp_slow
+    with pytest.raises(InvalidInput, match="head_lr"):
+        train_adapter(tiny_base(), tok, get_task("ranker", prior="bias"), rows, **common, head_lr=0.0)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("prior")

@@ -69,6 +69,47 @@ def test_popularity_counts_are_as_of_and_hand_computable(tmp_path: Path):
         PopularityRecipe(smoothing=0)
 
 
+def test_decayed_counts_halve_every_half_life_and_stay_as_of(tmp_path: Path):
+    day = 86_400
+    api = DataAPI(Catalog(tmp_path / "root" / "catalog.duckdb"), tmp_path / "root")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "ev.csv").write_text(
+        "user_id,item_id,rating,ts\n"
+        f"u1,i1,5,{10 * day}\n"  # day 10
+        f"u2,i1,5,{24 * day}\n"  # day 24
+        f"u3,i1,1,{24 * day}\n"  # day 24, no like
+        f"u3,i2,4,{31 * day}\n"  # day 31
+        f"u4,i1,4,{38 * day}\n"  # day 38
+    )
+    api.add_source("ev", tmp_path / "src" / "ev.csv", ts_format="epoch_s")
+    api.sync(window="7d")
+    recipe = PopularityRecipe(events="likes", half_life_days=14.0)
+    rows = sorted(api.interactions(), key=lambda r: (r["ts"], r["user_id"]))
+    got = dict(zip([(r["user_id"], r["item_id"]) for r in rows], api.row_popularity(rows, recipe).tolist(),
+                   strict=True))
+    # u4 on day 38 sees i1's likes of day 10 (28 days = 2 half-lives: 0.25) and day 24 (14 days: 0.5)
+    assert got[("u4", "i1")] == pytest.approx(0.75)
+    assert got[("u2", "i1")] == pytest.approx(0.5) and got[("u3", "i1")] == pytest.approx(0.5)  # ties: not yet
+    assert got[("u1", "i1")] == 0.0 and got[("u3", "i2")] == 0.0
+    at = datetime.fromtimestamp(38 * day, UTC)
+    assert api.item_popularity(["i1", "i2", "x"], at, recipe=recipe) == pytest.approx([0.75, 0.5 ** 0.5, 0.0])
+    # serving: aged at the newest synced event (day 38, plus the one microsecond that makes it count)
+    served = api.item_popularity(["i1", "i2"], recipe=recipe)
+    assert served == pytest.approx([1.75, 0.5 ** 0.5], rel=1e-6)
+    # all events, decayed: the rating-1 event of day 24 counts too
+    every = PopularityRecipe(half_life_days=14.0)
+    assert api.item_popularity(["i1"], at, recipe=every) == pytest.approx([1.25])
+    # recipes recorded before the half-life existed read back without decay
+    old = {k: v for k, v in PopularityRecipe().to_dict().items() if k != "half_life_days"}
+    assert recipe_of({popularity.RECORD_KEY: old}).half_life_days is None
+    assert recipe_of({popularity.RECORD_KEY: recipe.to_dict()}) == recipe
+    # a half-life too short for an item's span is refused in one line, not answered with overflow
+    with pytest.raises(InvalidInput, match="half-life .* too short"):
+        api.row_popularity(rows, PopularityRecipe(half_life_days=0.01))
+    with pytest.raises(InvalidInput, match="half_life_days"):
+        PopularityRecipe(half_life_days=0)
+
+
 # -- the task ------------------------------------------------------------------------------------------
 def _fresh(task, seed: int = 0):
     return build(task.task_model(tiny_base("encoder")), task, plan(task, "fresh", [], None, 1.0, "weights", "default"),
@@ -153,6 +194,7 @@ def test_training_learns_and_records_the_weights_outside_a_plain_peft_folder(tra
     hp = mgr.get(fresh.adapter_id).hyperparams
     recipe = recipe_of(hp)
     assert recipe.used and hp["popularity"] == "log"
+    assert (recipe.events, recipe.half_life_days) == ("likes", 14.0)  # a fresh retriever's term
     assert (recipe.sim_weight, recipe.pop_weight) != (0.0, 1.0)  # training moved them
     assert (start_recipe_of(hp).sim_weight, start_recipe_of(hp).pop_weight) == (0.0, 1.0)
     metrics_ = mgr.get(fresh.adapter_id).metrics
@@ -168,6 +210,15 @@ def test_training_learns_and_records_the_weights_outside_a_plain_peft_folder(tra
     warm = mgr.train_update([b[1]], task="retriever", policy="warm_start", parent=fresh.node_id, name="rp", **FAST)
     start = start_recipe_of(mgr.get(warm.adapter_id).hyperparams)
     assert (start.sim_weight, start.pop_weight) == (recipe.sim_weight, recipe.pop_weight)
+    assert (start.events, start.half_life_days) == ("likes", 14.0)  # the parent's term, continued
+    # another term under the parent's learned weights is refused before any training
+    from adapters_mgr.errors import Conflict
+
+    before = len(mgr.list())
+    with pytest.raises(Conflict, match="half-life"):
+        mgr.train_update([b[1]], task="retriever", policy="warm_start", parent=fresh.node_id, name="rp",
+                         popularity_half_life=0, **FAST)
+    assert len(mgr.list()) == before
 
 
 def test_scorer_recommendations_equal_the_evaluation_ranking(trained):

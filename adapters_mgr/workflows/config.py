@@ -25,12 +25,13 @@ class UpdateConfig:
     # Where each field shows in ``train --help``: one rich table per panel, so a long on/off pair in
     # one group does not squeeze every other option name into an ellipsis at 80 columns.
     cli_panels: ClassVar[dict[str, tuple[str, ...]]] = {
-        "Training": ("epochs", "lr", "warmup_ratio", "batch_size", "max_length", "seed",
+        "Training": ("epochs", "lr", "head_lr", "warmup_ratio", "batch_size", "max_length", "seed",
                      "max_train_rows", "max_eval_rows"),
         "Replay": ("replay_ratio", "replay_recency", "replay_half_life", "replay_relevance"),
         "Stack": ("mode", "new_weight"),
         "Ranker prior": ("prior", "prior_shrinkage"),
-        "Retriever popularity": ("popularity", "popularity_logq"),
+        "Retriever popularity": ("popularity", "popularity_events", "popularity_half_life"),
+        "Retriever training": ("popularity_logq",),
     }
 
     task: str = knob("ranker", "ranker (cross-encoder) or retriever (two-tower).")
@@ -43,6 +44,8 @@ class UpdateConfig:
                                         "backward pass stops there.", min=1)
     epochs: int = knob(1, "Passes over the training rows.", min=1)
     lr: float = knob(5e-4, "Learning rate.")
+    head_lr: float | None = knob(None, "Learning rate of the ranker's head (none: lr). A residual ranker's head "
+                                       "starts at 0 and the LoRA learns only once it has grown.", min=1e-12)
     warmup_ratio: float = knob(0.0, "Fraction of steps with a linear lr warm-up (0 = none).", min=0.0)
     batch_size: int = knob(32, "Training batch size.", min=1)
     max_length: int = knob(64, "Max tokens per text pair.", min=8)
@@ -62,6 +65,11 @@ class UpdateConfig:
                                    "as-of interactions), both learned, starting at 0 and 1: a fresh retriever "
                                    "ranks like popularity), none (the cosine alone), or auto (the parent's; log "
                                    "for a fresh retriever).")
+    popularity_events: str = knob("auto", "Retriever popularity counts likes or all (events of any label); auto: "
+                                          "the parent's, likes for a fresh retriever.")
+    popularity_half_life: float | None = knob(None, "Retriever popularity: an event counts 0.5 ** (age in days / "
+                                                    "this); none: the parent's, 14 for a fresh retriever; 0: no "
+                                                    "decay.", min=0.0)
     popularity_logq: bool = knob(True, "Retriever with popularity 'log': subtract log of each item's in-batch "
                                        "sampling probability from the training logits (logQ correction).")
     max_train_rows: int | None = knob(None, "Seeded subsample of training rows.", min=1)

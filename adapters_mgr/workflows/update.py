@@ -30,7 +30,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from importlib.metadata import version
 from pathlib import Path
@@ -82,6 +82,10 @@ from adapters_mgr.workflows.workspace import Workspace
 HOLDOUT_FRACTION = 0.1
 PRIOR_CHOICES = ("auto", "bias", "none")
 POPULARITY_CHOICES = ("auto", "log", "none")
+POPULARITY_EVENTS_CHOICES = ("auto", *popularity.EVENTS)
+#: A fresh retriever's popularity term: like counts decayed with a 14-day half-life (data/popularity.py
+#: says what it scores against all-history counts on MovieLens-100K)
+FRESH_POPULARITY = {"events": "likes", "half_life_days": 14.0}
 
 
 @dataclass
@@ -232,6 +236,12 @@ def check_config(cfg: UpdateConfig) -> tuple[Task, Policy]:
         raise InvalidInput(f"popularity {cfg.popularity!r} is unknown; use one of {', '.join(POPULARITY_CHOICES)}")
     if cfg.popularity == "log" and cfg.task != "retriever":
         raise InvalidInput(f"popularity 'log' is for the retriever; a {cfg.task} takes 'none' (or 'auto')")
+    if cfg.popularity_events not in POPULARITY_EVENTS_CHOICES:
+        raise InvalidInput(f"popularity_events {cfg.popularity_events!r} is unknown; use one of "
+                           f"{', '.join(POPULARITY_EVENTS_CHOICES)}")
+    half_life = cfg.popularity_half_life
+    if half_life is not None and (isinstance(half_life, bool) or not half_life >= 0 or half_life == float("inf")):
+        raise InvalidInput(f"popularity_half_life must be a number of days >= 0 (0: no decay), got {half_life!r}")
     return get_task(cfg.task), policy
 
 
@@ -265,9 +275,23 @@ def resolve_popularity(ws: Workspace, cfg: UpdateConfig, members: list[tuple[Ada
         kind = "log" if parents is None or parents.used else "none"
     if kind == "none":
         return NO_POPULARITY
-    recipe = PopularityRecipe(logq=bool(cfg.popularity_logq))
-    if parents is not None and parents.used:
-        recipe = recipe.with_weights(parents.sim_weight, parents.pop_weight)
+    inherited = parents is not None and parents.used
+    events = cfg.popularity_events
+    if events == "auto":
+        events = parents.events if inherited else FRESH_POPULARITY["events"]
+    half_life = cfg.popularity_half_life
+    if half_life is None:
+        half_life = parents.half_life_days if inherited else FRESH_POPULARITY["half_life_days"]
+    half_life = float(half_life) if half_life else None  # 0: no decay
+    recipe = PopularityRecipe(logq=bool(cfg.popularity_logq), events=events, half_life_days=half_life)
+    if inherited:
+        if (parents.events, parents.half_life_days) != (events, half_life):
+            ids = [m.id for m, _ in members]
+            raise Conflict(f"the parent adapters {ids} count popularity as {parents.events} with half-life "
+                           f"{parents.half_life_days or 'none'}; the new adapter would count {events} with half-life "
+                           f"{half_life or 'none'}: its learned weights would read another term. Leave "
+                           "--popularity-events / --popularity-half-life unset to continue theirs, or train fresh")
+        recipe = replace(recipe, smoothing=parents.smoothing).with_weights(parents.sim_weight, parents.pop_weight)
     return recipe
 
 
@@ -437,7 +461,7 @@ def train_together(ws: Workspace, inputs: TrainInputs, *, progress: bool) -> Tra
     plan, cfg = inputs.plan, inputs.plan.cfg
     return train_adapter(
         inputs.base_model(ws), inputs.tokenizer(ws), plan.task, inputs.rows,
-        settings=plan.settings(), epochs=cfg.epochs, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
+        settings=plan.settings(), epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, warmup_ratio=cfg.warmup_ratio,
         batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, policy=cfg.policy,
         parents=inputs.parents, new_weight=cfg.new_weight, mode=cfg.mode, progress=progress,
     )
@@ -687,7 +711,8 @@ def reproduce(ws: Workspace, ref: Any, *, progress: bool = False) -> dict[str, A
     train_rows = replay_rows(ws, plan, rows, templates)[0] if replay_ids or cfg.replay_ratio else rows
     train_rows = with_popularity(ws, with_prior(ws, train_rows, recipe), pop)
     result = train_adapter(ws.base_model(node.base_id, task.head), ws.tokenizer(node.base_id), task, train_rows,
-                           settings=plan.settings(), epochs=cfg.epochs, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
+                           settings=plan.settings(), epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
+                           warmup_ratio=cfg.warmup_ratio,
                            batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, policy=cfg.policy,
                            parents=ws.member_folders(members), new_weight=cfg.new_weight, mode=cfg.mode,
                            progress=progress)
