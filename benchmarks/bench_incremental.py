@@ -164,7 +164,7 @@ def make_manager(args: argparse.Namespace, workdir: Path, clock: Clock) -> tuple
         mgr.data.sync(window=args.window)
         if not args.quick:
             base_id = mgr.default_base()
-        t = stream.truth
+        t = {**stream.truth["params"], "oracle_auc": stream.truth["oracle_auc"]}
         model = ("tiny random BERT (2 layers, hidden 16, MiniLM tokenizer)" if args.quick
                  else "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; embedded)")
         data = (f"synthetic drift stream (adapters_mgr/data/drift_stream.py, seed {args.seed}): "

@@ -46,9 +46,12 @@ def test_quick_runs_end_to_end(tmp_path: Path) -> None:
     assert (out / "bench_incremental_quick.png").stat().st_size > 1000
     periods = [p["t"] for p in data["periods"]]
     assert len(periods) == 2 and payload["config"]["quick"]
-    for key in bench.RANKER:
+    assert "o_oracle" not in data["results"]["ranker"]  # the drift stream's only
+    for key in (k for k in bench.RANKER if k != "o_oracle"):
         entries = data["results"]["ranker"][key]
-        assert [e["period"] for e in entries] == periods, key
+        # (e) and (f), the costliest, run in the last period only (unless --retrain-every-period)
+        want = periods[-1:] if key in ("e_lora_retrain", "f_full_ft") else periods
+        assert [e["period"] for e in entries] == want, key
         for e in entries:
             for metric in ("auc", "gauc"):
                 assert e["metrics"][metric] is not None and math.isfinite(e["metrics"][metric]), (key, metric)
@@ -61,12 +64,35 @@ def test_quick_runs_end_to_end(tmp_path: Path) -> None:
             for metric in ("ndcg@10", "recall@10"):
                 assert e["metrics"][metric] is not None and math.isfinite(e["metrics"][metric]), (key, metric)
     # every ranker strategy scored the same eval rows
-    for i in range(len(periods)):
-        assert len({data["results"]["ranker"][k][i]["metrics"]["n_eval"] for k in bench.RANKER}) == 1
+    for t in periods:
+        assert len({e["metrics"]["n_eval"] for k, es in data["results"]["ranker"].items() for e in es
+                    if e["period"] == t}) == 1
     names = {v["target"] for v in data["summary"]["targets"]}
     assert any("bias model" in n for n in names) and any("(e)" in n for n in names)
     for key in bench.INCREMENTAL:
         assert 0 < data["summary"]["ranker"][key]["mean_bytes"] < data["base_bytes"]
+
+
+def test_quick_drift_stream_reports_the_oracle_and_the_gap_closed(tmp_path: Path) -> None:
+    from benchmarks import bench_incremental as bench
+
+    out = tmp_path / "results"
+    bench.main(["--quick", "--stream", "drift", "--periods", "2", "--skip-full-ft", "--out", str(out),
+                "--workdir", str(tmp_path / "work")])
+    data = json.loads((out / "bench_incremental_quick.json").read_text())
+    res, summary = data["results"]["ranker"], data["summary"]["ranker"]
+    assert "60 users, 300 events per 7d period, 10 new items per period" in data["data"]
+    assert [e["period"] for e in res["o_oracle"]] == [p["t"] for p in data["periods"]] == [4, 5]
+    prior, oracle = summary["p_prior"]["mean_auc"], summary["o_oracle"]["mean_auc"]
+    assert oracle > prior + 0.03  # the true probabilities rank far better than any prior
+    for key in bench.INCREMENTAL:
+        want = (summary[key]["mean_auc"] - prior) / (oracle - prior)
+        assert math.isclose(summary[key]["gap_share"], want, rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isclose(summary["o_oracle"]["gap_share"], 1.0)
+    names = [v["target"] for v in data["summary"]["targets"]]
+    assert any(n.startswith("floor (drift stream)") for n in names)
+    assert any(n.startswith("goal (drift stream)") for n in names)
+    assert "gap closed" in (out / "bench_incremental_quick.md").read_text()
 
 
 def test_paired_interval() -> None:
