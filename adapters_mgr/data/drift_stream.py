@@ -58,6 +58,7 @@ import duckdb
 import numpy as np
 
 from adapters_mgr.data.synthetic import GENRES, OCCUPATIONS, SyntheticData
+from adapters_mgr.lora.metrics import auc
 
 GENRE_WORDS: dict[str, tuple[str, ...]] = {
     "Action": ("Fury", "Strike", "Chase", "Bullet", "Rampage", "Showdown"),
@@ -166,11 +167,12 @@ def generate_drift(
     ev["event"] = np.arange(m, dtype=np.int64)
 
     files = _write(folder, ev, users, user_attrs, titles, years, gmat)
-    per = [{"period": t, "start_ms": start_ms + t * period_ms, "events": int((ev["period"] == t).sum()),
-            "items_released": int((release == t).sum()),
-            "like_rate": float(ev["label"][ev["period"] == t].mean()),
-            "oracle_auc": oracle_auc(ev["label"][ev["period"] == t], ev["p"][ev["period"] == t])}
-           for t in range(n_periods)]
+    per = []
+    for t in range(n_periods):
+        at = ev["period"] == t
+        per.append({"period": t, "start_ms": start_ms + t * period_ms, "events": int(at.sum()),
+                    "items_released": int((release == t).sum()), "like_rate": float(ev["label"][at].mean()),
+                    "oracle_auc": auc(ev["label"][at], ev["p"][at])})
     truth = {
         "params": {"users": users, "items_initial": items_initial, "new_items_per_period": new_items_per_period,
                    "init_periods": init_periods, "periods": periods, "events_per_period": events_per_period,
@@ -179,7 +181,7 @@ def generate_drift(
                    "like_rate": like_rate, "mu": mu, "seed": seed,
                    "start": start.isoformat()},
         "window": _window_spec(period), "periods_total": n_periods, "events": int(m), "items": int(n_items),
-        "like_rate": float(ev["label"].mean()), "oracle_auc": oracle_auc(ev["label"], ev["p"]),
+        "like_rate": float(ev["label"].mean()), "oracle_auc": auc(ev["label"], ev["p"]),
         "per_period": per, "genres": list(GENRES), "item_release_period": release.tolist(),
         "trend": [[round(float(x), 6) for x in row] for row in trend],
     }
@@ -204,20 +206,6 @@ def _offset_for(logits: np.ndarray, rate: float) -> float:
         else:
             hi = mid
     return (lo + hi) / 2.0
-
-
-def oracle_auc(labels: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC of ``labels`` scored by ``p`` (Mann-Whitney, ties counted as half); nan with one class."""
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    s = np.asarray(p, dtype=np.float64).reshape(-1)
-    n_pos = y.sum()
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    upper = np.cumsum(counts)  # ranks of tied values are averaged: (first + last) / 2
-    rank = (upper - (counts - 1) / 2.0)[inverse]
-    return float((rank[y > 0].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def true_probabilities(stream: SyntheticData, rows: Any) -> np.ndarray:

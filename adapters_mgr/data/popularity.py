@@ -159,33 +159,25 @@ def row_counts(catalog: Catalog, rows: Sequence[Mapping[str, Any]], recipe: Popu
                    epoch_us(unnest(?::TIMESTAMPTZ[])) AS t""",
             [len(rows), [str(r["item_id"]) for r in rows], [r["ts"] for r in rows]],
         )
-        if not decayed:
-            cols = con.execute(
-                f"""WITH g AS (SELECT item_id, epoch_us(ts) AS t, count(*) AS c FROM interaction_rows
-                              {_where(recipe)} GROUP BY ALL),
-                         cum AS (SELECT item_id, t, sum(c) OVER (PARTITION BY item_id ORDER BY t) AS n FROM g)
-                    SELECT p.pid, coalesce(cum.n, 0)::BIGINT AS n
-                    FROM {_PROBES} p ASOF LEFT JOIN cum ON p.item_id = cum.item_id AND p.t > cum.t
-                    ORDER BY p.pid"""
-            ).fetchnumpy()
-            return np.asarray(cols["n"], dtype=np.int64)
-        h_us = float(recipe.half_life_days) * _US_PER_DAY
-        span = con.execute(f"""SELECT max(s) FROM (SELECT (max(epoch_us(ts)) - min(epoch_us(ts))) / ? AS s
-                               FROM interaction_rows {_where(recipe)} GROUP BY item_id)""", [h_us]).fetchone()[0]
-        _check_span(span, recipe)
+        weight, scale, params = "1", "1", []  # plain counts: every event weighs 1
+        if decayed:
+            h_us = float(recipe.half_life_days) * _US_PER_DAY
+            span = con.execute(f"""SELECT max(s) FROM (SELECT (max(epoch_us(ts)) - min(epoch_us(ts))) / ? AS s
+                                   FROM interaction_rows {_where(recipe)} GROUP BY item_id)""", [h_us]).fetchone()[0]
+            _check_span(span, recipe)
+            weight, scale, params = "pow(2.0, (t - t0) / ?)", "pow(2.0, -(p.t - cum.t0) / ?)", [h_us, h_us]
         cols = con.execute(
             f"""WITH g AS (SELECT item_id, epoch_us(ts) AS t, count(*) AS c FROM interaction_rows
                           {_where(recipe)} GROUP BY ALL),
                      a AS (SELECT *, min(t) OVER (PARTITION BY item_id) AS t0 FROM g),
-                     cum AS (SELECT item_id, t, t0,
-                                    sum(c * pow(2.0, (t - t0) / ?)) OVER (PARTITION BY item_id ORDER BY t) AS s
+                     cum AS (SELECT item_id, t, t0, sum(c * {weight}) OVER (PARTITION BY item_id ORDER BY t) AS s
                              FROM a)
-                SELECT p.pid, coalesce(cum.s * pow(2.0, -(p.t - cum.t0) / ?), 0.0)::DOUBLE AS n
+                SELECT p.pid, coalesce(cum.s * {scale}, 0) AS n
                 FROM {_PROBES} p ASOF LEFT JOIN cum ON p.item_id = cum.item_id AND p.t > cum.t
                 ORDER BY p.pid""",
-            [h_us, h_us],
+            params,
         ).fetchnumpy()
-    return np.asarray(cols["n"], dtype=np.float64)
+    return np.asarray(cols["n"], dtype=np.float64 if decayed else np.int64)
 
 
 def _check_span(half_lives: float | None, recipe: PopularityRecipe) -> None:
@@ -212,17 +204,16 @@ def item_counts(catalog: Catalog, items: Sequence[Any], as_of: datetime | None, 
     params: list[Any] = [] if as_of is None else [as_of]
     with catalog.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
-        if not decayed:
-            found = dict(con.execute(f"SELECT item_id, count(*) FROM interaction_rows {where} GROUP BY item_id",
-                                     params).fetchall())
-            return np.asarray([int(found.get(i, 0)) for i in items], dtype=np.int64)
-        # aged at as_of, or at the newest event counted: exponents <= 0, so nothing overflows
-        at = "epoch_us(?::TIMESTAMPTZ)" if as_of is not None else \
-            f"(SELECT max(epoch_us(ts)) + 1 FROM interaction_rows {where})"
-        h_us = float(recipe.half_life_days) * _US_PER_DAY
-        found = dict(con.execute(
-            f"SELECT item_id, sum(pow(2.0, -({at} - epoch_us(ts)) / ?)) FROM interaction_rows {where} GROUP BY item_id",
-            [as_of, h_us, as_of] if as_of is not None else [h_us]).fetchall())
+        agg, agg_params = "count(*)", []
+        if decayed:  # aged at as_of, or at the newest event counted: exponents <= 0, so nothing overflows
+            at = "epoch_us(?::TIMESTAMPTZ)" if as_of is not None else \
+                f"(SELECT max(epoch_us(ts)) + 1 FROM interaction_rows {where})"
+            agg = f"sum(pow(2.0, -({at} - epoch_us(ts)) / ?))"
+            agg_params = [*params, float(recipe.half_life_days) * _US_PER_DAY]
+        found = dict(con.execute(f"SELECT item_id, {agg} FROM interaction_rows {where} GROUP BY item_id",
+                                 [*agg_params, *params]).fetchall())
+    if not decayed:
+        return np.asarray([int(found.get(i, 0)) for i in items], dtype=np.int64)
     return np.asarray([float(found.get(i, 0.0)) for i in items], dtype=np.float64)
 
 
