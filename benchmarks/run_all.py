@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import RESULTS, machine  # noqa: E402
 
 SCRIPTS = ["bench_catalog", "bench_concurrency", "bench_data", "bench_serving", "bench_training",
-           "bench_incremental", "bench_templates"]
+           "bench_incremental", "bench_templates", "bench_drift_ceiling"]
 
 
 def _result_name(script: str, quick: bool) -> str:

@@ -18,6 +18,6 @@ def test_run_all_quick_writes_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (REPO / "BENCHMARKS_quick.md").read_text()
     for script in ("bench_catalog", "bench_concurrency", "bench_data", "bench_serving", "bench_training",
-                   "bench_incremental", "bench_templates"):
+                   "bench_incremental", "bench_templates", "bench_drift_ceiling"):
         assert f"## {script} (ok" in report, script
     assert "## Targets" in report and ("met" in report or "MISSED" in report)
