@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from benchmarks._common import machine, md_table, write_results  # noqa: E402
+from benchmarks._content_baseline import fit_logistic, predict_logistic  # noqa: E402
 from benchmarks._stats import describe  # noqa: E402
 
 SHRINK_USER = 3.0  # pseudo-events in the user's genre profile
@@ -43,13 +44,13 @@ SHRINK_TREND = 5.0  # pseudo-events per genre in the last period's trend
 
 
 def stream_rows(seed: int, workdir: Path, quick: bool) -> tuple[list[list[dict[str, Any]]], dict[str, np.ndarray],
-                                                                  dict[int, float], float]:
+                                                                  list[np.ndarray], float]:
     """Per period, the rows with the prior's features; each item's genre vector (unit norm, as the
-    generator weighs it); the true p_like per event time; the stream's trend persistence."""
+    generator weighs it); per period, the rows' true p_like; the stream's trend persistence."""
     import duckdb
 
     from adapters_mgr import AdapterManager
-    from adapters_mgr.data.drift_stream import generate_drift
+    from adapters_mgr.data.drift_stream import generate_drift, true_probabilities
     from adapters_mgr.data.synthetic import GENRES
 
     sizes = dict(users=60, items_initial=40, new_items_per_period=10, events_per_period=300) if quick else {}
@@ -66,12 +67,8 @@ def stream_rows(seed: int, workdir: Path, quick: bool) -> tuple[list[list[dict[s
         for g in (listed if isinstance(listed, list) else str(listed).split("|")):
             vec[GENRES.index(g)] = 1.0
         genres[item_id] = vec / np.sqrt(vec.sum())
-    truth = dict(duckdb.sql(f"SELECT ts, p_like FROM read_parquet('{workdir / 'drift' / 'truth.parquet'}')").fetchall())
+    truth = [true_probabilities(stream, rows) for rows in periods]
     return periods, genres, truth, float(stream.truth["params"]["persistence"])
-
-
-def _ms(row: dict[str, Any]) -> int:
-    return int(round(row["ts"].timestamp() * 1000))
 
 
 def genre_features(rows: list[dict[str, Any]], history: list[dict[str, Any]], last: list[dict[str, Any]],
@@ -96,17 +93,6 @@ def genre_features(rows: list[dict[str, Any]], history: list[dict[str, Any]], la
         taste = profile.get(r["user_id"], np.zeros(len(g))) / (count.get(r["user_id"], 0) + SHRINK_USER)
         out.append([r["prior_logit"], float(np.dot(taste, g)), float(np.dot(trend, g))])
     return np.array(out)
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, iters: int = 50) -> np.ndarray:
-    """Newton's method with a tiny ridge; the last weight is the intercept."""
-    xb = np.column_stack([x, np.ones(len(x))])
-    w = np.zeros(xb.shape[1])
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-xb @ w))
-        hess = (xb * (p * (1 - p))[:, None]).T @ xb / len(y) + 1e-6 * np.eye(len(w))
-        w -= np.linalg.solve(hess, xb.T @ (p - y) / len(y))
-    return w
 
 
 def genre_mf(history: list[list[dict[str, Any]]], rows: list[dict[str, Any]], genres: dict[str, np.ndarray],
@@ -168,12 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train, evaluate = periods[t], periods[t + 1]
             labels = np.array([r["label"] for r in evaluate], dtype=float)
             prior = auc(labels, np.array([r["prior_logit"] for r in evaluate]))
-            oracle = auc(labels, np.array([truth[_ms(r)] for r in evaluate]))
+            oracle = auc(labels, truth[t + 1])
             before_t = [r for p in periods[:t] for r in p]
             w = fit_logistic(genre_features(train, before_t, periods[t - 1], genres),
-                             np.array([r["label"] for r in train], dtype=float))
-            x_eval = genre_features(evaluate, before_t + train, train, genres)
-            feats = auc(labels, np.column_stack([x_eval, np.ones(len(x_eval))]) @ w)
+                             np.array([r["label"] for r in train], dtype=float), l2=1e-6)
+            feats = auc(labels, predict_logistic(w, genre_features(evaluate, before_t + train, train, genres)))
             mf = auc(labels, genre_mf(periods[: t + 1], evaluate, genres, persistence))
             gap = oracle - prior
             rows_out.append({"seed": seed, "period": t + 1, "rows": len(evaluate), "prior": prior, "oracle": oracle,
@@ -185,9 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         d = describe([r[name] for r in rows_out])
         entry = {"model": name, "mean AUC": f"{d['mean']:.4f} ± {d['std']:.4f}"}
         if name.startswith("genre"):
-            s = describe([r[f"share {name}"] for r in rows_out])
-            entry["share of the gap"] = f"{s['mean']:.1%} ± {s['std']:.1%}"
             shares = [r[f"share {name}"] for r in rows_out]
+            s = describe(shares)
+            entry["share of the gap"] = f"{s['mean']:.1%} ± {s['std']:.1%}"
             entry["range"] = f"{min(shares):.0%} .. {max(shares):.0%}"
         summary.append(entry)
     payload = {"machine": machine(), "args": vars(args), "seeds": seeds, "per_period": rows_out, "summary": summary,

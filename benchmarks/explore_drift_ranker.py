@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from peft import LoraConfig, get_peft_model
 
     from adapters_mgr import AdapterManager
-    from adapters_mgr.data.drift_stream import generate_drift
+    from adapters_mgr.data.drift_stream import generate_drift, true_probabilities
     from adapters_mgr.lora.base_model import HeadSpec
     from adapters_mgr.lora.metrics import auc
 
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             return rows
 
         train, ev = rows_of(ids[: a.T]), rows_of([ids[a.T]])
-        import duckdb
-
-        truth = dict(duckdb.sql(f"SELECT ts, p_like FROM read_parquet('{Path(tmp) / 'drift' / 'truth.parquet'}')")
-                     .fetchall())
+        p_like = true_probabilities(stream, ev)
         base_id = mgr.default_base()
         tok = mgr.tokenizer(base_id)
         head = HeadSpec("seq_cls", 2) if a.shape.startswith("cross") else HeadSpec("encoder")
@@ -140,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.array([r["label"] for r in ev])
     prior_logit = np.array([r["prior_logit"] for r in ev])
     prior = auc(labels, prior_logit)
-    oracle = auc(labels, np.array([truth[int(round(r["ts"].timestamp() * 1000))] for r in ev]))
+    oracle = auc(labels, p_like)
     got = auc(labels, prior_logit + residual)
     print(f"RESULT {a.shape} texts={a.texts} seed={a.seed} T={a.T} epochs={a.epochs} rows={len(train)}: "
           f"prior {prior:.4f} oracle {oracle:.4f} model {got:.4f} share {(got - prior) / (oracle - prior):.1%} "
