@@ -231,9 +231,10 @@ class Bench:
     # -- one registered LoRA update through the manager ------------------------------------------------
     def update(self, side: str, key: str, period: int, batches: list[str], *, eval_rows: int | None,
                train_rows: int, **kw: Any) -> Any:
+        shape = {"ranker_shape": self.args.ranker_shape} if side == "ranker" else {}
         res, wall, peak = measured(lambda: self.mgr.train_update(
             batches, task="ranker" if side == "ranker" else "retriever", max_train_rows=train_rows,
-            max_eval_rows=eval_rows, name=key.replace("_", "-"), **{**self.common, **kw}))
+            max_eval_rows=eval_rows, name=key.replace("_", "-"), **{**self.common, **shape, **kw}))
         node = self.mgr.get(res.adapter_id)
         hp = node.hyperparams or {}
         sps = res.extra.get("samples_per_s")
@@ -476,11 +477,16 @@ class Bench:
         clock.log(f"initial adapters on {init_ids[0]}..{init_ids[-1]} ({a.init_rows} rows each)")
         init_r = self.update("ranker", "init", a.init_weeks - 1, init_ids, eval_rows=a.eval_rows,
                              train_rows=a.init_rows, policy="fresh")
-        init_q = self.update("retriever", "init", a.init_weeks - 1, init_ids, eval_rows=a.retriever_eval_rows,
-                             train_rows=a.retriever_init_rows, policy="fresh")
+        init_q = None if a.ranker_only else self.update(
+            "retriever", "init", a.init_weeks - 1, init_ids, eval_rows=a.retriever_eval_rows,
+            train_rows=a.retriever_init_rows, policy="fresh")
         long_id = init_r.adapter_id
         prev = {"b_warm_start": init_r.adapter_id, "c_stack": init_r.node_id, "d_replay": init_r.adapter_id,
-                "r_warm_start": init_q.adapter_id}
+                "r_warm_start": init_q.adapter_id if init_q is not None else None}
+        wanted = set(a.policies.split(",")) if a.policies else None
+
+        def runs(policy: str) -> bool:
+            return wanted is None or policy in wanted
         periods = []
         for k, t in enumerate(range(a.init_weeks, a.init_weeks + a.periods), start=1):
             train_id, eval_id = ids[t], ids[t + 1]
@@ -501,26 +507,34 @@ class Bench:
             # (b) (c) (d) (d2): incremental
             week = dict(eval_rows=a.eval_rows, train_rows=a.week_rows)
             cont = dict(week, lr=a.update_lr)  # continued training: (b) (c) (d); fresh adapters use --lr
-            r = self.update("ranker", "b_warm_start", t, [train_id], policy="warm_start", parent=prev["b_warm_start"],
-                            **cont)
-            prev["b_warm_start"] = r.adapter_id
-            r = self.update("ranker", "c_stack", t, [train_id], policy="stack", parent=prev["c_stack"], **cont)
-            prev["c_stack"] = r.node_id
-            r = self.update("ranker", "d_replay", t, [train_id], policy="warm_start", parent=prev["d_replay"],
-                            replay_ratio=a.replay_ratio, replay_half_life=a.replay_half_life,
-                            replay_relevance=a.replay_relevance, **cont)
-            prev["d_replay"] = r.adapter_id
-            for mode in ("ensemble", "weights"):
+            if runs("b"):
+                r = self.update("ranker", "b_warm_start", t, [train_id], policy="warm_start",
+                                parent=prev["b_warm_start"], **cont)
+                prev["b_warm_start"] = r.adapter_id
+            if runs("c"):
+                r = self.update("ranker", "c_stack", t, [train_id], policy="stack", parent=prev["c_stack"], **cont)
+                prev["c_stack"] = r.node_id
+            if runs("d"):
+                r = self.update("ranker", "d_replay", t, [train_id], policy="warm_start", parent=prev["d_replay"],
+                                replay_ratio=a.replay_ratio, replay_half_life=a.replay_half_life,
+                                replay_relevance=a.replay_relevance, **cont)
+                prev["d_replay"] = r.adapter_id
+            for mode in ("ensemble", "weights") if runs("d2") else ():
                 self.update("ranker", f"d2_long_short_{mode}", t, [train_id], policy="long_short", parent=long_id,
                             mode=mode, **week)
             # (e) LoRA retrained from scratch on all so far, (f) full fine-tuning on the same rows
-            if a.retrain_every_period or k == a.periods:  # default: the last period only (costs, projections)
+            last = a.retrain_every_period or k == a.periods  # default: the last period only (costs, projections)
+            if last and runs("e"):
                 self.update("ranker", "e_lora_retrain", t, ids[: t + 1], policy="fresh", eval_rows=a.eval_rows,
                             train_rows=all_rows, eval_batches=[eval_id])
-                if not a.skip_full_ft:
-                    self.full_ft(t, all_rows, ranker_rows)
+            if last and runs("f") and not a.skip_full_ft:
+                self.full_ft(t, all_rows, ranker_rows)
             # (g) classical, and the retrievers
             self.classical(t, ranker_rows, retr, history)
+            if init_q is None:
+                if self.checkpoint is not None:
+                    self.checkpoint.write_text(json.dumps({"periods": periods, "results": self.results}, default=str))
+                continue
             self.eval_stale("retriever", "r_stale", t, init_q.adapter_id, retr)
             rweek = dict(eval_rows=a.retriever_eval_rows, train_rows=a.retriever_week_rows)
             self.update("retriever", "r_fresh", t, [train_id], policy="fresh", **rweek)
@@ -529,8 +543,8 @@ class Bench:
             prev["r_warm_start"] = r.adapter_id
             if self.checkpoint is not None:
                 self.checkpoint.write_text(json.dumps({"periods": periods, "results": self.results}, default=str))
-        init = {"ranker": _clean(init_r.metrics), "retriever": _clean(init_q.metrics),
-                "ranker_adapter": init_r.adapter_id, "retriever_adapter": init_q.adapter_id}
+        init = {"ranker": _clean(init_r.metrics), "retriever": _clean(init_q.metrics) if init_q else {},
+                "ranker_adapter": init_r.adapter_id, "retriever_adapter": init_q.adapter_id if init_q else None}
         return {"periods": periods, "initial": init, "results": self.results}
 
 
@@ -978,6 +992,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run (e) and (f) in every period (default: the last period only, where the cost targets "
                         "are measured: they are the run's most expensive strategies)")
     p.add_argument("--top-layers", type=int, default=None, help="LoRA on the top N layers only (default: all)")
+    p.add_argument("--ranker-shape", choices=("cross", "tower"), default="cross",
+                   help="the ranker recipe: cross-encoder + head, or two towers (scale x cosine + bias)")
+    p.add_argument("--ranker-only", action="store_true", help="train no retriever (its baselines still run)")
+    p.add_argument("--policies", default=None,
+                   help="comma-separated subset of the ranker policies b,c,d,d2,e,f (default: all)")
     p.add_argument("--baselines-only", action="store_true",
                    help="only the prior, prior + content and classical baselines (no BERT training; minutes)")
     p.add_argument("--replay-ratio", type=float, default=1.0)

@@ -52,7 +52,7 @@ from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter, copy_config
 from adapters_mgr.lora.merge_methods import DENSITY_METHODS, METHODS, check_method
-from adapters_mgr.lora.tasks import get_task
+from adapters_mgr.lora.tasks import Task, get_task
 from adapters_mgr.lora.tensors import (
     PREFIX,
     WEIGHTS_FILE,
@@ -118,7 +118,7 @@ def _peft_combination(method: str, ranks: set[int], target_rank: int | None, n: 
 
 
 def _checked_inputs(
-    folders_and_weights: Sequence[tuple[AdapterSource, float]], out_dir: str | Path, task: str | None,
+    folders_and_weights: Sequence[tuple[AdapterSource, float]], out_dir: str | Path, task: str | Task | None,
     base_model: nn.Module, verb: str,
 ) -> tuple[list[float], Path, list[LoraTensors], str, nn.Module]:
     """Everything merge and fold check before any model work: weights, output folder, compatible
@@ -129,8 +129,13 @@ def _checked_inputs(
     weights = check_weights([w for _, w in pairs])
     out = _prepare_out_dir(out_dir)
     sources = [read_lora(src) for src, _ in pairs]
-    task_name = check_compatible(sources, task)
-    task_model = get_task(task_name).task_model(base_model)
+    if isinstance(task, Task):  # the recipe knows its folders' peft type (a two-tower ranker: FEATURE_EXTRACTION)
+        check_compatible(sources, task_type=task.peft_task_type)
+        task_name, task_obj = task.name, task
+    else:
+        task_name = check_compatible(sources, task)
+        task_obj = get_task(task_name)
+    task_model = task_obj.task_model(base_model)
     if peft_wiring.has_injected_adapters(task_model):
         raise InvalidInput(f"the base already has adapters attached; {verb} needs the bare base (release them)")
     check_fits(task_model, sources)
@@ -145,7 +150,7 @@ def merge_adapters(
     density: float | None = None,
     base_model: nn.Module,
     out_dir: str | Path,
-    task: str | None = None,
+    task: str | Task | None = None,
     seed: int = 0,
 ) -> MergeResult:
     """Merge adapters with ``method`` into a standard PEFT folder ``out_dir`` (see the module doc).
@@ -273,7 +278,8 @@ def fold(
     out_dir: str | Path,
     *,
     tokenizer: Any = None,
-    task: str | None = None,
+    task: str | Task | None = None,
+    record_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Export base + weighted deltas (+ the newest adapter's head) as a plain transformers folder.
 
@@ -294,6 +300,7 @@ def fold(
             "sources": [{"source": s.source, "sha256": s.sha256, "weight": w} for s, w in zip(sources, weights,
                                                                                             strict=True)],
             "head": {"rule": "newest source", "source_index": len(sources) - 1},
+            **(record_extra or {}),
         }
         (tmp / FOLD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -18,6 +18,9 @@ The as-of prior (ranker adapters trained with ``prior='bias'``) is not part of a
 caller passes its logits as ``offsets`` and every forward pass adds them to its residual logit
 before the sigmoid, so a weights-mode stack or a merge adds the prior once (one residual: the summed
 deltas read by the newest head) and an ensemble averages members that each added it once.
+A two-tower ranker (``RankerTask(shape='tower')``) scores each pass as
+``sigmoid(offset + scale * cos + bias)`` with the task's ``scale`` and ``bias`` (a node's: its
+newest member's), so the same holds for it.
 
 Retriever scores are always the dot product of ``encode_users`` and ``encode_items`` outputs (the
 cosine similarity in ``weights`` mode). ``ScoringModel`` attaches adapters to the base in place;
@@ -37,7 +40,6 @@ from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.adapters import AdapterSource
 from adapters_mgr.lora.tasks import Task, get_task
-from adapters_mgr.lora.tasks.ranker import pair_probabilities
 from adapters_mgr.lora.tasks.retriever import encode_texts
 
 MODES = ("weights", "ensemble")
@@ -167,7 +169,7 @@ class ScoringModel:
             if offsets is not None:
                 raise InvalidInput("prior offsets apply to the ranker only")
             return np.sum(self.encode_users(user_texts) * self.encode_items(item_texts), axis=1).astype(np.float64)
-        outputs = self._run(lambda: pair_probabilities(
+        outputs = self._run(lambda: self.task.pass_scores(
             self.model, self.tokenizer, list(user_texts), list(item_texts),
             max_length=self.max_length, batch_size=self.batch_size, device=self.device, offsets=offsets,
         ))

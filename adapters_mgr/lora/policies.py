@@ -31,7 +31,7 @@ from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter
 from adapters_mgr.lora.peft_scoring import MODES, check_combination
 from adapters_mgr.lora.quiet import known_warnings_silenced
-from adapters_mgr.lora.settings import PEFT_TASK_TYPES, LoraSettings
+from adapters_mgr.lora.settings import LoraSettings
 from adapters_mgr.lora.tasks import Task
 
 
@@ -191,7 +191,7 @@ def plan(
     if rules.makes_stack_node:
         check_combination([p.weight for p in items] + [float(new_weight)], mode)
     configs = [peft_wiring.source_config(p.source) for p in items]
-    want_type = PEFT_TASK_TYPES[task.name]
+    want_type = task.peft_task_type
     for parent, config in zip(items, configs, strict=True):
         got = getattr(config.task_type, "value", config.task_type)
         if got != want_type:
@@ -238,7 +238,7 @@ def build(task_model: nn.Module, task: Task, p: Plan, seed: int) -> Any:
         model: Any = task_model
         for name, parent in zip(p.parent_names, p.parents, strict=True):
             model = peft_wiring.attach(model, parent.source, name, trainable=False)
-        config = p.settings.to_peft_config(task.name)
+        config = p.settings.to_peft_config(task.name, task.peft_task_type)
         set_seed(seed)  # the new adapter's init must not depend on how many parents were loaded
         if model is task_model:
             model = get_peft_model(task_model, config, adapter_name=p.adapter_name)

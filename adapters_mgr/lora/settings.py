@@ -61,8 +61,9 @@ class LoraSettings:
                 " for BERT use ['query', 'value']"
             )
 
-    def to_peft_config(self, task: str) -> Any:
-        """A fresh ``peft.LoraConfig`` for ``task`` ('ranker' or 'retriever')."""
+    def to_peft_config(self, task: str, task_type: str | None = None) -> Any:
+        """A fresh ``peft.LoraConfig`` for ``task`` ('ranker' or 'retriever'); ``task_type``
+        overrides the task's usual peft type (a two-tower ranker is a FEATURE_EXTRACTION folder)."""
         from peft import LoraConfig
 
         if task not in PEFT_TASK_TYPES:
@@ -73,7 +74,7 @@ class LoraSettings:
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
             layers_to_transform=list(self.layers) if self.layers is not None else None,
-            task_type=PEFT_TASK_TYPES[task],
+            task_type=task_type or PEFT_TASK_TYPES[task],
             bias="none",
         )
 

@@ -146,8 +146,10 @@ def check_weights(weights: Sequence[float]) -> list[float]:
     return out
 
 
-def check_compatible(adapters: Sequence[LoraTensors], task: str | None = None) -> str:
-    """Same task type and same target modules/layers (ranks may differ); returns the task name."""
+def check_compatible(adapters: Sequence[LoraTensors], task: str | None = None, *, task_type: str | None = None) -> str:
+    """Same task type and same target modules/layers (ranks may differ); returns the task name.
+    ``task_type``: the peft task type the caller's recipe needs (a two-tower ranker's folders are
+    FEATURE_EXTRACTION ones, as the retriever's)."""
     if not adapters:
         raise InvalidInput("need at least one adapter")
     first = adapters[0]
@@ -166,6 +168,9 @@ def check_compatible(adapters: Sequence[LoraTensors], task: str | None = None) -
             )
     if task is not None and first.task != task:
         raise Conflict(f"{first.source} is a {first.task} adapter, not a {task} adapter")
+    if task_type is not None and first.task_type != task_type:
+        raise Conflict(f"{first.source} is a {first.task} adapter ({first.task_type}); this recipe needs a "
+                       f"{task_type} adapter (a two-tower ranker's is FEATURE_EXTRACTION, a cross-encoder's SEQ_CLS)")
     return first.task
 
 

@@ -37,7 +37,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.lora.adapters import AdapterSource, InMemoryAdapter, has_injected_adapters, read_adapter_config
 from adapters_mgr.lora.peft_scoring import check_combination
 from adapters_mgr.lora.tasks import Task, get_task
-from adapters_mgr.lora.tasks.ranker import pair_probabilities
 from adapters_mgr.lora.tasks.retriever import encode_texts
 from adapters_mgr.lora.tensors import (
     CONFIG_FILE,
@@ -179,6 +178,8 @@ class NodeSpec:
     adapters: tuple[tuple[AdapterSource, float], ...]
     mode: str = "weights"
     label: Any = None
+    shape: Any = None
+    """A two-tower ranker node's ``RankerShape`` (its scale and bias); None: the engine task's own."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ class PreparedNode:
     sources: tuple[str, ...]
     shas: tuple[str | None, ...]
     weights: tuple[float, ...]
+    shape: Any = None
 
 
 BARE = PreparedNode(label=None, mode="weights", passes=(_Pass(1.0, {}, None),), sources=(), shas=(), weights=())
@@ -260,8 +262,9 @@ class HotSwapModel:
     def prepare(self, adapters: Sequence[tuple[AdapterSource, float]] | NodeSpec | None, mode: str = "weights",
                 *, label: Any = None) -> PreparedNode:
         """Read (cached), validate and lay out a node without touching the model or taking the lock."""
+        shape = None
         if isinstance(adapters, NodeSpec):
-            adapters, mode, label = adapters.adapters, adapters.mode, adapters.label
+            adapters, mode, label, shape = adapters.adapters, adapters.mode, adapters.label, adapters.shape
         if adapters is None:
             return BARE if label is None else PreparedNode(label, "weights", BARE.passes, (), (), ())
         pairs = list(adapters)
@@ -272,8 +275,9 @@ class HotSwapModel:
         with self._prep_lock:
             cached = self._nodes.get(key) if all(t.sha256 for t in tensors) else None
         if cached is not None:
-            return cached if cached.label == label else PreparedNode(label, *_fields(cached))
-        check_compatible(tensors, self.task.name)
+            same = (cached.label, cached.shape) == (label, shape)
+            return cached if same else replace(cached, label=label, shape=shape)
+        check_compatible(tensors, task_type=self.task.peft_task_type)
         check_fits(self.model, tensors)
         if mode == "weights":
             head = head_of(tensors)
@@ -285,7 +289,7 @@ class HotSwapModel:
                 for t, w in zip(tensors, weights, strict=True) if w > 0
             )
         node = PreparedNode(label, mode, passes, tuple(t.source for t in tensors), tuple(t.sha256 for t in tensors),
-                            tuple(weights))
+                            tuple(weights), shape)
         if all(t.sha256 for t in tensors):
             with self._prep_lock:
                 self._nodes[key] = node
@@ -371,12 +375,12 @@ class HotSwapModel:
         with self._lock.read():
             node = self._node
             if node.mode == "weights":
-                return [(1.0, fn())], node
+                return [(1.0, fn(node))], node
             with self._ensemble_mutex:
                 outputs = []
                 for p in node.passes:
                     self._apply(p)
-                    outputs.append((p.weight, fn()))
+                    outputs.append((p.weight, fn(node)))
                 return outputs, node
 
     def score_pairs(self, user_texts: Sequence[str], item_texts: Sequence[str], *, with_node: bool = False,
@@ -395,9 +399,10 @@ class HotSwapModel:
                 items = self.encode(item_texts)
             scores = np.sum(users * items, axis=1).astype(np.float64)
             return (scores, label) if with_node else scores
-        outputs, node = self._run(lambda: pair_probabilities(
+        outputs, node = self._run(lambda node: self.task.pass_scores(
             self.model, self.tokenizer, list(user_texts), list(item_texts),
             max_length=self.max_length, batch_size=self.batch_size, device=self.device, offsets=offsets,
+            shape=node.shape,
         ))
         scores = sum(w * out for w, out in outputs)
         return (scores, node.label) if with_node else scores
@@ -406,7 +411,7 @@ class HotSwapModel:
         """Retriever: unit embeddings (weights mode) or ``sqrt(w_i) * e_i`` concatenated (ensemble)."""
         if self.task.name != "retriever":
             raise InvalidInput(f"encode needs a retriever engine, this one serves a {self.task.name}")
-        outputs, node = self._run(lambda: encode_texts(
+        outputs, node = self._run(lambda _node: encode_texts(
             self.model, self.tokenizer, list(texts),
             max_length=self.max_length, batch_size=self.batch_size, device=self.device,
         ))
@@ -436,10 +441,6 @@ def _threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _fields(node: PreparedNode) -> tuple[Any, ...]:
-    return node.mode, node.passes, node.sources, node.shas, node.weights
 
 
 __all__ = ["AdapterCache", "HotSwapModel", "NodeSpec", "PreparedNode", "RWLock"]

@@ -58,6 +58,7 @@ class ServingSource(Protocol):
     def newest_templates(self, adapters: list[Adapter]) -> dict[str, str] | None: ...
     def prior_recipe(self, adapters: list[Adapter]) -> Any: ...
     def popularity_recipe(self, adapters: list[Adapter]) -> Any: ...
+    def ranker_shape(self, adapters: list[Adapter]) -> Any: ...
     def adapter_folder(self, ref: Any) -> Path: ...
     def alias_target(self, alias: str) -> int | None: ...
     def base(self, ref: str) -> dict[str, Any]: ...
@@ -78,7 +79,8 @@ class Scorer:
         self.src = source
         self.max_length = max_length
         self.batch_size = batch_size
-        self._engines: dict[tuple[str, str], HotSwapModel] = {}
+        self._engines: dict[tuple[str, str, str], HotSwapModel] = {}  # (base, task, ranker shape)
+        self._shapes: dict[str, str] = {}  # task -> the shape of its active node ('cross' for the retriever)
         self._refs: dict[str, Any] = {}  # task -> the ref (alias or id) that task follows
         self._nodes: dict[str, Adapter] = {}  # task -> active node
         self._templates: dict[str, dict[str, str] | None] = {}  # task -> the texts' templates it was trained on
@@ -94,20 +96,24 @@ class Scorer:
             self.activate(ranker)
 
     # -- nodes -------------------------------------------------------------------------------------
-    def _engine(self, base_id: str, task: str) -> HotSwapModel:
-        key = (base_id, task)
+    def _engine(self, base_id: str, task: str, shape: str = "cross") -> HotSwapModel:
+        """One engine (one base in memory) per base, task and ranker shape: a cross-encoder folds
+        heads into a sequence classifier, a tower ranker folds deltas into the encoder alone."""
+        key = (base_id, task, shape)
         engine = self._engines.get(key)
         if engine is None:
+            recipe = get_task(task, shape=shape) if task == "ranker" else get_task(task)
             row = self.src.base(base_id)
-            model = load_base_model(row["source"], get_task(task).head)
+            model = load_base_model(row["source"], recipe.head)
             self.src.check_base_hash(model, row, force=False, context=f"serving base {base_id}")
-            engine = HotSwapModel(model, self.src.tokenizer(base_id), task, max_length=self.max_length,
+            engine = HotSwapModel(model, self.src.tokenizer(base_id), recipe, max_length=self.max_length,
                                   batch_size=self.batch_size)
             self._engines[key] = engine
         return engine
 
-    def _spec(self, node: Adapter, members: list[tuple[Adapter, float]], mode: str) -> NodeSpec:
-        return NodeSpec(tuple((str(self.src.adapter_folder(m.id)), float(w)) for m, w in members), mode, node.id)
+    def _spec(self, node: Adapter, members: list[tuple[Adapter, float]], mode: str, shape: Any = None) -> NodeSpec:
+        return NodeSpec(tuple((str(self.src.adapter_folder(m.id)), float(w)) for m, w in members), mode, node.id,
+                        shape)
 
     def activate(self, node_or_alias: Any) -> int:
         """Activate a node (id, NAME@VERSION) or follow an alias; returns the node id now active."""
@@ -116,14 +122,20 @@ class Scorer:
             raise InvalidInput(f"adapter {node.id} is for task {node.task!r}; the scorer serves ranker or retriever")
         if node.status != "active":
             raise InvalidInput(f"adapter {node.id} is {node.status}; it cannot be served")
-        engine = self._engine(node.base_id, node.task)
         members, mode = self.src.members(node)  # once: a lineage query for stack nodes
-        prepared = engine.prepare(self._spec(node, members, mode))  # reads and checks outside the switch
+        shape = self.src.ranker_shape([m for m, _ in members]) if node.task == "ranker" else None
+        engine = self._engine(node.base_id, node.task, shape.shape if shape is not None else "cross")
+        # reads and checks outside the switch; a tower node carries its own scale and bias
+        prepared = engine.prepare(self._spec(node, members, mode, shape if shape is not None and shape.tower else None))
         templates = self.src.newest_templates([m for m, _ in members])
         recipe = self.src.prior_recipe([m for m, _ in members])
         pop = self.src.popularity_recipe([m for m, _ in members]) if node.task == "retriever" else None
         with self._lock:
+            previous = self._engine_for(node.task) if node.task in self._nodes else None
             engine.activate(prepared)
+            if previous is not None and previous is not engine:
+                previous.activate(None)  # the other shape's engine goes back to its bare base
+            self._shapes[node.task] = shape.shape if shape is not None else "cross"
             self._refs[node.task] = node_or_alias
             self._nodes[node.task] = node
             self._templates[node.task] = templates
@@ -188,7 +200,7 @@ class Scorer:
         node = self._nodes.get(task)
         if node is None:
             raise InvalidInput(f"no {task} node is active; activate one first")
-        return self._engine(node.base_id, task)
+        return self._engine(node.base_id, task, self._shapes.get(task, "cross"))
 
     def _primary_task(self) -> str:
         if "ranker" in self._nodes:

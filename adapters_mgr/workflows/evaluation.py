@@ -13,6 +13,7 @@ from adapters_mgr.data.popularity import PopularityRecipe
 from adapters_mgr.data.prior import PriorRecipe
 from adapters_mgr.lora.examples import OFFSET_COLUMN, POPULARITY_COLUMN
 from adapters_mgr.lora.peft_scoring import evaluate_adapters
+from adapters_mgr.lora.ranker_shape import CROSS, RankerShape
 from adapters_mgr.lora.tasks import Task, get_task
 from adapters_mgr.workflows.workspace import Workspace
 
@@ -74,11 +75,12 @@ def with_eval_popularity(ws: Workspace, examples: Any, recipe: PopularityRecipe)
     return {**examples, "popularity": dict(zip(items, counts.tolist(), strict=True))}
 
 
-def task_with_prior(task: str, recipe: PriorRecipe) -> Task:
-    """The task recipe that scores the way a node with this prior was trained (the ranker adds the
-    prior's logit to its residual; the retriever takes no prior)."""
+def task_with_prior(task: str, recipe: PriorRecipe, shape: RankerShape = CROSS) -> Task:
+    """The task recipe that scores the way a node with this prior (and ranker shape, with its
+    learned numbers) was trained (the ranker adds the prior's logit to its residual; the retriever
+    takes no prior)."""
     if task == "ranker":
-        return get_task("ranker", prior=recipe.kind)
+        return get_task("ranker", prior=recipe.kind, shape=shape)
     return get_task(task)
 
 
@@ -101,7 +103,8 @@ def node_examples(ws: Workspace, task: Task, node: Adapter, examples: Any) -> tu
     recipe = ws.prior_recipe([m for m, _ in members])
     if task.name == "ranker" and recipe.used:
         examples = with_prior(ws, list(examples), recipe)
-    return task_with_prior(task.name, recipe), examples, ws.member_folders(members), mode
+    shape = ws.ranker_shape([m for m, _ in members]) if task.name == "ranker" else CROSS
+    return task_with_prior(task.name, recipe, shape), examples, ws.member_folders(members), mode
 
 
 def evaluate_node(ws: Workspace, base_model: Any, tokenizer: Any, task: Task, node: Adapter, examples: Any, *,

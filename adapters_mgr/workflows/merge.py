@@ -22,7 +22,9 @@ from adapters_mgr.data.prior import PriorRecipe
 from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.lora import merge as merge_maths
 from adapters_mgr.lora.merge_methods import COPYING_METHODS
-from adapters_mgr.lora.tasks import get_task
+from adapters_mgr.lora.ranker_shape import CROSS, RankerShape
+from adapters_mgr.lora.ranker_shape import RECORD_KEY as SHAPE_KEY
+from adapters_mgr.lora.tasks import Task, get_task
 from adapters_mgr.workflows.register import store_adapter
 from adapters_mgr.workflows.workspace import Workspace
 
@@ -34,6 +36,13 @@ class MergePlan:
     base_id: str
     source_mode: str
     prior: PriorRecipe  # the sources' one prior; the merged adapter adds it once, as they did
+    shape: RankerShape = CROSS  # rankers: the sources' one shape, with the newest source's scale and bias
+
+    def task_obj(self) -> Task:
+        """The recipe the merged adapter scores with (a two-tower ranker's folders are FEATURE_EXTRACTION)."""
+        if self.task == "ranker":
+            return get_task("ranker", prior=self.prior.kind, shape=self.shape)
+        return get_task(self.task)
 
 
 def plan_merge(ws: Workspace, refs: Sequence[Any], weights: Sequence[float] | None) -> MergePlan:
@@ -63,8 +72,10 @@ def plan_merge(ws: Workspace, refs: Sequence[Any], weights: Sequence[float] | No
     if len(targets) > 1:
         raise Conflict(f"adapters {[m.id for m, _ in members]} adapt different modules {sorted(targets)}")
     recipe = ws.prior_recipe([m for m, _ in members])  # Conflict for sources trained with different priors
-    return MergePlan(members, next(iter(tasks)) or "ranker", next(iter(bases)),
-                     "ensemble" if "ensemble" in modes else "weights", recipe)
+    task = next(iter(tasks)) or "ranker"
+    shape = ws.ranker_shape([m for m, _ in members]) if task == "ranker" else CROSS  # Conflict: mixed shapes
+    return MergePlan(members, task, next(iter(bases)), "ensemble" if "ensemble" in modes else "weights", recipe,
+                     shape)
 
 
 def plan_base(ws: Workspace, plan: MergePlan) -> Any:
@@ -76,7 +87,7 @@ def merge_to_folder(ws: Workspace, plan: MergePlan, method: str, out_dir: Path, 
                     target_rank: int | None, density: float | None, seed: int) -> merge_maths.MergeResult:
     return merge_maths.merge_adapters(ws.member_folders(plan.members), method, target_rank=target_rank,
                                       density=density, base_model=plan_base(ws, plan), out_dir=out_dir,
-                                      task=plan.task, seed=seed)
+                                      task=plan.task_obj(), seed=seed)
 
 
 def register_merged(ws: Workspace, plan: MergePlan, result: merge_maths.MergeResult, folder: Path, *, name: str,
@@ -99,6 +110,7 @@ def register_merged(ws: Workspace, plan: MergePlan, result: merge_maths.MergeRes
             columns={**prepared.columns, "metrics": to_json(record),
                      "hyperparams": to_json({"merge": recipe, "templates": templates,
                                              prior.RECORD_KEY: plan.prior.to_dict(),
+                                             **({SHAPE_KEY: plan.shape.to_dict()} if plan.task == "ranker" else {}),
                                              **({popularity.RECORD_KEY: pop.to_dict()} if pop.used else {})})},
         )
         log_event(con, "merge", {"sources": recipe["source_nodes"], "method": recipe["method"]},
@@ -134,7 +146,8 @@ def fold_node(ws: Workspace, ref: Any, folder: Path) -> Path:
     if plan.source_mode == "ensemble":
         raise InvalidInput(f"{ref!r} averages outputs (ensemble); only summed deltas can be folded into weights")
     out = merge_maths.fold(plan_base(ws, plan), ws.member_folders(plan.members), folder,
-                           tokenizer=ws.tokenizer(plan.base_id), task=plan.task)
+                           tokenizer=ws.tokenizer(plan.base_id), task=plan.task_obj(),
+                           record_extra={SHAPE_KEY: plan.shape.to_dict()} if plan.shape.tower else None)
     with ws.catalog.transaction() as con:
         log_event(con, "fold", {"ref": ref, "folder": str(out)}, detail={"members": [m.id for m, _ in plan.members]})
     return out

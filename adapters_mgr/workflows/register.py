@@ -9,7 +9,7 @@ reports and ``gc`` removes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from adapters_mgr.catalog.sql import log_event, to_json, utcnow
 from adapters_mgr.data import prior
 from adapters_mgr.errors import Conflict, InvalidInput
 from adapters_mgr.faults import maybe_crash
+from adapters_mgr.lora.ranker_shape import RECORD_KEY as SHAPE_KEY
+from adapters_mgr.lora.ranker_shape import shape_of
 from adapters_mgr.lora.settings import PEFT_TASK_TYPES
 from adapters_mgr.store import WEIGHTS_FILE, check_peft_folder, export_folder, header_shapes, read_provenance
 from adapters_mgr.workflows.bases import base_for_source, check_fits_base
@@ -39,9 +41,10 @@ class PreparedAdapter:
     shape_check: str = ""  # how the tensors were checked against the base (for the register event)
 
 
-def store_adapter(ws: Workspace, source: Any, *, base: Any = None, adapter_name: str | None = None
-                  ) -> PreparedAdapter:
-    """Stage, identify the base, and commit the adapter's bytes to the store (not yet cataloged)."""
+def store_adapter(ws: Workspace, source: Any, *, base: Any = None, adapter_name: str | None = None,
+                  check: Callable[[dict[str, Any]], None] | None = None) -> PreparedAdapter:
+    """Stage, identify the base, and commit the adapter's bytes to the store (not yet cataloged).
+    ``check(peft_config)`` may refuse the folder before any byte reaches the store."""
     if isinstance(source, str | os.PathLike):
         staged = ws.store.stage_folder(Path(source))
     elif hasattr(source, "peft_config") and hasattr(source, "save_pretrained"):
@@ -51,6 +54,8 @@ def store_adapter(ws: Workspace, source: Any, *, base: Any = None, adapter_name:
     try:
         base_row = base_for_source(ws, source, staged, base)
         shape_check = check_fits_base(base_row, staged.shapes)  # refuses before any byte reaches the store
+        if check is not None:
+            check(staged.peft_config)
         trainable = nodes.param_count(staged.shapes)  # from the header validated at staging, not the stored copy
         maybe_crash("register:staged")
         key = ws.store.commit(staged)
@@ -111,7 +116,8 @@ def register(
     links = nodes.batch_links(batches, eval_batches)
     with ws.catalog.connect() as con:
         nodes.check_refs(con, parent_specs, links, kind)
-    prepared = store_adapter(ws, source, base=base, adapter_name=adapter_name)
+    prepared = store_adapter(ws, source, base=base, adapter_name=adapter_name,
+                             check=lambda pc: check_ranker_shape(pc, task, hyperparams))
     return insert_node(
         ws,
         name=name,
@@ -128,6 +134,21 @@ def register(
         },
         event_detail={"shape_check": prepared.shape_check},
     )
+
+
+def check_ranker_shape(peft_config: dict[str, Any], task: str | None, hyperparams: dict[str, Any] | None) -> None:
+    """A folder registered as a ranker is of the shape its hyperparams record: a two-tower ranker's
+    folder is a FEATURE_EXTRACTION one, and its scale and bias (not in the folder) must come with it."""
+    if task != "ranker":
+        return
+    shape = shape_of(hyperparams)
+    peft_type = str(peft_config.get("task_type"))
+    if peft_type == "FEATURE_EXTRACTION" and not shape.tower:
+        raise InvalidInput("this folder is a bare-encoder (FEATURE_EXTRACTION) adapter: as a ranker it is a two-tower "
+                           f"one, and its scale and bias must be given (hyperparams['{SHAPE_KEY}'], shape 'tower')")
+    if peft_type == "SEQ_CLS" and shape.tower:
+        raise InvalidInput("this folder is a sequence-classification (cross-encoder) adapter, but its hyperparams "
+                           "record a two-tower ranker shape")
 
 
 def check_members_fit(ws: Workspace, members: Sequence[Adapter]) -> None:
@@ -180,6 +201,8 @@ def stack(
         raise Conflict(f"adapters {[m.id for m in members]} are for different tasks {sorted(map(str, tasks))}")
     check_members_fit(ws, members)
     ws.prior_recipe(members)  # a node adds ONE prior: members trained with different ones are refused
+    if members and members[0].task == "ranker":
+        ws.ranker_shape(members)  # a cross-encoder's head and a tower's cosine do not add up
     name = check_name(name or f"stack-{'-'.join(str(m.id) for m in members)}")
     specs = [ParentSpec(m.id, "stacked_on", float(w)) for m, w in zip(members, weights, strict=True)]
     return insert_node(
@@ -235,7 +258,9 @@ def import_peft(ws: Workspace, folder: Path, *, name: str | None = None, base: s
             parents.append((rows[0]["id"], "imported"))
     # the prior is not in the folder: an export's provenance carries the recipe the adapter scores with
     recipe = (prov_adapter.get("hyperparams") or {}).get(prior.RECORD_KEY)
+    shape = (prov_adapter.get("hyperparams") or {}).get(SHAPE_KEY)  # a tower's scale and bias, likewise
     return register(ws, folder, name=name, base=base, parents=parents, kind="imported",
                     task=task or prov_adapter.get("task"), metrics=metrics or prov_adapter.get("metrics"),
                     hyperparams={"imported_from": str(folder.resolve()),
-                                 **({prior.RECORD_KEY: recipe} if recipe else {})})
+                                 **({prior.RECORD_KEY: recipe} if recipe else {}),
+                                 **({SHAPE_KEY: shape} if shape else {})})

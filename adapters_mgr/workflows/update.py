@@ -54,6 +54,7 @@ from adapters_mgr.errors import Conflict, InvalidInput, NotFound
 from adapters_mgr.faults import maybe_crash
 from adapters_mgr.lora.base_model import load_base_model, load_tokenizer
 from adapters_mgr.lora.policies import Policy, get_policy
+from adapters_mgr.lora.ranker_shape import CROSS, SHAPES, RankerShape, shape_of
 from adapters_mgr.lora.replay import replay_mix
 from adapters_mgr.lora.settings import LoraSettings
 from adapters_mgr.lora.tasks import Task, get_task, task_names
@@ -81,6 +82,8 @@ from adapters_mgr.workflows.workspace import Workspace
 
 HOLDOUT_FRACTION = 0.1
 PRIOR_CHOICES = ("auto", "bias", "none")
+SHAPE_CHOICES = ("auto", *SHAPES)
+FRESH_RANKER_SHAPE = "cross"  # what --ranker-shape auto trains for a ranker without parents
 POPULARITY_CHOICES = ("auto", "log", "none")
 POPULARITY_EVENTS_CHOICES = ("auto", *popularity.EVENTS)
 #: A fresh retriever's popularity term: like counts decayed with a 14-day half-life (data/popularity.py
@@ -231,6 +234,10 @@ def check_config(cfg: UpdateConfig) -> tuple[Task, Policy]:
         raise InvalidInput(f"prior {cfg.prior!r} is unknown; use one of {', '.join(PRIOR_CHOICES)}")
     if cfg.prior == "bias" and cfg.task != "ranker":
         raise InvalidInput(f"prior 'bias' is for the ranker; a {cfg.task} takes prior 'none' (or 'auto')")
+    if cfg.ranker_shape not in SHAPE_CHOICES:
+        raise InvalidInput(f"ranker_shape {cfg.ranker_shape!r} is unknown; use one of {', '.join(SHAPE_CHOICES)}")
+    if cfg.ranker_shape != "auto" and cfg.task != "ranker":
+        raise InvalidInput(f"ranker_shape is for the ranker; a {cfg.task} takes 'auto'")
     PriorRecipe(shrinkage=cfg.prior_shrinkage)  # checks the shrinkage
     if cfg.popularity not in POPULARITY_CHOICES:
         raise InvalidInput(f"popularity {cfg.popularity!r} is unknown; use one of {', '.join(POPULARITY_CHOICES)}")
@@ -261,6 +268,25 @@ def resolve_prior(ws: Workspace, cfg: UpdateConfig, members: list[tuple[Adapter,
                        f"{recipe.kind!r}{f' (shrinkage {recipe.shrinkage:g})' if recipe.used else ''}. Train with "
                        "prior='auto' (--prior auto) to continue theirs, or policy 'fresh' to start over")
     return recipe
+
+
+def resolve_shape(ws: Workspace, cfg: UpdateConfig, members: list[tuple[Adapter, float]]) -> RankerShape:
+    """The ranker's shape: as asked, or ('auto') its parents' (``FRESH_RANKER_SHAPE`` for a fresh
+    ranker). On top of parents, a tower's scale and bias start from the newest parent's learned ones
+    (the new adapter continues their node); the shape itself must be theirs."""
+    if cfg.task != "ranker":
+        return CROSS
+    parents = ws.ranker_shape([m for m, _ in members]) if members else None
+    kind = cfg.ranker_shape
+    if kind == "auto":
+        kind = parents.shape if parents is not None else FRESH_RANKER_SHAPE
+    if parents is not None:
+        if parents.shape != kind:
+            raise Conflict(f"the parent adapters {[m.id for m, _ in members]} are {parents.shape} rankers; the new "
+                           f"adapter would be a {kind} one. Train with --ranker-shape auto to continue theirs, or "
+                           "policy 'fresh' to start over")
+        return parents.continued()
+    return RankerShape(shape=kind)
 
 
 def resolve_popularity(ws: Workspace, cfg: UpdateConfig, members: list[tuple[Adapter, float]]) -> PopularityRecipe:
@@ -376,9 +402,11 @@ def plan_update(ws: Workspace, batches: Any, cfg: UpdateConfig, *, parent: Any =
         base_id = parent_node.base_id if parent_node is not None else default_base(ws)
     recipe = resolve_prior(ws, cfg, members)
     pop = resolve_popularity(ws, cfg, members)
+    shape = resolve_shape(ws, cfg, members)
     # recorded as resolved: 'auto' never reaches the catalog
-    cfg = dataclasses.replace(cfg, prior=recipe.kind, popularity=pop.kind)
-    task = retriever_task(pop) if cfg.task == "retriever" else task_with_prior(cfg.task, recipe)
+    cfg = dataclasses.replace(cfg, prior=recipe.kind, popularity=pop.kind,
+                              ranker_shape=shape.shape if cfg.task == "ranker" else "auto")
+    task = retriever_task(pop) if cfg.task == "retriever" else task_with_prior(cfg.task, recipe, shape)
     return UpdatePlan(cfg, policy, task, name, base_id, parent_node, members, train_ids,
                       eval_ids, all_batches, promote, alias, tolerance, recipe, pop, top_layers(ws, cfg, base_id))
 
@@ -685,8 +713,9 @@ def reproduce(ws: Workspace, ref: Any, *, progress: bool = False) -> dict[str, A
     hp = dict(node.hyperparams or {})
     recipe = prior.recipe_of(hp)  # adapters from before the prior: 'none', as they were trained
     pop = popularity.start_recipe_of(hp)  # retrievers from before the popularity term: none
+    shape = shape_of(hp).restart()  # rankers from before shapes: cross-encoders; towers from their start
     cfg = dataclasses.replace(UpdateConfig.from_record(hp), prior=recipe.kind, popularity=pop.kind)
-    task = retriever_task(pop) if cfg.task == "retriever" else task_with_prior(cfg.task, recipe)
+    task = retriever_task(pop) if cfg.task == "retriever" else task_with_prior(cfg.task, recipe, shape)
     policy = get_policy(cfg.policy)
     lin = ws.lineage(node.id, depth=1)
     links = lin.batches.get(node.id, [])

@@ -23,8 +23,9 @@ from adapters_mgr.catalog.records import Adapter, Ref, fetch_adapter, fetch_ref,
 from adapters_mgr.catalog.sql import log_event
 from adapters_mgr.data import popularity, prior
 from adapters_mgr.data.api import DataAPI
-from adapters_mgr.errors import IntegrityError, InvalidInput
+from adapters_mgr.errors import Conflict, IntegrityError, InvalidInput
 from adapters_mgr.lora import base_model as base_mod
+from adapters_mgr.lora.ranker_shape import CROSS, RankerShape, shape_of
 from adapters_mgr.store import AdapterStore
 
 if TYPE_CHECKING:
@@ -75,6 +76,19 @@ class Workspace:
             full = [a if a.hyperparams is not None else fetch_adapter(con, a.id) for a in adapters]
         return prior.common_recipe([prior.recipe_of(a.hyperparams) for a in full],
                                    what=f"adapters {[a.id for a in full]}")
+
+    def ranker_shape(self, adapters: list[Adapter]) -> RankerShape:
+        """The ranker shape a node scores with: one shape for all members (Conflict otherwise: a
+        cross-encoder's head and a tower's cosine cannot be combined), with the newest member's
+        learned scale and bias (a stacked adapter was trained on top of its parents)."""
+        with self.catalog.connect() as con:
+            full = [a if a.hyperparams is not None else fetch_adapter(con, a.id) for a in adapters]
+        shapes = {a.id: shape_of(a.hyperparams) for a in full}
+        kinds = sorted({s.shape for s in shapes.values()})
+        if len(kinds) > 1:
+            raise Conflict(f"adapters {sorted(shapes)} are rankers of different shapes ({', '.join(kinds)}); "
+                           "combine only rankers of one shape")
+        return shapes[max(shapes)] if shapes else CROSS
 
     def popularity_recipe(self, adapters: list[Adapter]) -> popularity.PopularityRecipe:
         """The retriever popularity term a node scores with: the newest member's recorded recipe and

@@ -18,6 +18,7 @@ from torch import nn
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.examples import Interactions
+from adapters_mgr.lora.settings import PEFT_TASK_TYPES
 
 if TYPE_CHECKING:
     from adapters_mgr.lora.peft_scoring import ScoringModel
@@ -34,6 +35,11 @@ class Task(ABC):
     @abstractmethod
     def head(self) -> HeadSpec:
         """The head the shared base must be loaded with for this task (``load_base_model(source, task.head)``)."""
+
+    @property
+    def peft_task_type(self) -> str:
+        """The peft ``task_type`` of this recipe's folders (SEQ_CLS keeps a head in the folder)."""
+        return PEFT_TASK_TYPES[self.name]
 
     @abstractmethod
     def task_model(self, base: nn.Module) -> nn.Module:

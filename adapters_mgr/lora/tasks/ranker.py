@@ -16,11 +16,18 @@ Two ways to score (``RankerTask(prior=...)``):
   A fresh adapter's head starts at zero (weights and bias), so its residual is exactly 0 and it
   scores exactly the prior: training can only move it from there. The offset comes with the rows
   (column ``prior_logit``), never from the model, so the folder stays a standard PEFT folder.
+
+Two model shapes (``RankerTask(shape=...)``, recorded as :mod:`ranker_shape`): the cross-encoder
+above (``cross``), or two towers (``tower``): user and item texts encoded apart by the same
+LoRA-adapted encoder, mean-pooled and unit-normed as the retriever's, with
+``residual = scale * cos + bias`` (``scale`` and ``bias`` learned scalars outside the folder,
+starting at 0: a fresh tower scores exactly the prior). The loss is the same binary cross-entropy of
+``prior_logit + residual``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,19 +40,63 @@ from adapters_mgr.lora import metrics
 from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.examples import Interactions, as_interactions
 from adapters_mgr.lora.pretokenise import Pretokenised
+from adapters_mgr.lora.ranker_shape import RECORD_KEY as SHAPE_KEY
+from adapters_mgr.lora.ranker_shape import RankerShape
 from adapters_mgr.lora.tasks.base import Task, register_task
+from adapters_mgr.lora.tasks.retriever import embed_batch, encode_texts, encoder_of
 
 PRIORS = ("none", "bias")
+SCALE_UNIT = 10.0
+"""The tower trains ``scale / SCALE_UNIT``: Adam moves a parameter by about its lr per step, and a
+useful ``scale`` is ~1..10 while ``bias`` is ~0.1 (explore_drift_ranker: 10 * s with lr 0.02)."""
+TOWER_SCALAR_LR = 0.02
 
 
 class RankerTask(Task):
     name = "ranker"
     primary_metric = "auc"
 
-    def __init__(self, prior: str = "none") -> None:
+    def __init__(self, prior: str = "none", shape: str | Mapping[str, Any] | RankerShape = "cross",
+                 scalar_lr: float = TOWER_SCALAR_LR) -> None:
         if prior not in PRIORS:
             raise InvalidInput(f"ranker prior {prior!r} is unknown; use one of {', '.join(PRIORS)}")
         self.prior = prior
+        if isinstance(shape, str):
+            shape = RankerShape(shape=shape)
+        elif not isinstance(shape, RankerShape):
+            shape = RankerShape.from_dict(shape)
+        self._shape = shape
+        self.scalar_lr = float(scalar_lr)
+        self._scalars: nn.Parameter | None = None
+        if shape.tower:
+            start = [shape.scale / SCALE_UNIT, shape.bias]
+            self._scalars = nn.Parameter(torch.tensor(start, dtype=torch.float64))
+            self._start = self._scalars.detach().clone()
+
+    # -- the shape and the tower's scalars ------------------------------------------------------------
+    @property
+    def tower(self) -> bool:
+        """Whether this ranker is two towers (``residual = scale * cos + bias``), not a cross-encoder."""
+        return self._shape.tower
+
+    @property
+    def shape(self) -> RankerShape:
+        """The shape with the tower's current numbers (exactly as given until training moves them:
+        evaluation then scores exactly as the scorer does, with no round trip through SCALE_UNIT)."""
+        if self._scalars is None or torch.equal(self._scalars.detach(), self._start):
+            return self._shape
+        value = self._scalars.detach()
+        return self._shape.learned(float(value[0]) * SCALE_UNIT, float(value[1]))
+
+    def scalars(self) -> list[nn.Parameter]:
+        return [self._scalars] if self._scalars is not None else []
+
+    def learned(self) -> dict[str, Any]:
+        return {SHAPE_KEY: self.shape.to_dict()}
+
+    @property
+    def peft_task_type(self) -> str:
+        return "FEATURE_EXTRACTION" if self.tower else "SEQ_CLS"
 
     @property
     def residual(self) -> bool:
@@ -62,10 +113,14 @@ class RankerTask(Task):
 
     @property
     def head(self) -> HeadSpec:
-        """A 2-label sequence classifier: the adapters carry their own trained copy of its head."""
+        """A 2-label sequence classifier: cross-encoder adapters carry their own trained copy of its
+        head; the towers use its encoder only. One base for both shapes: a node of either shape is
+        evaluated, gated and merged on the same loaded base."""
         return HeadSpec("seq_cls", 2)
 
     def task_model(self, base: nn.Module) -> nn.Module:
+        if self.tower:
+            return encoder_of(base, "the two-tower ranker")
         from peft import PeftModel
 
         model = base.get_base_model() if isinstance(base, PeftModel) else base
@@ -85,10 +140,15 @@ class RankerTask(Task):
 
     def collate(self, data: Interactions, tokenizer: Any, max_length: int) -> Callable[[list[int]], dict[str, Any]]:
         offsets = self._offsets(data, "ranker training examples")
-        encoded = Pretokenised(tokenizer, data.user_texts, data.item_texts, max_length)  # once, every epoch reuses
+        n = len(data)
+        if self.tower:  # users then items, each alone; row i's item is row n + i
+            encoded = Pretokenised(tokenizer, [*data.user_texts, *data.item_texts], None, max_length)
+        else:
+            encoded = Pretokenised(tokenizer, data.user_texts, data.item_texts, max_length)  # once, every epoch reuses
 
         def collate_fn(index: list[int]) -> dict[str, Any]:
-            batch: dict[str, Any] = encoded.batch(index)
+            # towers: one forward over users + items (keeps DDP happy: each parameter used once per step)
+            batch: dict[str, Any] = encoded.batch([*index, *(n + i for i in index)] if self.tower else index)
             batch["labels"] = torch.as_tensor(data.labels[index], dtype=torch.long)
             if offsets is not None:
                 batch["offsets"] = torch.as_tensor(offsets[index], dtype=torch.float32)
@@ -97,11 +157,33 @@ class RankerTask(Task):
         return collate_fn
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        if "offsets" not in batch:
+        if "offsets" not in batch and not self.tower:
             return model(**batch).loss
         inputs = {k: v for k, v in batch.items() if k not in ("offsets", "labels")}
-        logit = residual_logits(model(**inputs).logits).float() + batch["offsets"].float()
-        return F.binary_cross_entropy_with_logits(logit, batch["labels"].float())
+        if self.tower:
+            emb = embed_batch(model, inputs)
+            n = batch["labels"].shape[0]
+            cos = (emb[:n] * emb[n:]).sum(dim=-1)
+            weights = self._scalars.to(device=cos.device, dtype=cos.dtype)
+            logit = SCALE_UNIT * weights[0] * cos + weights[1]
+        else:
+            logit = residual_logits(model(**inputs).logits).float()
+        if "offsets" in batch:
+            logit = logit + batch["offsets"].to(logit.dtype)
+        return F.binary_cross_entropy_with_logits(logit, batch["labels"].to(logit.dtype))
+
+    def pass_scores(self, model: nn.Module, tokenizer: Any, user_texts: Sequence[str], item_texts: Sequence[str], *,
+                    max_length: int, batch_size: int, device: torch.device, offsets: np.ndarray | None = None,
+                    shape: RankerShape | None = None) -> np.ndarray:
+        """P(like) per pair under the currently active adapter(s) (one forward configuration), float64.
+        ``shape``: the tower's numbers to score with (default: this task's; a served node passes its own)."""
+        if not self.tower:
+            return pair_probabilities(model, tokenizer, list(user_texts), list(item_texts), max_length=max_length,
+                                      batch_size=batch_size, device=device, offsets=offsets)
+        shape = shape or self.shape
+        cos = pair_cosines(model, tokenizer, user_texts, item_texts, max_length=max_length, batch_size=batch_size,
+                           device=device)
+        return tower_probabilities(cos, shape, offsets)
 
     def evaluate(self, scorer: Any, eval_set: Interactions) -> dict[str, float]:
         offsets = self._offsets(eval_set, "ranker eval examples")
@@ -124,6 +206,8 @@ class RankerTask(Task):
         already reads the representation the parents' deltas produce."""
         from peft.utils.other import ModulesToSaveWrapper
 
+        if self.tower:  # no head: the fresh tower's scale and bias start as the task was given them
+            return
         generator = torch.Generator().manual_seed(seed + 7919)
         std = float(getattr(model.config, "initializer_range", 0.02))
         for module in model.modules():
@@ -177,6 +261,34 @@ def pair_probabilities(
             z = residual_logits(logits).double().cpu() + torch.as_tensor(offsets[start:stop], dtype=torch.float64)
             out[start:stop] = torch.sigmoid(z).numpy()
     return out
+
+
+@torch.no_grad()
+def pair_cosines(model: nn.Module, tokenizer: Any, user_texts: Sequence[str], item_texts: Sequence[str], *,
+                 max_length: int, batch_size: int, device: torch.device) -> np.ndarray:
+    """The towers' cosine per pair, float64. Each distinct text is encoded once: a user's candidates
+    (a rerank, a user's eval rows) share one user encoding."""
+    if len(user_texts) != len(item_texts):
+        raise InvalidInput(f"{len(user_texts)} user texts but {len(item_texts)} item texts")
+    users, user_idx = np.unique(np.asarray(list(user_texts), dtype=object), return_inverse=True)
+    items, item_idx = np.unique(np.asarray(list(item_texts), dtype=object), return_inverse=True)
+    kw = {"max_length": max_length, "batch_size": batch_size, "device": device}
+    u = encode_texts(model, tokenizer, [str(t) for t in users], **kw).astype(np.float64)
+    i = encode_texts(model, tokenizer, [str(t) for t in items], **kw).astype(np.float64)
+    if not len(user_texts):
+        return np.zeros(0, dtype=np.float64)
+    return np.einsum("nd,nd->n", u[user_idx.reshape(-1)], i[item_idx.reshape(-1)])
+
+
+def tower_probabilities(cos: np.ndarray, shape: RankerShape, offsets: np.ndarray | None = None) -> np.ndarray:
+    """sigmoid(offset + scale * cos + bias), float64: the documented way to score a tower folder
+    loaded with plain peft (``offset``: the pairs' prior logits; none for a ranker without the prior)."""
+    z = shape.scale * np.asarray(cos, dtype=np.float64) + shape.bias
+    if offsets is not None:
+        if len(offsets) != len(z):
+            raise InvalidInput(f"{len(offsets)} prior logits for {len(z)} pairs")
+        z = z + np.asarray(offsets, dtype=np.float64)
+    return torch.sigmoid(torch.as_tensor(z, dtype=torch.float64)).numpy()
 
 
 register_task("ranker", RankerTask)

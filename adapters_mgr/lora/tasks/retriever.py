@@ -143,14 +143,7 @@ class RetrieverTask(Task):
 
     def task_model(self, base: nn.Module) -> nn.Module:
         """The bare encoder: a BertModel as is, or the backbone of a BertFor... model (shared, not copied)."""
-        from peft import PeftModel
-
-        model = base.get_base_model() if isinstance(base, PeftModel) else base
-        if type(model).__name__.endswith(("ForSequenceClassification", "ForMaskedLM", "ForPreTraining")):
-            model = model.base_model
-        if not hasattr(model, "embeddings") and not hasattr(model, "get_input_embeddings"):
-            raise InvalidInput(f"the retriever needs a transformer encoder base, got {type(model).__name__}")
-        return model
+        return encoder_of(base, "the retriever")
 
     def parse_train(self, examples: Any) -> Interactions:
         what = "retriever training examples"
@@ -226,6 +219,19 @@ class RetrieverTask(Task):
             result["sim_weight"] = self.sim_weight
             result["pop_weight"] = self.pop_weight
         return result
+
+
+def encoder_of(base: nn.Module, who: str) -> nn.Module:
+    """The bare encoder of ``base``: a BertModel as is, or the backbone of a BertFor... model (shared,
+    not copied); ``who`` names the recipe in the error."""
+    from peft import PeftModel
+
+    model = base.get_base_model() if isinstance(base, PeftModel) else base
+    if type(model).__name__.endswith(("ForSequenceClassification", "ForMaskedLM", "ForPreTraining")):
+        model = model.base_model
+    if not hasattr(model, "embeddings") and not hasattr(model, "get_input_embeddings"):
+        raise InvalidInput(f"{who} needs a transformer encoder base, got {type(model).__name__}")
+    return model
 
 
 def popularity_logits(sim: torch.Tensor, sim_weight: torch.Tensor, pop_weight: torch.Tensor, item_pop: torch.Tensor,

@@ -1,0 +1,98 @@
+"""Which model a ranker adapter is, and the two numbers a two-tower ranker learns outside its folder.
+
+Two shapes (recorded with every ranker adapter under ``hyperparams['ranker_recipe']``):
+
+- ``cross``: the cross-encoder, ``[CLS] user [SEP] item [SEP]`` read by a 2-label sequence
+  classifier whose head belongs to the adapter. Every ranker registered before shapes existed is
+  one (no record: ``CROSS``).
+- ``tower``: user text and item text each encoded by the same LoRA-adapted encoder (mean-pooled,
+  unit norm, exactly as the retriever) and
+
+      residual(u, i) = scale * cos(user(u), item(i)) + bias
+
+  added to the prior's logit. ``scale`` and ``bias`` are learned scalars kept OUTSIDE the PEFT
+  folder (the folder stays a standard FEATURE_EXTRACTION one; plain peft gives the encoder, hence the
+  cosine), recorded here with the values they started from (``reproduce`` trains again from there).
+  A fresh tower starts at ``scale = bias = 0``: it scores exactly the prior.
+
+Why the tower exists: on the drift stream the residual cross-encoder learned in one seed of two
+(its zero-started head and LoRA sit at a saddle: neither gets a gradient while the other is zero,
+and MiniLM's pooler, which the head reads, barely varies), while the towers learned in both
+(``benchmarks/explore_drift_ranker.py``, README issue-14 section). ``scale`` gets a gradient from
+the frozen encoder's cosine at once, and the LoRA as soon as ``scale`` is not zero.
+
+A node (stack, ensemble, merge) scores with its NEWEST member's ``scale`` and ``bias``: a stacked
+adapter was trained on top of its parents, so its numbers apply to the whole node's cosine, the rule
+the retriever's popularity weights follow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from adapters_mgr.errors import InvalidInput
+
+SHAPES = ("cross", "tower")
+RECORD_KEY = "ranker_recipe"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class RankerShape:
+    """A ranker's model shape and (tower) its learned ``scale``/``bias`` and where they started."""
+
+    shape: str = "cross"
+    scale: float = 0.0
+    bias: float = 0.0
+    start_scale: float = 0.0
+    start_bias: float = 0.0
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise InvalidInput(f"ranker shape {self.shape!r} is unknown; use one of {', '.join(SHAPES)}")
+        if self.version != VERSION:
+            raise InvalidInput(f"ranker shape recipe version {self.version} is unknown; this version reads {VERSION}")
+        for name in ("scale", "bias", "start_scale", "start_bias"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InvalidInput(f"ranker {name} must be a finite number, got {value!r}")
+
+    @property
+    def tower(self) -> bool:
+        return self.shape == "tower"
+
+    def learned(self, scale: float, bias: float) -> RankerShape:
+        """The same shape after training moved its numbers (the start kept)."""
+        return replace(self, scale=float(scale), bias=float(bias))
+
+    def restart(self) -> RankerShape:
+        """The shape as training started (what ``reproduce`` trains from)."""
+        return replace(self, scale=self.start_scale, bias=self.start_bias)
+
+    def continued(self) -> RankerShape:
+        """A child trained on top of this one starts from its learned numbers."""
+        return replace(self, start_scale=self.scale, start_bias=self.bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RankerShape:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+CROSS = RankerShape()
+FRESH_TOWER = RankerShape(shape="tower")
+
+
+def shape_of(hyperparams: Mapping[str, Any] | None) -> RankerShape:
+    """The shape a ranker adapter recorded; rankers from before shapes existed are cross-encoders."""
+    recorded = (hyperparams or {}).get(RECORD_KEY)
+    return RankerShape.from_dict(recorded) if recorded else CROSS
+
+
+__all__ = ["CROSS", "FRESH_TOWER", "RECORD_KEY", "SHAPES", "RankerShape", "shape_of"]
