@@ -43,8 +43,8 @@ SHRINK_USER = 3.0  # pseudo-events in the user's genre profile
 SHRINK_TREND = 5.0  # pseudo-events per genre in the last period's trend
 
 
-def stream_rows(seed: int, workdir: Path, quick: bool) -> tuple[list[list[dict[str, Any]]], dict[str, np.ndarray],
-                                                                  list[np.ndarray], float]:
+def stream_rows(seed: int, workdir: Path, quick: bool, events_per_period: int | None = None
+                ) -> tuple[list[list[dict[str, Any]]], dict[str, np.ndarray], list[np.ndarray], float]:
     """Per period, the rows with the prior's features; each item's genre vector (unit norm, as the
     generator weighs it); per period, the rows' true p_like; the stream's trend persistence."""
     import duckdb
@@ -54,6 +54,8 @@ def stream_rows(seed: int, workdir: Path, quick: bool) -> tuple[list[list[dict[s
     from adapters_mgr.data.synthetic import GENRES
 
     sizes = dict(users=60, items_initial=40, new_items_per_period=10, events_per_period=300) if quick else {}
+    if events_per_period:
+        sizes["events_per_period"] = events_per_period
     stream = generate_drift(workdir / "drift", init_periods=4, periods=5, seed=seed, **sizes)
     mgr = AdapterManager(workdir / "mgr")
     mgr.init()
@@ -143,13 +145,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small stream, 2 seeds (smoke)")
     ap.add_argument("--seeds", default=None, help="comma-separated stream seeds (default 0,1,2; quick 0,1)")
+    ap.add_argument("--events-per-period", type=int, default=None,
+                    help="stream size: events per period (default: the stream's 1,200; results then go to "
+                         "bench_drift_ceiling_<N>.json/md)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     started = time.perf_counter()
     rows_out: list[dict[str, Any]] = []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            periods, genres, truth, persistence = stream_rows(seed, Path(tmp), args.quick)
+            periods, genres, truth, persistence = stream_rows(seed, Path(tmp), args.quick, args.events_per_period)
         for t in range(4, len(periods) - 1):
             train, evaluate = periods[t], periods[t + 1]
             labels = np.array([r["label"] for r in evaluate], dtype=float)
@@ -179,13 +184,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "wall_s": round(time.perf_counter() - started, 1)}
     md = ("# Drift stream: how much of the prior-to-oracle gap the data allows\n\n"
           f"Stream seeds {seeds}, periods 5-9 scored (each after fitting on everything before); "
-          f"{'quick sizes' if args.quick else 'the default sizes (300 users, 1,200 events per period)'}. "
+          f"{'quick sizes' if args.quick else 'the default sizes (300 users, 1,200 events per period)'}"
+          f"{f', {args.events_per_period:,} events per period' if args.events_per_period else ''}. "
           "Reference learners handed the items' TRUE genres and the generative form (see the script's "
           "docstring): an upper reference for a text model, not a baseline.\n\n")
     md += md_table(summary, ["model", "mean AUC", "share of the gap", "range"]) + "\n"
     md += md_table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows_out],
                    list(rows_out[0])) + "\n"
     name = "bench_drift_ceiling_quick" if args.quick else "bench_drift_ceiling"
+    if args.events_per_period:
+        name += f"_{args.events_per_period}"
     json_path, md_path = write_results(name, payload, md)
     print(md)
     print(f"wrote {json_path} and {md_path} in {payload['wall_s']:.0f}s")

@@ -226,3 +226,30 @@ def test_one_scorer_switches_between_a_cross_and_a_tower_ranker(towers):
         assert np.array_equal(scorer.score(users, items), want_tower)
     finally:
         scorer.close()
+
+
+def test_a_folded_tower_is_a_plain_encoder_and_records_its_numbers(towers):
+    from transformers import AutoModel
+
+    mgr, b, _, stacked = towers
+    out = mgr.fold(stacked.node_id, Path(mgr.root) / "folded-tower")
+    record = json.loads((out / "adapters_mgr_fold.json").read_text())
+    newest = shape_of(mgr.get(stacked.adapter_id).hyperparams)
+    assert RankerShape.from_dict(record["ranker_recipe"]) == newest
+    users, items = _pairs(mgr, b[2])
+    ut = mgr.data.user_texts(sorted(set(users)))
+    it = mgr.data.item_texts()
+    tok = mgr.tokenizer(mgr.get(stacked.node_id).base_id)
+    model = AutoModel.from_pretrained(out).eval()  # no peft: the deltas are in the weights
+
+    def encode(texts):
+        enc = tok(texts, truncation=True, max_length=64, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).double().numpy()
+
+    cos = np.sum(encode([ut[u] for u in users]) * encode([it[i] for i in items]), axis=1)
+    prior = mgr.data.pair_prior_logits(users, items, recipe=PriorRecipe())
+    want = _sigmoid(prior + newest.scale * cos + newest.bias)
+    assert np.allclose(_served(mgr, stacked.node_id, users, items), want, atol=1e-5)
