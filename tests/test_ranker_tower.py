@@ -253,3 +253,22 @@ def test_a_folded_tower_is_a_plain_encoder_and_records_its_numbers(towers):
     prior = mgr.data.pair_prior_logits(users, items, recipe=PriorRecipe())
     want = _sigmoid(prior + newest.scale * cos + newest.bias)
     assert np.allclose(_served(mgr, stacked.node_id, users, items), want, atol=1e-5)
+
+
+def test_a_tower_reranks_the_retrievers_candidates_with_its_own_scores(towers):
+    mgr, b, fresh, _ = towers
+    retriever = mgr.train_update([b[0]], task="retriever", name="tw-ret",
+                                 **{k: v for k, v in FAST.items() if k != "ranker_shape"})
+    users = sorted({str(r["user_id"]) for r in mgr.data.interactions()})[:4]
+    scorer = mgr.scorer(retriever.node_id, ranker=fresh.node_id)
+    try:
+        lists = scorer.recommend_many(users, 3, top_m=6)
+        for user in users:
+            items = [r["item_id"] for r in lists[user]]
+            assert len(items) == 3
+            scores = [r["score"] for r in lists[user]]
+            assert scores == sorted(scores, reverse=True)
+            # the reranked scores are the tower node's P(like) of those pairs (prior included)
+            np.testing.assert_allclose(scores, scorer.score([user] * len(items), items), atol=1e-9)
+    finally:
+        scorer.close()
