@@ -64,6 +64,7 @@ from benchmarks._implicit import available as als_available  # noqa: E402
 RANKER = {
     "a_stale": "(a) stale initial adapter",
     "b_warm_start": "(b) incremental warm_start",
+    "b0_fresh": "(b0) fresh adapter on the latest period alone",
     "c_stack": "(c) incremental stack",
     "d_replay": "(d) warm_start + replay",
     "d2_long_short_ensemble": "(d2) long_short, ensemble",
@@ -78,7 +79,7 @@ RANKER = {
 }
 SLICES = ("cold_items", "cold_users")  # fewer than COLD earlier ratings of the row's item / user
 COLD = 10
-INCREMENTAL = ("b_warm_start", "c_stack", "d_replay", "d2_long_short_ensemble", "d2_long_short_weights")
+INCREMENTAL = ("b_warm_start", "b0_fresh", "c_stack", "d_replay", "d2_long_short_ensemble", "d2_long_short_weights")
 RETRIEVER = {
     "r_stale": "BERT retriever, stale initial",
     "r_fresh": "BERT retriever, fresh per week",
@@ -486,7 +487,7 @@ class Bench:
         wanted = set(a.policies.split(",")) if a.policies else None
 
         def runs(policy: str) -> bool:
-            return wanted is None or policy in wanted
+            return policy in wanted if wanted is not None else policy != "b0"
         periods = []
         for k, t in enumerate(range(a.init_weeks, a.init_weeks + a.periods), start=1):
             train_id, eval_id = ids[t], ids[t + 1]
@@ -511,6 +512,8 @@ class Bench:
                 r = self.update("ranker", "b_warm_start", t, [train_id], policy="warm_start",
                                 parent=prev["b_warm_start"], **cont)
                 prev["b_warm_start"] = r.adapter_id
+            if runs("b0"):  # what the latest period alone teaches (tried when a trend makes old periods mislead)
+                self.update("ranker", "b0_fresh", t, [train_id], policy="fresh", **week)
             if runs("c"):
                 r = self.update("ranker", "c_stack", t, [train_id], policy="stack", parent=prev["c_stack"], **cont)
                 prev["c_stack"] = r.node_id
@@ -996,7 +999,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the ranker recipe: cross-encoder + head, or two towers (scale x cosine + bias)")
     p.add_argument("--ranker-only", action="store_true", help="train no retriever (its baselines still run)")
     p.add_argument("--policies", default=None,
-                   help="comma-separated subset of the ranker policies b,c,d,d2,e,f (default: all)")
+                   help="comma-separated subset of the ranker policies b,b0,c,d,d2,e,f (default: all but b0)")
     p.add_argument("--baselines-only", action="store_true",
                    help="only the prior, prior + content and classical baselines (no BERT training; minutes)")
     p.add_argument("--replay-ratio", type=float, default=1.0)
