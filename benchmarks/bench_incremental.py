@@ -79,6 +79,7 @@ RANKER = {
 }
 SLICES = ("cold_items", "cold_users")  # fewer than COLD earlier ratings of the row's item / user
 COLD = 10
+OPT_IN = ("b0_fresh",)  # run only when asked (--policies b0,...): not part of the default benchmark
 INCREMENTAL = ("b_warm_start", "b0_fresh", "c_stack", "d_replay", "d2_long_short_ensemble", "d2_long_short_weights")
 RETRIEVER = {
     "r_stale": "BERT retriever, stale initial",
