@@ -86,7 +86,6 @@ class RankerShape:
 
 
 CROSS = RankerShape()
-FRESH_TOWER = RankerShape(shape="tower")
 
 
 def shape_of(hyperparams: Mapping[str, Any] | None) -> RankerShape:
@@ -95,4 +94,4 @@ def shape_of(hyperparams: Mapping[str, Any] | None) -> RankerShape:
     return RankerShape.from_dict(recorded) if recorded else CROSS
 
 
-__all__ = ["CROSS", "FRESH_TOWER", "RECORD_KEY", "SHAPES", "RankerShape", "shape_of"]
+__all__ = ["CROSS", "RECORD_KEY", "SHAPES", "RankerShape", "shape_of"]

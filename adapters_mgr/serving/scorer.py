@@ -24,6 +24,7 @@ from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.records import Adapter
 from adapters_mgr.errors import InvalidInput, NotFound
 from adapters_mgr.lora.base_model import load_base_model
+from adapters_mgr.lora.ranker_shape import CROSS
 from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.serving.engine import HotSwapModel, NodeSpec
 from adapters_mgr.serving.topk import seen_items, top_k
@@ -123,10 +124,10 @@ class Scorer:
         if node.status != "active":
             raise InvalidInput(f"adapter {node.id} is {node.status}; it cannot be served")
         members, mode = self.src.members(node)  # once: a lineage query for stack nodes
-        shape = self.src.ranker_shape([m for m, _ in members]) if node.task == "ranker" else None
-        engine = self._engine(node.base_id, node.task, shape.shape if shape is not None else "cross")
+        shape = self.src.ranker_shape([m for m, _ in members]) if node.task == "ranker" else CROSS
+        engine = self._engine(node.base_id, node.task, shape.shape)
         # reads and checks outside the switch; a tower node carries its own scale and bias
-        prepared = engine.prepare(self._spec(node, members, mode, shape if shape is not None and shape.tower else None))
+        prepared = engine.prepare(self._spec(node, members, mode, shape if shape.tower else None))
         templates = self.src.newest_templates([m for m, _ in members])
         recipe = self.src.prior_recipe([m for m, _ in members])
         pop = self.src.popularity_recipe([m for m, _ in members]) if node.task == "retriever" else None
@@ -135,7 +136,7 @@ class Scorer:
             engine.activate(prepared)
             if previous is not None and previous is not engine:
                 previous.activate(None)  # the other shape's engine goes back to its bare base
-            self._shapes[node.task] = shape.shape if shape is not None else "cross"
+            self._shapes[node.task] = shape.shape
             self._refs[node.task] = node_or_alias
             self._nodes[node.task] = node
             self._templates[node.task] = templates

@@ -25,6 +25,7 @@ from adapters_mgr.lora.merge_methods import COPYING_METHODS
 from adapters_mgr.lora.ranker_shape import CROSS, RankerShape
 from adapters_mgr.lora.ranker_shape import RECORD_KEY as SHAPE_KEY
 from adapters_mgr.lora.tasks import Task, get_task
+from adapters_mgr.workflows.evaluation import task_with_prior
 from adapters_mgr.workflows.register import store_adapter
 from adapters_mgr.workflows.workspace import Workspace
 
@@ -40,9 +41,7 @@ class MergePlan:
 
     def task_obj(self) -> Task:
         """The recipe the merged adapter scores with (a two-tower ranker's folders are FEATURE_EXTRACTION)."""
-        if self.task == "ranker":
-            return get_task("ranker", prior=self.prior.kind, shape=self.shape)
-        return get_task(self.task)
+        return task_with_prior(self.task, self.prior, self.shape)
 
 
 def plan_merge(ws: Workspace, refs: Sequence[Any], weights: Sequence[float] | None) -> MergePlan:

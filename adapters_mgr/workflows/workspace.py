@@ -69,11 +69,18 @@ class Workspace:
         with self.catalog.connect() as con:
             return nodes.newest_templates(con, adapters)
 
+    def with_hyperparams(self, adapters: list[Adapter]) -> list[Adapter]:
+        """The adapters with their recorded hyperparams (lineage rows come without them: those are
+        read from the catalog, the others are kept as they are)."""
+        if all(a.hyperparams is not None for a in adapters):
+            return list(adapters)
+        with self.catalog.connect() as con:
+            return [a if a.hyperparams is not None else fetch_adapter(con, a.id) for a in adapters]
+
     def prior_recipe(self, adapters: list[Adapter]) -> prior.PriorRecipe:
         """The as-of prior the adapters were trained with: one for all of them (Conflict otherwise),
         ``NO_PRIOR`` for adapters registered before the prior existed."""
-        with self.catalog.connect() as con:
-            full = [a if a.hyperparams is not None else fetch_adapter(con, a.id) for a in adapters]
+        full = self.with_hyperparams(adapters)
         return prior.common_recipe([prior.recipe_of(a.hyperparams) for a in full],
                                    what=f"adapters {[a.id for a in full]}")
 
@@ -81,8 +88,7 @@ class Workspace:
         """The ranker shape a node scores with: one shape for all members (Conflict otherwise: a
         cross-encoder's head and a tower's cosine cannot be combined), with the newest member's
         learned scale and bias (a stacked adapter was trained on top of its parents)."""
-        with self.catalog.connect() as con:
-            full = [a if a.hyperparams is not None else fetch_adapter(con, a.id) for a in adapters]
+        full = self.with_hyperparams(adapters)
         shapes = {a.id: shape_of(a.hyperparams) for a in full}
         kinds = sorted({s.shape for s in shapes.values()})
         if len(kinds) > 1:
@@ -94,8 +100,7 @@ class Workspace:
         """The retriever popularity term a node scores with: the newest member's recorded recipe and
         learned weights (a stacked adapter was trained on top of its parents, so its weights apply to
         the whole node's similarity); ``NO_POPULARITY`` when no member recorded one (older adapters)."""
-        with self.catalog.connect() as con:
-            full = [a if a.hyperparams is not None else fetch_adapter(con, a.id) for a in adapters]
+        full = self.with_hyperparams(adapters)
         for adapter in sorted(full, key=lambda a: a.id, reverse=True):
             recipe = popularity.recipe_of(adapter.hyperparams)
             if recipe.used:

@@ -96,7 +96,7 @@ class RankerTask(Task):
 
     @property
     def peft_task_type(self) -> str:
-        return "FEATURE_EXTRACTION" if self.tower else "SEQ_CLS"
+        return "FEATURE_EXTRACTION" if self.tower else super().peft_task_type
 
     @property
     def residual(self) -> bool:
@@ -270,13 +270,13 @@ def pair_cosines(model: nn.Module, tokenizer: Any, user_texts: Sequence[str], it
     (a rerank, a user's eval rows) share one user encoding."""
     if len(user_texts) != len(item_texts):
         raise InvalidInput(f"{len(user_texts)} user texts but {len(item_texts)} item texts")
+    if not len(user_texts):
+        return np.zeros(0, dtype=np.float64)
     users, user_idx = np.unique(np.asarray(list(user_texts), dtype=object), return_inverse=True)
     items, item_idx = np.unique(np.asarray(list(item_texts), dtype=object), return_inverse=True)
     kw = {"max_length": max_length, "batch_size": batch_size, "device": device}
     u = encode_texts(model, tokenizer, [str(t) for t in users], **kw).astype(np.float64)
     i = encode_texts(model, tokenizer, [str(t) for t in items], **kw).astype(np.float64)
-    if not len(user_texts):
-        return np.zeros(0, dtype=np.float64)
     return np.einsum("nd,nd->n", u[user_idx.reshape(-1)], i[item_idx.reshape(-1)])
 
 
