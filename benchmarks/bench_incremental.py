@@ -996,8 +996,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run (e) and (f) in every period (default: the last period only, where the cost targets "
                         "are measured: they are the run's most expensive strategies)")
     p.add_argument("--top-layers", type=int, default=None, help="LoRA on the top N layers only (default: all)")
-    p.add_argument("--ranker-shape", choices=("cross", "tower"), default="cross",
-                   help="the ranker recipe: cross-encoder + head, or two towers (scale x cosine + bias)")
+    p.add_argument("--ranker-shape", choices=("cross", "tower", "history"), default="cross",
+                   help="the ranker recipe: cross-encoder + head, two towers (scale x cosine + bias), or the "
+                        "history tower (the user: mean of liked minus disliked item vectors before the event)")
     p.add_argument("--ranker-only", action="store_true", help="train no retriever (its baselines still run)")
     p.add_argument("--policies", default=None,
                    help="comma-separated subset of the ranker policies b,b0,c,d,d2,e,f (default: all but b0)")

@@ -20,7 +20,7 @@ import numpy as np
 
 from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.sql import fetch_dicts, from_json
-from adapters_mgr.data import digest, popularity, prior, registry, sampling, texts
+from adapters_mgr.data import digest, history, popularity, prior, registry, sampling, texts
 from adapters_mgr.data.classify import RULES
 from adapters_mgr.data.sources import list_files
 from adapters_mgr.data.sync import run_sync
@@ -386,6 +386,24 @@ class DataAPI:
         return texts.user_texts(self, None if user_ids is None else [str(u) for u in user_ids], _as_time(as_of),
                                 templates=templates)
 
+
+    # -- what a history ranker reads (ranker_shape 'history') --------------------------------------
+    def history_texts(self, rows: Any, item_template: str) -> tuple[list[str], list[str]]:
+        """(user texts, item texts) per row (``user_id``, ``item_id``, ``ts``) as a history ranker
+        reads them: the user's liked/disliked items strictly before the row, the item's content text
+        (``item_template`` without statistics). See :mod:`adapters_mgr.data.history`."""
+        if isinstance(rows, dict):
+            rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+        return history.row_texts(self, list(rows), item_template)
+
+    def user_history_texts(self, user_ids: list[str], as_of: datetime | str | None = None, *,
+                           item_template: str) -> dict[str, str]:
+        """Each user's history text from the events strictly before ``as_of`` (None: all synced)."""
+        return history.user_texts(self, [str(u) for u in user_ids], item_template, _as_time(as_of))
+
+    def item_content_texts(self, as_of: datetime | str | None = None, *, item_template: str) -> dict[str, str]:
+        """Every item's content text (``item_template`` without statistics), as history rankers embed it."""
+        return history.item_contents(self, item_template, _as_time(as_of))
 
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}")
 

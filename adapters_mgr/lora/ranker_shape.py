@@ -1,6 +1,6 @@
 """Which model a ranker adapter is, and the two numbers a two-tower ranker learns outside its folder.
 
-Two shapes (recorded with every ranker adapter under ``hyperparams['ranker_recipe']``):
+Three shapes (recorded with every ranker adapter under ``hyperparams['ranker_recipe']``):
 
 - ``cross``: the cross-encoder, ``[CLS] user [SEP] item [SEP]`` read by a 2-label sequence
   classifier whose head belongs to the adapter. Every ranker registered before shapes existed is
@@ -14,12 +14,21 @@ Two shapes (recorded with every ranker adapter under ``hyperparams['ranker_recip
   folder (the folder stays a standard FEATURE_EXTRACTION one; plain peft gives the encoder, hence the
   cosine), recorded here with the values they started from (``reproduce`` trains again from there).
   A fresh tower starts at ``scale = bias = 0``: it scores exactly the prior.
+- ``history``: the tower above without a user tower: the user is the mean of the item-tower vectors
+  of the items they liked minus the mean of those they disliked, strictly before the scored event
+  (the most recent ``history_text.HISTORY_K`` of each; carried as the user text, see
+  :mod:`history_text`). The same ``scale * cos + bias`` and the same scalars.
 
 Why the tower exists: on the drift stream the residual cross-encoder learned in one seed of two
 (its zero-started head and LoRA sit at a saddle: neither gets a gradient while the other is zero,
 and MiniLM's pooler, which the head reads, barely varies), while the towers learned in both
 (``benchmarks/explore_drift_ranker.py``, README issue-14 section). ``scale`` gets a gradient from
 the frozen encoder's cosine at once, and the LoRA as soon as ``scale`` is not zero.
+
+Why ``history``: a profile averaged over every item a user rated says more than a rendered text of
+five recent titles, and it follows the user as their history grows, between updates. Measured
+(README, "History rankers"): untrained (scalars only) it is the "prior + zero-shot content" baseline;
+trained, the first BERT ranker above the as-of prior on ML-100K.
 
 A node (stack, ensemble, merge) scores with its NEWEST member's ``scale`` and ``bias``: a stacked
 adapter was trained on top of its parents, so its numbers apply to the whole node's cosine, the rule
@@ -35,7 +44,7 @@ from typing import Any
 
 from adapters_mgr.errors import InvalidInput
 
-SHAPES = ("cross", "tower")
+SHAPES = ("cross", "tower", "history")
 RECORD_KEY = "ranker_recipe"
 VERSION = 1
 
@@ -63,7 +72,13 @@ class RankerShape:
 
     @property
     def tower(self) -> bool:
-        return self.shape == "tower"
+        """Two towers scored ``scale * cos + bias`` (``tower`` and ``history``), not a cross-encoder."""
+        return self.shape in ("tower", "history")
+
+    @property
+    def history(self) -> bool:
+        """The user is their history's item vectors (the user text is a history, :mod:`history_text`)."""
+        return self.shape == "history"
 
     def learned(self, scale: float, bias: float) -> RankerShape:
         """The same shape after training moved its numbers (the start kept)."""

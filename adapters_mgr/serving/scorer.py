@@ -45,6 +45,12 @@ class TextSource(Protocol):
 
     def item_popularity(self, items: list[Any], as_of: Any = None, *, recipe: Any = None) -> np.ndarray: ...
 
+    def templates(self) -> dict[str, str]: ...
+
+    def user_history_texts(self, user_ids: list[str], as_of: Any = None, *, item_template: str) -> dict[str, str]: ...
+
+    def item_content_texts(self, as_of: Any = None, *, item_template: str) -> dict[str, str]: ...
+
 
 class ServingSource(Protocol):
     """What serving needs from the rest of the system (a Workspace provides it): nodes and their
@@ -244,14 +250,24 @@ class Scorer:
         users = [str(u) for u in users]
         items = [str(i) for i in items]
         task = self._primary_task()
-        templates = self._templates.get(task)
-        user_text = self.src.data.user_texts(sorted(set(users)), as_of, templates=templates)
-        item_text = self.src.data.item_texts(as_of, templates=templates)
+        user_text, item_text = self._texts(task, sorted(set(users)), as_of)
         missing = [i for i in items if i not in item_text]
         if missing:
             raise NotFound(f"unknown item {missing[0]!r}; it has no interactions or attributes in the catalog")
         offsets = self.prior_logits(users, items, as_of=as_of) if task == "ranker" else None
         return self.score_texts([user_text[u] for u in users], [item_text[i] for i in items], prior_logits=offsets)
+
+    def _texts(self, task: str, users: list[str], as_of: Any) -> tuple[dict[str, str], dict[str, str]]:
+        """(user texts, item texts) as the active ``task`` node was trained to read them: rendered with
+        its recorded templates, or for a history ranker the users' histories strictly before
+        ``as_of`` and the items' content texts (``adapters_mgr.data.history``)."""
+        templates = self._templates.get(task)
+        if task == "ranker" and self._shapes.get(task) == "history":
+            item_template = (templates or self.src.data.templates())["item"]
+            return (self.src.data.user_history_texts(users, as_of, item_template=item_template),
+                    self.src.data.item_content_texts(as_of, item_template=item_template))
+        return (self.src.data.user_texts(users, as_of, templates=templates),
+                self.src.data.item_texts(as_of, templates=templates))
 
     def item_embeddings(self, as_of: Any = None) -> tuple[list[str], np.ndarray]:
         """Every catalog item encoded by the active retriever (cached per node and time)."""
@@ -301,10 +317,10 @@ class Scorer:
                       max(k, top_m) if ranker else k)
         if not ranker:
             return first
-        rank_templates = self._templates.get("ranker")
-        if rank_templates != self._templates.get("retriever"):  # each stage reads its own training texts
-            user_text = self.src.data.user_texts(users, as_of, templates=rank_templates)
-        item_text = self.src.data.item_texts(as_of, templates=rank_templates)
+        if self._templates.get("ranker") != self._templates.get("retriever") or self._shapes.get("ranker") == "history":
+            user_text, item_text = self._texts("ranker", users, as_of)  # each stage reads its own training texts
+        else:
+            item_text = self.src.data.item_texts(as_of, templates=self._templates.get("ranker"))
         rank_engine = self._engine_for("ranker")
         # every candidate pair of every user in one request: the engine fills whole batches across
         # users (a user's top_m alone leaves most of a batch empty) and the prior is one query

@@ -93,9 +93,26 @@ def with_prior(ws: Workspace, rows: list[dict[str, Any]], recipe: PriorRecipe) -
     return [{**r, OFFSET_COLUMN: float(v)} for r, v in zip(rows, logits, strict=True)]
 
 
+def with_history(ws: Workspace, rows: list[dict[str, Any]], shape: RankerShape, item_template: str
+                 ) -> list[dict[str, Any]]:
+    """Ranker rows as a ``history`` ranker reads them (copies): the user text is the user's liked and
+    disliked items strictly before the row, the item text the item's content text
+    (:mod:`adapters_mgr.data.history`); the rows as they are for every other shape."""
+    if not shape.history or not rows:
+        return rows
+    users, items = ws.data.history_texts(rows, item_template)
+    return [{**r, "user_text": u, "item_text": i} for r, u, i in zip(rows, users, items, strict=True)]
+
+
+def item_template_of(ws: Workspace, adapters: list[Adapter]) -> str:
+    """The item template the adapters' newest member trained with (else the catalog's current one)."""
+    return (ws.newest_templates(adapters) or ws.data.templates())["item"]
+
+
 def node_examples(ws: Workspace, task: Task, node: Adapter, examples: Any) -> tuple[Task, Any, Any, str]:
     """(task recipe, examples as the node scores them, member folders, mode): the node's own prior
-    offsets added to ranker rows, its popularity counts to retriever examples."""
+    offsets added to ranker rows, its popularity counts to retriever examples, and (a history
+    ranker) its history texts."""
     members, mode = ws.members(node)
     if task.name == "retriever":  # the node's own popularity term and learned weights (none: the cosine)
         pop = ws.popularity_recipe([m for m, _ in members])
@@ -104,6 +121,8 @@ def node_examples(ws: Workspace, task: Task, node: Adapter, examples: Any) -> tu
     if task.name == "ranker" and recipe.used:
         examples = with_prior(ws, list(examples), recipe)
     shape = ws.ranker_shape([m for m, _ in members]) if task.name == "ranker" else CROSS
+    if shape.history:
+        examples = with_history(ws, list(examples), shape, item_template_of(ws, [m for m, _ in members]))
     return task_with_prior(task.name, recipe, shape), examples, ws.member_folders(members), mode
 
 

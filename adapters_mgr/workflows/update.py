@@ -73,6 +73,7 @@ from adapters_mgr.workflows.evaluation import (
     rows_label,
     task_with_prior,
     with_eval_popularity,
+    with_history,
     with_popularity,
     with_primary,
     with_prior,
@@ -150,6 +151,12 @@ class UpdateRows:
     eval: list[dict[str, Any]]
     replay_ids: list[str]
     examples: Any
+    own_examples: Any = None
+    """The examples as the new adapter scores them (a history ranker: its history texts); None: ``examples``."""
+
+    @property
+    def scored(self) -> Any:
+        return self.examples if self.own_examples is None else self.own_examples
 
 
 @dataclass
@@ -478,6 +485,11 @@ def load_rows(ws: Workspace, plan: UpdatePlan) -> UpdateRows:
     else:  # held-out tail: earlier batches plus the training part of this one
         examples = eval_examples(ws, cfg.task, eval_rows, history, first_eval, extra_seen=rows, templates=templates)
     examples = with_eval_popularity(ws, examples, plan.popularity)
+    shape = getattr(plan.task, "shape", CROSS)
+    if shape.history:  # the rows keep their texts for the gate's baseline; the new ranker reads histories
+        train_rows = with_history(ws, train_rows, shape, templates["item"])
+        return UpdateRows(templates, train_rows, eval_rows, replay_ids, examples,
+                          with_history(ws, examples, shape, templates["item"]))
     return UpdateRows(templates, train_rows, eval_rows, replay_ids, examples)
 
 
@@ -519,7 +531,7 @@ def remember_trained(ws: Workspace, plan: UpdatePlan, rows: UpdateRows, node_id:
     its own, sees exactly these examples (same prior offsets and popularity counts)."""
     _, scored, _, _ = node_examples(ws, plan.task, ws.get(node_id), rows.examples)
     key = examples_key(scored)
-    if key == examples_key(rows.examples):
+    if key == examples_key(rows.scored):
         remember(ws, node_id, key, plan.cfg.max_length, metrics)
 
 
@@ -628,7 +640,7 @@ def run_update(ws: Workspace, batches: Any, cfg: UpdateConfig, *, parent: Any = 
         plan = plan_update(ws, batches, cfg, parent=parent, base=base, name=name, eval_batches=eval_batches,
                            promote=promote, alias=alias, tolerance=tolerance)
         rows = load_rows(ws, plan)
-        eval_set = plan.task.parse_eval(rows.examples)  # checked before any model work
+        eval_set = plan.task.parse_eval(rows.scored)  # checked before any model work
         inputs = None if dry_run else TrainInputs.resolve(ws, plan, rows)
     except Exception as exc:
         _tell_failure(team, exc)
@@ -739,6 +751,7 @@ def reproduce(ws: Workspace, ref: Any, *, progress: bool = False) -> dict[str, A
         rows = rows[: -max(1, int(len(rows) * HOLDOUT_FRACTION))]
     train_rows = replay_rows(ws, plan, rows, templates)[0] if replay_ids or cfg.replay_ratio else rows
     train_rows = with_popularity(ws, with_prior(ws, train_rows, recipe), pop)
+    train_rows = with_history(ws, train_rows, shape, templates["item"])
     result = train_adapter(ws.base_model(node.base_id, task.head), ws.tokenizer(node.base_id), task, train_rows,
                            settings=plan.settings(), epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
                            warmup_ratio=cfg.warmup_ratio,
