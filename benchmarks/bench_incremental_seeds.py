@@ -236,10 +236,13 @@ def main() -> None:
     ap.add_argument("--stream", choices=("movielens", "drift"), default="movielens",
                     help="passed to every run; drift: results under incremental_drift_seeds/, "
                          "bench_incremental_drift_seeds.*")
-    ap.add_argument("--out", type=Path, default=None, help="default results/incremental{_drift}_seeds")
+    ap.add_argument("--out", type=Path, default=None, help="default results/incremental{_drift}_seeds{_TAG}")
+    ap.add_argument("--tag", default="", help="a variant's name: results/bench_incremental{_drift}_seeds_TAG.* "
+                                              "(e.g. 'history' with --ranker-shape history), beside the default run's")
     args, extra = ap.parse_known_args()
     drift = args.stream == "drift"
-    args.out = args.out or RESULTS / ("incremental_drift_seeds" if drift else "incremental_seeds")
+    tag = f"_{args.tag}" if args.tag else ""
+    args.out = args.out or RESULTS / (("incremental_drift_seeds" if drift else "incremental_seeds") + tag)
     extra = [*extra, "--stream", args.stream]
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
@@ -254,7 +257,7 @@ def main() -> None:
                "extra_args": extra, "seed_wall_s": walls, "aggregate": agg, "targets": targets,
                "runs": {str(s): {"config": r["config"], "summary": r["summary"]} for s, r in runs.items()},
                "wall_s": time.perf_counter() - started}
-    name = f"bench_incremental{'_drift' if drift else ''}_seeds{'_quick' if args.quick else ''}"
+    name = f"bench_incremental{'_drift' if drift else ''}_seeds{tag}{'_quick' if args.quick else ''}"
     json_path, md_path = write_results(name, payload, render(payload))
     print(Path(md_path).read_text())
     print(f"wrote {json_path} and {md_path}")

@@ -106,7 +106,8 @@ def test_a_fresh_history_ranker_scores_the_prior_and_trains_like_it_scores(tmp_p
                                  device=torch.device("cpu"))  # no offsets: sigmoid(residual)
         z = torch.logit(torch.as_tensor(probs))  # the residual of each pair
         assert np.ptp(z.numpy()) > 0  # histories and items differ: the test can tell
-        want = F.binary_cross_entropy_with_logits(torch.as_tensor(data.offsets) + z, torch.as_tensor(data.labels).double())
+        labels = torch.as_tensor(data.labels).double()
+        want = F.binary_cross_entropy_with_logits(torch.as_tensor(data.offsets) + z, labels)
         assert torch.allclose(loss.double(), want, atol=1e-4)
         loss.backward()
         assert float(task.scalars()[0].grad[0].abs()) > 0
