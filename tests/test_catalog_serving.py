@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
     mgr = synced_manager(work / "root", work)
     b = [x["id"] for x in mgr.data.batches()]
-    first = mgr.train_update([b[0]], name="rk", promote="always", **FAST)
+    first = mgr.train_update([b[0]], name="rk", promote="always", ranker_shape="cross", **FAST)  # heads, folds
     s1 = mgr.train_update([b[1]], name="rk", policy="stack", parent="production", promote="always", **FAST)
     s2 = mgr.train_update([b[2]], name="rk", policy="stack", parent="production", promote="always", **FAST)
     ret = mgr.train_update([b[0], b[1]], task="retriever", name="ret", promote="always", alias="retrieval", **FAST)

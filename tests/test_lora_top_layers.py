@@ -14,7 +14,8 @@ from adapters_mgr import InvalidInput
 from adapters_mgr.lora.settings import LoraSettings
 from tests.stream_fixtures import synced_manager
 
-FAST = dict(max_length=32, max_train_rows=120, max_eval_rows=120, progress=False, prior="none", base="tiny")
+FAST = dict(max_length=32, max_train_rows=120, max_eval_rows=120, progress=False, prior="none", base="tiny",
+            ranker_shape="cross")
 
 
 def test_top_layer_indices_and_checks():

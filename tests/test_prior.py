@@ -25,7 +25,8 @@ from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.lora.testing import synthetic_rows, tiny_base, tiny_tokenizer
 from tests.stream_fixtures import synced_manager
 
-FAST = dict(max_length=32, max_train_rows=160, max_eval_rows=120, batch_size=32, lr=5e-3, progress=False)
+FAST = dict(max_length=32, max_train_rows=160, max_eval_rows=120, batch_size=32, lr=5e-3, progress=False,
+            ranker_shape="cross")  # the cross-encoder's head with the prior (towers: test_ranker_tower/_history)
 
 
 # -- the prior itself --------------------------------------------------------------------------------------

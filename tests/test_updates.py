@@ -213,7 +213,7 @@ def test_serving_renders_texts_with_the_templates_the_node_was_trained_on(stream
     trained_on = {**before, "item": "{item_stats} Item {item_id}: {title}."}
     set_template(mgr.data.catalog, "item", trained_on["item"])
     try:
-        r = mgr.train_update([b[0]], task="ranker", name="tplserve", **FAST)
+        r = mgr.train_update([b[0]], task="ranker", name="tplserve", ranker_shape="cross", **FAST)  # rendered texts
         set_template(mgr.data.catalog, "item", before["item"])  # the catalog moves on
         scorer = mgr.scorer(r.node_id)
         assert scorer.recorded_templates(mgr.get(r.node_id)) == trained_on

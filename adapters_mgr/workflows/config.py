@@ -63,7 +63,7 @@ class UpdateConfig:
                                      "its own head), tower (user and item encoded apart, residual = scale x "
                                      "cosine + bias, both learned from 0), history (the tower with the user as "
                                      "the items they liked minus those they disliked before), or auto (the "
-                                     "parent's; cross for a fresh ranker).")
+                                     "parent's; history for a fresh ranker).")
     prior_shrinkage: float = knob(10.0, "Prior 'bias': pseudo-events that shrink user and item like rates "
                                         "toward the global rate.", min=1e-9)
     popularity: str = knob("auto", "Retriever: log (score = sim_weight x cosine + pop_weight x log(1 + the item's "

@@ -84,7 +84,8 @@ from adapters_mgr.workflows.workspace import Workspace
 HOLDOUT_FRACTION = 0.1
 PRIOR_CHOICES = ("auto", "bias", "none")
 SHAPE_CHOICES = ("auto", *SHAPES)
-FRESH_RANKER_SHAPE = "cross"  # what --ranker-shape auto trains for a ranker without parents
+FRESH_RANKER_SHAPE = "history"  # what --ranker-shape auto trains for a ranker without parents (README:
+# "History rankers": on ML-100K and the drift stream it is the one shape that adds to the prior)
 POPULARITY_CHOICES = ("auto", "log", "none")
 POPULARITY_EVENTS_CHOICES = ("auto", *popularity.EVENTS)
 #: A fresh retriever's popularity term: like counts decayed with a 14-day half-life (data/popularity.py
