@@ -25,6 +25,7 @@ from adapters_mgr.lora.policies import build, plan
 from adapters_mgr.lora.ranker_shape import shape_of
 from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.lora.testing import tiny_base, tiny_tokenizer
+from tests.helpers import assert_reranks_with_its_own_scores, pairs_of, served_scores, sigmoid
 from tests.stream_fixtures import synced_manager
 
 FAST = dict(max_length=32, max_train_rows=160, max_eval_rows=120, batch_size=32, lr=5e-3, progress=False,
@@ -128,21 +129,7 @@ def history(tmp_path_factory):
     return mgr, b, fresh, stacked
 
 
-def _pairs(mgr, batch_id, n=8):
-    rows = mgr.data.training_rows([batch_id])[:n]
-    return [r["user_id"] for r in rows], [r["item_id"] for r in rows]
 
-
-def _served(mgr, ref, users, items):
-    scorer = mgr.scorer(ref)
-    try:
-        return scorer.score(users, items)
-    finally:
-        scorer.close()
-
-
-def _sigmoid(z):
-    return 1 / (1 + np.exp(-z))
 
 
 def _plain_peft_cosines(mgr, node_id, folders, users, items):
@@ -192,19 +179,19 @@ def test_updates_record_the_history_shape_and_reproduce_bit_identically(history)
 
 def test_plain_peft_plus_the_documented_formula_equals_the_scorer(history):
     mgr, b, fresh, stacked = history
-    users, items = _pairs(mgr, b[3])
+    users, items = pairs_of(mgr, b[3])
     prior = mgr.data.pair_prior_logits(users, items, recipe=PriorRecipe())
     shape = shape_of(mgr.get(fresh.adapter_id).hyperparams)
     cos = _plain_peft_cosines(mgr, fresh.node_id, [str(mgr.adapter_folder(fresh.adapter_id))], users, items)
-    served = _served(mgr, fresh.node_id, users, items)
-    assert np.allclose(served, _sigmoid(prior + shape.scale * cos + shape.bias), atol=1e-6)
-    assert np.ptp(served - _sigmoid(prior)) > 0
+    served = served_scores(mgr, fresh.node_id, users, items)
+    assert np.allclose(served, sigmoid(prior + shape.scale * cos + shape.bias), atol=1e-6)
+    assert np.ptp(served - sigmoid(prior)) > 0
     # a stack: the summed deltas' vectors, the newest member's numbers, the prior once
     newest = shape_of(mgr.get(stacked.adapter_id).hyperparams)
     cos2 = _plain_peft_cosines(mgr, fresh.node_id, [str(mgr.adapter_folder(r.adapter_id)) for r in (fresh, stacked)],
                                users, items)
-    assert np.allclose(_served(mgr, stacked.node_id, users, items), _sigmoid(prior + newest.scale * cos2 + newest.bias),
-                       atol=1e-6)
+    want = sigmoid(prior + newest.scale * cos2 + newest.bias)
+    assert np.allclose(served_scores(mgr, stacked.node_id, users, items), want, atol=1e-6)
 
 
 def test_a_gate_scores_a_cross_encoder_baseline_on_its_own_texts(history):
@@ -228,13 +215,4 @@ def test_a_history_ranker_reranks_the_retrievers_candidates_with_its_own_scores(
     retriever = mgr.train_update([b[0]], task="retriever", name="hi-ret",
                                  **{k: v for k, v in FAST.items() if k != "ranker_shape"})
     users = sorted({str(r["user_id"]) for r in mgr.data.interactions()})[:4]
-    scorer = mgr.scorer(retriever.node_id, ranker=fresh.node_id)
-    try:
-        lists = scorer.recommend_many(users, 3, top_m=6)
-        for user in users:
-            items = [r["item_id"] for r in lists[user]]
-            scores = [r["score"] for r in lists[user]]
-            assert len(items) == 3 and scores == sorted(scores, reverse=True)
-            np.testing.assert_allclose(scores, scorer.score([user] * len(items), items), atol=1e-9)
-    finally:
-        scorer.close()
+    assert_reranks_with_its_own_scores(mgr, retriever.node_id, fresh.node_id, users)

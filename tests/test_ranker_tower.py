@@ -21,6 +21,7 @@ from adapters_mgr.lora.ranker_shape import RankerShape, shape_of
 from adapters_mgr.lora.tasks import get_task
 from adapters_mgr.lora.testing import synthetic_rows, tiny_base, tiny_tokenizer
 from adapters_mgr.lora.trainer import train_adapter
+from tests.helpers import assert_reranks_with_its_own_scores, pairs_of, served_scores, sigmoid
 from tests.stream_fixtures import synced_manager
 
 FAST = dict(max_length=32, max_train_rows=160, max_eval_rows=120, batch_size=32, lr=5e-3, progress=False,
@@ -88,17 +89,6 @@ def towers(tmp_path_factory):
     return mgr, b, fresh, stacked
 
 
-def _pairs(mgr, batch_id, n=8):
-    rows = mgr.data.training_rows([batch_id])[:n]
-    return [r["user_id"] for r in rows], [r["item_id"] for r in rows]
-
-
-def _served(mgr, ref, users, items):
-    scorer = mgr.scorer(ref)
-    try:
-        return scorer.score(users, items)
-    finally:
-        scorer.close()
 
 
 def _cosines(mgr, node_id, folders_weights, users, items, mode="weights"):
@@ -131,9 +121,6 @@ def _cosines(mgr, node_id, folders_weights, users, items, mode="weights"):
     return np.sum(encode(model, [ut[u] for u in users]) * encode(model, [it[i] for i in items]), axis=1)
 
 
-def _sigmoid(z):
-    return 1 / (1 + np.exp(-z))
-
 
 def test_updates_record_the_tower_and_reproduce_bit_identically(towers):
     mgr, _, fresh, stacked = towers
@@ -151,18 +138,18 @@ def test_updates_record_the_tower_and_reproduce_bit_identically(towers):
 
 def test_plain_peft_plus_the_documented_offset_equals_the_scorer(towers):
     mgr, b, fresh, _ = towers
-    users, items = _pairs(mgr, b[3])
+    users, items = pairs_of(mgr, b[3])
     shape = shape_of(mgr.get(fresh.adapter_id).hyperparams)
     cos = _cosines(mgr, fresh.node_id, [(str(mgr.adapter_folder(fresh.adapter_id)), 1.0)], users, items)
     offset = mgr.data.pair_prior_logits(users, items, recipe=PriorRecipe())
-    served = _served(mgr, fresh.node_id, users, items)
-    assert np.allclose(served, _sigmoid(offset + shape.scale * cos + shape.bias), atol=1e-6)
-    assert np.ptp(served - _sigmoid(offset)) > 0  # the towers add something: the test can tell
+    served = served_scores(mgr, fresh.node_id, users, items)
+    assert np.allclose(served, sigmoid(offset + shape.scale * cos + shape.bias), atol=1e-6)
+    assert np.ptp(served - sigmoid(offset)) > 0  # the towers add something: the test can tell
 
 
 def test_the_prior_is_added_once_under_stack_ensemble_and_merge(towers):
     mgr, b, fresh, stacked = towers
-    users, items = _pairs(mgr, b[2])
+    users, items = pairs_of(mgr, b[2])
     prior = mgr.data.pair_prior_logits(users, items, recipe=PriorRecipe())
     folder = {r.adapter_id: str(mgr.adapter_folder(r.adapter_id)) for r in (fresh, stacked)}
     newest = shape_of(mgr.get(stacked.adapter_id).hyperparams)
@@ -170,21 +157,21 @@ def test_the_prior_is_added_once_under_stack_ensemble_and_merge(towers):
     # weights: the summed deltas' cosine, the NEWEST member's scale and bias, the prior once
     cos = _cosines(mgr, fresh.node_id, [(folder[fresh.adapter_id], 1.0), (folder[stacked.adapter_id], 1.0)],
                    users, items)
-    served_stack = _served(mgr, stacked.node_id, users, items)
-    assert np.allclose(served_stack, _sigmoid(prior + newest.scale * cos + newest.bias), atol=1e-6)
+    served_stack = served_scores(mgr, stacked.node_id, users, items)
+    assert np.allclose(served_stack, sigmoid(prior + newest.scale * cos + newest.bias), atol=1e-6)
 
     # ensemble: each member alone (the node's newest numbers), the prior once per member, P(like) averaged
     ens = mgr.stack([fresh.adapter_id, stacked.adapter_id], weights=[1.0, 3.0], mode="ensemble", name="tw-ens")
     c1 = _cosines(mgr, fresh.node_id, [(folder[fresh.adapter_id], 1.0)], users, items)
     c2 = _cosines(mgr, fresh.node_id, [(folder[stacked.adapter_id], 1.0)], users, items)
-    want = 0.25 * _sigmoid(prior + newest.scale * c1 + newest.bias) + 0.75 * _sigmoid(prior + newest.scale * c2
+    want = 0.25 * sigmoid(prior + newest.scale * c1 + newest.bias) + 0.75 * sigmoid(prior + newest.scale * c2
                                                                                          + newest.bias)
-    assert np.allclose(_served(mgr, ens, users, items), want, atol=1e-6)
+    assert np.allclose(served_scores(mgr, ens, users, items), want, atol=1e-6)
 
     # an exact (cat) merge of the stack is one tower with the stack's numbers: it scores as the stack
     merged = mgr.merge([stacked.node_id], "cat", name="tw-merged")
     assert shape_of(mgr.get(merged).hyperparams) == newest
-    assert np.allclose(_served(mgr, merged, users, items), served_stack, atol=1e-5)
+    assert np.allclose(served_scores(mgr, merged, users, items), served_stack, atol=1e-5)
 
 
 def test_shapes_do_not_mix_and_the_shape_travels_with_an_export(towers):
@@ -202,8 +189,8 @@ def test_shapes_do_not_mix_and_the_shape_travels_with_an_export(towers):
     exported = mgr.export(fresh.adapter_id, Path(mgr.root) / "exported-tower")
     imported = mgr.import_peft(exported, name="tw-imported")
     assert shape_of(mgr.get(imported).hyperparams) == shape_of(mgr.get(fresh.adapter_id).hyperparams)
-    users, items = _pairs(mgr, b[3])
-    assert np.array_equal(_served(mgr, imported, users, items), _served(mgr, fresh.node_id, users, items))
+    users, items = pairs_of(mgr, b[3])
+    assert np.array_equal(served_scores(mgr, imported, users, items), served_scores(mgr, fresh.node_id, users, items))
     # a bare-encoder folder registered as a ranker without its numbers is refused before anything is stored
     count = len(mgr.list())
     with pytest.raises(InvalidInput, match="scale and bias must be given"):
@@ -214,9 +201,9 @@ def test_shapes_do_not_mix_and_the_shape_travels_with_an_export(towers):
 def test_one_scorer_switches_between_a_cross_and_a_tower_ranker(towers):
     mgr, b, fresh, _ = towers
     cross = mgr.train_update([b[1]], task="ranker", name="cx2", **{**FAST, "ranker_shape": "cross"})
-    users, items = _pairs(mgr, b[3])
-    want_tower = _served(mgr, fresh.node_id, users, items)
-    want_cross = _served(mgr, cross.node_id, users, items)
+    users, items = pairs_of(mgr, b[3])
+    want_tower = served_scores(mgr, fresh.node_id, users, items)
+    want_cross = served_scores(mgr, cross.node_id, users, items)
     scorer = mgr.scorer(fresh.node_id)
     try:
         assert np.array_equal(scorer.score(users, items), want_tower)
@@ -236,7 +223,7 @@ def test_a_folded_tower_is_a_plain_encoder_and_records_its_numbers(towers):
     record = json.loads((out / "adapters_mgr_fold.json").read_text())
     newest = shape_of(mgr.get(stacked.adapter_id).hyperparams)
     assert RankerShape.from_dict(record["ranker_recipe"]) == newest
-    users, items = _pairs(mgr, b[2])
+    users, items = pairs_of(mgr, b[2])
     ut = mgr.data.user_texts(sorted(set(users)))
     it = mgr.data.item_texts()
     tok = mgr.tokenizer(mgr.get(stacked.node_id).base_id)
@@ -251,8 +238,8 @@ def test_a_folded_tower_is_a_plain_encoder_and_records_its_numbers(towers):
 
     cos = np.sum(encode([ut[u] for u in users]) * encode([it[i] for i in items]), axis=1)
     prior = mgr.data.pair_prior_logits(users, items, recipe=PriorRecipe())
-    want = _sigmoid(prior + newest.scale * cos + newest.bias)
-    assert np.allclose(_served(mgr, stacked.node_id, users, items), want, atol=1e-5)
+    want = sigmoid(prior + newest.scale * cos + newest.bias)
+    assert np.allclose(served_scores(mgr, stacked.node_id, users, items), want, atol=1e-5)
 
 
 def test_a_tower_reranks_the_retrievers_candidates_with_its_own_scores(towers):
@@ -260,15 +247,4 @@ def test_a_tower_reranks_the_retrievers_candidates_with_its_own_scores(towers):
     retriever = mgr.train_update([b[0]], task="retriever", name="tw-ret",
                                  **{k: v for k, v in FAST.items() if k != "ranker_shape"})
     users = sorted({str(r["user_id"]) for r in mgr.data.interactions()})[:4]
-    scorer = mgr.scorer(retriever.node_id, ranker=fresh.node_id)
-    try:
-        lists = scorer.recommend_many(users, 3, top_m=6)
-        for user in users:
-            items = [r["item_id"] for r in lists[user]]
-            assert len(items) == 3
-            scores = [r["score"] for r in lists[user]]
-            assert scores == sorted(scores, reverse=True)
-            # the reranked scores are the tower node's P(like) of those pairs (prior included)
-            np.testing.assert_allclose(scores, scorer.score([user] * len(items), items), atol=1e-9)
-    finally:
-        scorer.close()
+    assert_reranks_with_its_own_scores(mgr, retriever.node_id, fresh.node_id, users)
