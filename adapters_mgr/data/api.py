@@ -332,9 +332,7 @@ class DataAPI:
     def prior_logits(self, rows: Any, recipe: prior.PriorRecipe | None = None) -> np.ndarray | None:
         """The prior logit of each row (``user_id``, ``item_id``, ``ts``) as of its own time, as
         training and evaluation add it; None when the recipe is 'none'."""
-        if isinstance(rows, dict):
-            rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
-        return prior.row_logits(self.catalog, list(rows), recipe or prior.PriorRecipe())
+        return prior.row_logits(self.catalog, sampling.to_rows(rows), recipe or prior.PriorRecipe())
 
     def pair_prior_logits(self, users: list[Any], items: list[Any], as_of: datetime | str | None = None, *,
                           recipe: prior.PriorRecipe | None = None) -> np.ndarray | None:
@@ -353,9 +351,7 @@ class DataAPI:
 
     def row_popularity(self, rows: Any, recipe: popularity.PopularityRecipe | None = None) -> np.ndarray:
         """Each row's item's interactions strictly before the row's own ``ts``, as training counts them."""
-        if isinstance(rows, dict):
-            rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
-        return popularity.row_counts(self.catalog, list(rows), recipe or popularity.PopularityRecipe())
+        return popularity.row_counts(self.catalog, sampling.to_rows(rows), recipe or popularity.PopularityRecipe())
 
     # -- text --------------------------------------------------------------------------------------
     def set_template(self, kind: str, template: str) -> None:
@@ -386,15 +382,12 @@ class DataAPI:
         return texts.user_texts(self, None if user_ids is None else [str(u) for u in user_ids], _as_time(as_of),
                                 templates=templates)
 
-
     # -- what a history ranker reads (ranker_shape 'history') --------------------------------------
     def history_texts(self, rows: Any, item_template: str) -> tuple[list[str], list[str]]:
         """(user texts, item texts) per row (``user_id``, ``item_id``, ``ts``) as a history ranker
         reads them: the user's liked/disliked items strictly before the row, the item's content text
         (``item_template`` without statistics). See :mod:`adapters_mgr.data.history`."""
-        if isinstance(rows, dict):
-            rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
-        return history.row_texts(self, list(rows), item_template)
+        return history.row_texts(self, sampling.to_rows(rows), item_template)
 
     def user_history_texts(self, user_ids: list[str], as_of: datetime | str | None = None, *,
                            item_template: str) -> dict[str, str]:
@@ -404,6 +397,7 @@ class DataAPI:
     def item_content_texts(self, as_of: datetime | str | None = None, *, item_template: str) -> dict[str, str]:
         """Every item's content text (``item_template`` without statistics), as history rankers embed it."""
         return history.item_contents(self, item_template, _as_time(as_of))
+
 
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}")
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from adapters_mgr.data.prior import probe_time_sql
 from adapters_mgr.errors import InvalidInput
 from adapters_mgr.lora.history_text import HISTORY_K, clean, content_template, format_history
 
@@ -73,23 +74,18 @@ def user_texts(api: DataAPI, users: Sequence[str], item_template: str, as_of: da
 def _histories(api: DataAPI, users: list[str], times: list[Any] | None, as_of: datetime | None
                ) -> list[tuple[list[str], list[str]]]:
     """Per probe: (liked item ids, disliked item ids), newest first, at most HISTORY_K each."""
-    if times is not None:
-        t_sql, params = "unnest(?::TIMESTAMPTZ[])", [times]
-    elif as_of is not None:
-        t_sql, params = "?::TIMESTAMPTZ", [as_of]
-    else:  # after every event synced so far
-        t_sql, params = "(SELECT max(ts) + INTERVAL 1 MICROSECOND FROM interactions)", []
+    t_sql, params = probe_time_sql(times, as_of)  # the prior's as-of rule, in epoch microseconds
     with api.catalog.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
         con.execute(f"""CREATE OR REPLACE TEMP TABLE {_PROBES} AS
-                        SELECT unnest(range(?::BIGINT)) AS pid, unnest(?::VARCHAR[]) AS user_id, {t_sql} AS ts""",
+                        SELECT unnest(range(?::BIGINT)) AS pid, unnest(?::VARCHAR[]) AS user_id, {t_sql} AS t""",
                     [len(users), users, *params])
         found = con.execute(
             f"""
             WITH ranked AS (
                 SELECT p.pid, i.item_id, i.label,
                        row_number() OVER (PARTITION BY p.pid, i.label ORDER BY i.ts DESC, i.item_id DESC) AS k
-                FROM {_PROBES} p JOIN interactions i ON i.user_id = p.user_id AND i.ts < p.ts
+                FROM {_PROBES} p JOIN interactions i ON i.user_id = p.user_id AND epoch_us(i.ts) < p.t
                 QUALIFY k <= {int(HISTORY_K)})
             SELECT pid, list(item_id ORDER BY k) FILTER (WHERE label = 1),
                    list(item_id ORDER BY k) FILTER (WHERE label <> 1)

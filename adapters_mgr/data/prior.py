@@ -209,16 +209,22 @@ def pair_logits(catalog: Catalog, users: Sequence[Any], items: Sequence[Any], as
     return _logits(catalog, [str(u) for u in users], [str(i) for i in items], None, as_of, recipe)
 
 
+def probe_time_sql(times: list[Any] | None, as_of: datetime | None) -> tuple[str, list[Any]]:
+    """(SQL expression, params) of the probes' time in epoch microseconds under the as-of rule: each
+    probe's own time (``times``, unnested), else ``as_of``, else just after every event synced so far.
+    Events count for a probe when ``epoch_us(ts) < t`` (the history query uses the same rule)."""
+    if times is not None:
+        return "epoch_us(unnest(?::TIMESTAMPTZ[]))", [times]
+    if as_of is not None:
+        return "epoch_us(?::TIMESTAMPTZ)", [as_of]
+    return "(SELECT coalesce(max(epoch_us(ts)), 0) + 1 FROM interaction_rows)", []
+
+
 def _logits(catalog: Catalog, users: list[str], items: list[str], times: list[Any] | None, as_of: datetime | None,
             recipe: PriorRecipe) -> np.ndarray:
     with catalog.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
-        if times is not None:
-            t_sql, params = "epoch_us(unnest(?::TIMESTAMPTZ[]))", [times]
-        elif as_of is not None:
-            t_sql, params = "epoch_us(?::TIMESTAMPTZ)", [as_of]
-        else:  # after every event synced so far
-            t_sql, params = "(SELECT coalesce(max(epoch_us(ts)), 0) + 1 FROM interaction_rows)", []
+        t_sql, params = probe_time_sql(times, as_of)
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE {_PROBES} AS
             SELECT unnest(range(?::BIGINT)) AS pid, unnest(?::VARCHAR[]) AS user_id,
@@ -235,4 +241,4 @@ def _scalar(value: Any) -> Any:
 
 
 __all__ = ["AS_OF_RULE", "FEATURES", "KINDS", "NO_PRIOR", "RECORD_KEY", "PriorRecipe", "common_recipe",
-           "interaction_features", "pair_logits", "recipe_of", "row_logits"]
+           "interaction_features", "pair_logits", "probe_time_sql", "recipe_of", "row_logits"]

@@ -48,6 +48,13 @@ def to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             for c in rows[0]}
 
 
+def to_rows(rows: Any) -> list[dict[str, Any]]:
+    """Rows as a list of dicts, from either shape the data API hands out (rows, or ``to_columns``'s)."""
+    if isinstance(rows, dict):
+        return [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+    return list(rows)
+
+
 def fetch_rows(catalog: Catalog, where: str, params: list[Any], *, columns: bool = False) -> Any:
     sql = f"SELECT {', '.join(ROW_COLUMNS)} FROM interactions WHERE {where} ORDER BY ts, user_id, item_id, source"
     with catalog.connect() as con:

@@ -404,8 +404,7 @@ def user_texts(
 
 def attach_texts(api: DataAPI, rows: Any, *, columns: bool, templates: dict[str, str] | None = None) -> Any:
     """Texts for replayed rows: the same as-of rendering training_rows gives those events."""
-    if isinstance(rows, dict):
-        rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+    rows = sampling.to_rows(rows)
     wanted = {(r["batch_id"], r["user_id"], r["item_id"], r["ts"], r["source"]) for r in rows}
     full = training_rows(api, sorted({r["batch_id"] for r in rows}), columns=False, negatives=0, seed=0,
                          templates=templates)
