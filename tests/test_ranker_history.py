@@ -13,17 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters_mgr import Conflict
+from adapters_mgr import Conflict, InvalidInput
 from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.data.api import DataAPI
 from adapters_mgr.data.prior import PriorRecipe
 from adapters_mgr.lora import adapters as peft_wiring
 from adapters_mgr.lora.examples import as_interactions
-from adapters_mgr.lora.history_text import SEP, content_template, format_history, parse_history
+from adapters_mgr.lora.history_text import SEP, TREND_K, History, content_template, format_history, parse_history
 from adapters_mgr.lora.peft_scoring import ScoringModel
 from adapters_mgr.lora.policies import build, plan
-from adapters_mgr.lora.ranker_shape import shape_of
+from adapters_mgr.lora.ranker_shape import RankerShape, shape_of
 from adapters_mgr.lora.tasks import get_task
+from adapters_mgr.lora.tasks.ranker import tower_probabilities
 from adapters_mgr.lora.testing import tiny_base, tiny_tokenizer
 from tests.helpers import assert_reranks_with_its_own_scores, pairs_of, served_scores, sigmoid
 from tests.stream_fixtures import synced_manager
@@ -38,9 +39,26 @@ def test_the_history_format_round_trips_and_drops_the_statistics():
     assert content_template(ITEM) == "{title} ({year}). Genres: {genres}."
     assert content_template("{title}, mean {item_mean:.2f} of {item_count}") == "{title}, mean of"
     text = format_history(["A (1990).", f"B{SEP}x"], ["C."])
-    assert parse_history(text) == (["A (1990).", "B x"], ["C."])
-    assert parse_history("") == ([], [])
-    assert parse_history("Just a title") == (["Just a title"], [])  # hand-written: liked
+    assert parse_history(text) == (["A (1990).", "B x"], ["C."], [], [])
+    assert parse_history("") == ([], [], [], [])
+    assert parse_history("Just a title") == (["Just a title"], [], [], [])  # hand-written: liked
+    # the trend's segments are told apart from the user's, whatever the titles start with
+    text = format_history(["*A"], ["-B"], ["C", "*A"], ["+D"])
+    assert parse_history(text) == History(["*A"], ["-B"], ["C", "*A"], ["+D"])
+
+
+def test_the_trend_term_is_new_history_rankers_own_and_old_records_score_without_it():
+    assert RankerShape(shape="history").trend and not RankerShape(shape="tower").trend
+    old = RankerShape.from_dict({"shape": "history", "scale": 2.0, "bias": 0.1, "version": 1})  # before the trend
+    assert not old.trend
+    cos, trend = np.array([0.5, -0.5]), np.array([1.0, -1.0])
+    assert np.allclose(tower_probabilities(cos, old, None, trend), sigmoid(2.0 * cos + 0.1))
+    new = RankerShape(shape="history").learned(2.0, 0.1, 3.0)
+    assert np.allclose(tower_probabilities(cos, new, np.zeros(2), trend), sigmoid(2.0 * cos + 0.1 + 3.0 * trend))
+    with pytest.raises(InvalidInput, match="trend cosines"):
+        tower_probabilities(cos, new)
+    with pytest.raises(InvalidInput, match="only history rankers"):
+        RankerShape(shape="tower", trend=True)
 
 
 def _api_with(tmp_path: Path, events: str) -> DataAPI:
@@ -62,15 +80,32 @@ def test_history_texts_are_hand_computable_and_never_look_ahead(tmp_path):
     rows = [r for r in api.interactions() if r["user_id"] == "u1"]
     users, items = api.history_texts(rows, ITEM)
     by_item = {(r["item_id"], r["ts"].timestamp()): (u, i) for r, u, i in zip(rows, users, items, strict=True)}
+    # the user's own likes and dislikes, then the trend: everyone's (here u1's alone until t=3000)
     assert by_item[("i1", 1000.0)] == ("", one)                                # nothing before
-    assert by_item[("i2", 2000.0)] == (format_history([one], []), two)         # i1 liked (5)
-    # at t=3000: i1 and i2 before (newest first per side); i3 and the second i1 share the instant: unseen
-    assert by_item[("i3", 3000.0)] == (format_history([one], [two]), three)
-    assert by_item[("i1", 3000.0)][0] == format_history([one], [two])
-    # as of a time (serving): strictly before it; none: everything synced so far, newest first
-    assert api.user_history_texts(["u1"], rows[2]["ts"], item_template=ITEM)["u1"] == format_history([one], [two])
+    assert by_item[("i2", 2000.0)] == (format_history([one], [], [one], []), two)  # i1 liked (5)
+    # at t=3000: i1 and i2 before (newest first per side); i3, u2's i1 and u1's second i1 share the
+    # instant: unseen, for the user and the trend alike
+    assert by_item[("i3", 3000.0)] == (format_history([one], [two], [one], [two]), three)
+    assert by_item[("i1", 3000.0)][0] == format_history([one], [two], [one], [two])
+    # as of a time (serving): strictly before it; none: everything synced so far, newest first (time,
+    # then item id, descending); a user without events still sees the trend
+    assert api.user_history_texts(["u1"], rows[2]["ts"], item_template=ITEM)["u1"] == format_history(
+        [one], [two], [one], [two])
+    trend = ([three, one, one], [one, two])  # u2's dislike of i1 at t=3000 is the newest dislike
     assert api.user_history_texts(["u1", "u9"], item_template=ITEM) == {
-        "u1": format_history([three, one, one], [two]), "u9": ""}
+        "u1": format_history([three, one, one], [two], *trend), "u9": format_history([], [], *trend)}
+
+
+def test_the_trend_keeps_the_crowds_newest_events_per_side(tmp_path):
+    likes = "".join(f"u{k % 7},i{1 + k % 3},5,{1000 + 10 * k}\n" for k in range(TREND_K + 20))
+    api = _api_with(tmp_path, likes + "u1,i2,1,100000\n")
+    contents = api.item_content_texts(item_template=ITEM)
+    newest = [contents[f"i{1 + k % 3}"] for k in reversed(range(20, TREND_K + 20))]
+    text = api.user_history_texts(["u9"], item_template=ITEM)["u9"]
+    assert parse_history(text) == History([], [], newest, [contents["i2"]])
+    # as of the dislike's instant: it is not seen yet; the likes before are
+    assert parse_history(api.user_history_texts(["u9"], "1970-01-02T03:46:40Z", item_template=ITEM)["u9"]) == \
+        History([], [], newest, [])
 
 
 # -- the model ----------------------------------------------------------------------------------------------
@@ -81,7 +116,9 @@ def _history_rows(n: int, seed: int) -> list[dict]:
     for _ in range(n):
         liked = list(rng.choice(titles, size=rng.integers(0, 4), replace=False))
         disliked = list(rng.choice(titles, size=rng.integers(0, 3), replace=False))
-        rows.append({"user_id": f"u{rng.integers(5)}", "item_id": "x", "user_text": format_history(liked, disliked),
+        trend = [list(rng.choice(titles, size=rng.integers(0, 5))) for _ in range(2)]
+        rows.append({"user_id": f"u{rng.integers(5)}", "item_id": "x",
+                     "user_text": format_history(liked, disliked, *trend),
                      "item_text": str(rng.choice(titles)), "label": int(rng.integers(2)),
                      "prior_logit": float(rng.normal() * 2)})
     return rows
@@ -99,7 +136,7 @@ def test_a_fresh_history_ranker_scores_the_prior_and_trains_like_it_scores(tmp_p
         assert np.array_equal(scores, torch.sigmoid(torch.as_tensor(data.offsets, dtype=torch.float64)).numpy())
         # the training loss sees prior + scale * cos(profile, candidate) + bias with the scoring cosine
         with torch.no_grad():
-            task.scalars()[0].copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
+            task.scalars()[0].copy_(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
         model.eval()
         batch = task.collate(data, tok, 32)(list(range(len(data))))
         loss = task.loss(model, batch)
@@ -111,7 +148,7 @@ def test_a_fresh_history_ranker_scores_the_prior_and_trains_like_it_scores(tmp_p
         want = F.binary_cross_entropy_with_logits(torch.as_tensor(data.offsets) + z, labels)
         assert torch.allclose(loss.double(), want, atol=1e-4)
         loss.backward()
-        assert float(task.scalars()[0].grad[0].abs()) > 0
+        assert float(task.scalars()[0].grad[0].abs()) > 0 and float(task.scalars()[0].grad[2].abs()) > 0
         assert any(p.grad is not None and float(p.grad.abs().sum()) > 0
                    for n, p in model.named_parameters() if "lora_" in n)  # the item tower learns too
     finally:
@@ -133,7 +170,8 @@ def history(tmp_path_factory):
 
 
 def _plain_peft_cosines(mgr, node_id, folders, users, items):
-    """cos(unit(mean liked - mean disliked), item) with plain peft: AutoModel + the folder(s), mean-pooled."""
+    """cos(unit(mean liked - mean disliked), item), for the user's and the trend's sides, with plain
+    peft: AutoModel + the folder(s), mean-pooled."""
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -158,13 +196,16 @@ def _plain_peft_cosines(mgr, node_id, folders, users, items):
         mask = enc["attention_mask"].unsqueeze(-1).float()
         return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).double().numpy()
 
-    out = []
-    for user, item in zip(users, items, strict=True):
-        liked, disliked = parse_history(histories[user])
+    def cosine(liked, disliked, item):
         profile = (encode(liked).mean(0) if liked else 0) - (encode(disliked).mean(0) if disliked else 0)
         norm = np.linalg.norm(profile)
-        out.append(float(encode([contents[item]])[0] @ (profile / norm)) if norm > 0 else 0.0)
-    return np.array(out)
+        return float(encode([contents[item]])[0] @ (profile / norm)) if norm > 0 else 0.0
+
+    out = []
+    for user, item in zip(users, items, strict=True):
+        h = parse_history(histories[user])
+        out.append((cosine(h.liked, h.disliked, item), cosine(h.trend_liked, h.trend_disliked, item)))
+    return np.array(out).T
 
 
 def test_updates_record_the_history_shape_and_reproduce_bit_identically(history):
@@ -172,7 +213,9 @@ def test_updates_record_the_history_shape_and_reproduce_bit_identically(history)
     f_shape = shape_of(mgr.get(fresh.adapter_id).hyperparams)
     s_shape = shape_of(mgr.get(stacked.adapter_id).hyperparams)
     assert f_shape.history and s_shape.history and f_shape.scale != 0.0
-    assert (s_shape.start_scale, s_shape.start_bias) == (f_shape.scale, f_shape.bias)
+    assert f_shape.trend and f_shape.trend_scale != 0.0 and f_shape.start_trend_scale == 0.0
+    assert (s_shape.start_scale, s_shape.start_bias, s_shape.start_trend_scale) == (
+        f_shape.scale, f_shape.bias, f_shape.trend_scale)
     assert mgr.reproduce(fresh.adapter_id)["identical"]
     assert mgr.reproduce(stacked.adapter_id)["identical"]
 
@@ -182,15 +225,15 @@ def test_plain_peft_plus_the_documented_formula_equals_the_scorer(history):
     users, items = pairs_of(mgr, b[3])
     prior = mgr.data.pair_prior_logits(users, items, recipe=PriorRecipe())
     shape = shape_of(mgr.get(fresh.adapter_id).hyperparams)
-    cos = _plain_peft_cosines(mgr, fresh.node_id, [str(mgr.adapter_folder(fresh.adapter_id))], users, items)
+    cos, trend = _plain_peft_cosines(mgr, fresh.node_id, [str(mgr.adapter_folder(fresh.adapter_id))], users, items)
     served = served_scores(mgr, fresh.node_id, users, items)
-    assert np.allclose(served, sigmoid(prior + shape.scale * cos + shape.bias), atol=1e-6)
-    assert np.ptp(served - sigmoid(prior)) > 0
+    assert np.allclose(served, sigmoid(prior + shape.scale * cos + shape.bias + shape.trend_scale * trend), atol=1e-6)
+    assert np.ptp(served - sigmoid(prior)) > 0 and np.ptp(trend) > 0
     # a stack: the summed deltas' vectors, the newest member's numbers, the prior once
     newest = shape_of(mgr.get(stacked.adapter_id).hyperparams)
-    cos2 = _plain_peft_cosines(mgr, fresh.node_id, [str(mgr.adapter_folder(r.adapter_id)) for r in (fresh, stacked)],
-                               users, items)
-    want = sigmoid(prior + newest.scale * cos2 + newest.bias)
+    cos2, trend2 = _plain_peft_cosines(mgr, fresh.node_id,
+                                       [str(mgr.adapter_folder(r.adapter_id)) for r in (fresh, stacked)], users, items)
+    want = sigmoid(prior + newest.scale * cos2 + newest.bias + newest.trend_scale * trend2)
     assert np.allclose(served_scores(mgr, stacked.node_id, users, items), want, atol=1e-6)
 
 

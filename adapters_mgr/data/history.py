@@ -16,6 +16,11 @@ here; an item whose attributes change is described as it is now).
 
 One SQL statement per call: the probes joined to the user's earlier events, ranked per (probe,
 label), cut at ``HISTORY_K`` (``QUALIFY``), listed per probe.
+
+The trend (every user's events, the newest ``TREND_K`` likes and dislikes before the probe, same
+as-of rule and order): one ordered read of the kept events' (time, item, label), then a binary
+search per probe. A range join in SQL (probe x earlier events of everyone) would materialise
+probes x events pairs before cutting at ``TREND_K``; the sorted arrays cost O(probes log events).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from adapters_mgr.data.prior import probe_time_sql
 from adapters_mgr.errors import InvalidInput
-from adapters_mgr.lora.history_text import HISTORY_K, clean, content_template, format_history
+from adapters_mgr.lora.history_text import HISTORY_K, TREND_K, clean, content_template, format_history
 
 if TYPE_CHECKING:
     from adapters_mgr.data.api import DataAPI
@@ -54,9 +61,7 @@ def row_texts(api: DataAPI, rows: Sequence[Mapping[str, Any]], item_template: st
     if unknown:
         raise InvalidInput(f"unknown item {unknown[0]!r}: it has no interactions or attributes in the catalog")
     hist = _histories(api, [str(r["user_id"]) for r in rows], [r["ts"] for r in rows], None)
-    users = [format_history([contents[i] for i in liked], [contents[i] for i in disliked])
-             for liked, disliked in hist]
-    return users, [contents[str(r["item_id"])] for r in rows]
+    return [_text(contents, h) for h in hist], [contents[str(r["item_id"])] for r in rows]
 
 
 def user_texts(api: DataAPI, users: Sequence[str], item_template: str, as_of: datetime | None = None
@@ -67,13 +72,17 @@ def user_texts(api: DataAPI, users: Sequence[str], item_template: str, as_of: da
         return {}
     contents = item_contents(api, item_template)
     hist = _histories(api, users, None, as_of)
-    return {u: format_history([contents[i] for i in liked], [contents[i] for i in disliked])
-            for u, (liked, disliked) in zip(users, hist, strict=True)}
+    return {u: _text(contents, h) for u, h in zip(users, hist, strict=True)}
+
+
+def _text(contents: Mapping[str, str], ids: tuple[list[str], ...]) -> str:
+    return format_history(*([contents[i] for i in side] for side in ids))
 
 
 def _histories(api: DataAPI, users: list[str], times: list[Any] | None, as_of: datetime | None
-               ) -> list[tuple[list[str], list[str]]]:
-    """Per probe: (liked item ids, disliked item ids), newest first, at most HISTORY_K each."""
+               ) -> list[tuple[list[str], list[str], list[str], list[str]]]:
+    """Per probe: (liked, disliked, trend liked, trend disliked) item ids, newest first, at most
+    HISTORY_K of the user's own per side and TREND_K of everyone's."""
     t_sql, params = probe_time_sql(times, as_of)  # the prior's as-of rule, in epoch microseconds
     with api.catalog.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
@@ -92,10 +101,28 @@ def _histories(api: DataAPI, users: list[str], times: list[Any] | None, as_of: d
             FROM ranked GROUP BY pid
             """
         ).fetchall()
-    out: list[tuple[list[str], list[str]]] = [([], []) for _ in users]
+        probe_times = np.array([t for (t,) in con.execute(f"SELECT t FROM {_PROBES} ORDER BY pid").fetchall()],
+                               dtype=np.int64)
+        events = con.execute("SELECT epoch_us(ts), item_id, label = 1 FROM interactions ORDER BY ts, item_id"
+                             ).fetchall()
+    trends = _trends(events, probe_times)
+    out = [([], [], *trend) for trend in trends]
     for pid, liked, disliked in found:
-        out[pid] = (list(liked or []), list(disliked or []))
+        out[pid] = (list(liked or []), list(disliked or []), *trends[pid])
     return out
+
+
+def _trends(events: list[tuple[int, str, bool]], probe_times: np.ndarray) -> list[tuple[list[str], list[str]]]:
+    """Per probe time: the newest TREND_K liked and disliked item ids of all events strictly before
+    it, newest first (the history's order: time, then item id, descending)."""
+    sides = []
+    for liked in (True, False):
+        kept = [(t, item) for t, item, is_like in events if bool(is_like) == liked]
+        times = np.array([t for t, _ in kept], dtype=np.int64)
+        items = [item for _, item in kept]
+        ends = np.searchsorted(times, probe_times, side="left")  # events at the probe's instant: unseen
+        sides.append([items[max(0, end - TREND_K):end][::-1] for end in ends.tolist()])
+    return list(zip(*sides, strict=True)) if len(probe_times) else []
 
 
 __all__ = ["item_contents", "row_texts", "user_texts"]

@@ -17,7 +17,12 @@ Three shapes (recorded with every ranker adapter under ``hyperparams['ranker_rec
 - ``history``: the tower above without a user tower: the user is the mean of the item-tower vectors
   of the items they liked minus the mean of those they disliked, strictly before the scored event
   (the most recent ``history_text.HISTORY_K`` of each; carried as the user text, see
-  :mod:`history_text`). The same ``scale * cos + bias`` and the same scalars.
+  :mod:`history_text`). The same ``scale * cos + bias`` and the same scalars, plus (``trend``,
+  every history ranker since it existed) ``trend_scale * cos(trend(u), item(i))``: the trend profile
+  is the same mean over the whole crowd's newest likes and dislikes before the event
+  (``history_text.TREND_K`` each, carried in the same user text), the one term that follows what is
+  liked now. ``trend_scale`` starts at 0 like the others. History rankers recorded before the trend
+  existed have ``trend=False`` and score without it.
 
 Why the tower exists: on the drift stream the residual cross-encoder learned in one seed of two
 (its zero-started head and LoRA sit at a saddle: neither gets a gradient while the other is zero,
@@ -59,13 +64,22 @@ class RankerShape:
     start_scale: float = 0.0
     start_bias: float = 0.0
     version: int = VERSION
+    trend: bool | None = None
+    """Whether the residual has the trend term; None: yes for a new history ranker (``from_dict``
+    of a record without it: no, as it was trained)."""
+    trend_scale: float = 0.0
+    start_trend_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
             raise InvalidInput(f"ranker shape {self.shape!r} is unknown; use one of {', '.join(SHAPES)}")
         if self.version != VERSION:
             raise InvalidInput(f"ranker shape recipe version {self.version} is unknown; this version reads {VERSION}")
-        for name in ("scale", "bias", "start_scale", "start_bias"):
+        if self.trend is None:
+            object.__setattr__(self, "trend", self.shape == "history")
+        if self.trend and self.shape != "history":
+            raise InvalidInput(f"only history rankers have a trend term, not {self.shape!r} ones")
+        for name in ("scale", "bias", "start_scale", "start_bias", "trend_scale", "start_trend_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise InvalidInput(f"ranker {name} must be a finite number, got {value!r}")
@@ -80,24 +94,26 @@ class RankerShape:
         """The user is their history's item vectors (the user text is a history, :mod:`history_text`)."""
         return self.shape == "history"
 
-    def learned(self, scale: float, bias: float) -> RankerShape:
+    def learned(self, scale: float, bias: float, trend_scale: float = 0.0) -> RankerShape:
         """The same shape after training moved its numbers (the start kept)."""
-        return replace(self, scale=float(scale), bias=float(bias))
+        return replace(self, scale=float(scale), bias=float(bias), trend_scale=float(trend_scale))
 
     def restart(self) -> RankerShape:
         """The shape as training started (what ``reproduce`` trains from)."""
-        return replace(self, scale=self.start_scale, bias=self.start_bias)
+        return replace(self, scale=self.start_scale, bias=self.start_bias, trend_scale=self.start_trend_scale)
 
     def continued(self) -> RankerShape:
         """A child trained on top of this one starts from its learned numbers."""
-        return replace(self, start_scale=self.scale, start_bias=self.bias)
+        return replace(self, start_scale=self.scale, start_bias=self.bias, start_trend_scale=self.trend_scale)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RankerShape:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        known.setdefault("trend", False)  # recorded before the trend existed: trained and scored without it
+        return cls(**known)
 
 
 CROSS = RankerShape()

@@ -30,7 +30,9 @@ the mean of those items' tower vectors, liked minus disliked. Training backpropa
 candidates' item tower; the history items' vectors come from a no-grad table of every item text in
 the training set, re-encoded with the current weights every ``HISTORY_REFRESH_STEPS`` steps (one
 forward per item instead of one per history entry: a week of ML-100K rows reaches ~50 items per
-row). Scoring encodes each distinct item text once and uses exact vectors.
+row). Scoring encodes each distinct item text once and uses exact vectors. With the trend term
+(``RankerShape.trend``), a second profile, the crowd's newest likes minus dislikes read from the same
+user text and the same table, adds ``trend_scale * cos(trend, item)``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ SCALE_UNIT = 10.0
 """The tower trains ``scale / SCALE_UNIT``: Adam moves a parameter by about its lr per step, and a
 useful ``scale`` is ~1..10 while ``bias`` is ~0.1 (explore_drift_ranker: 10 * s with lr 0.02)."""
 TOWER_SCALAR_LR = 0.02
+HISTORY_SIDES = (("liked", 1.0), ("disliked", -1.0), ("trend_liked", 1.0), ("trend_disliked", -1.0))
+"""A history user text's sides (``history_text.History`` fields) and their signs in a profile: the
+user's pair, then the trend's."""
 HISTORY_REFRESH_STEPS = 50
 """Steps between re-encodings of the history items' vectors while a history ranker trains (the
 exploration that chose the shape used 50; ML-100K's 1,682 items take ~5 s on 2 CPU cores)."""
@@ -82,7 +87,7 @@ class RankerTask(Task):
         self._scalars: nn.Parameter | None = None
         self._history_table: HistoryTable | None = None
         if shape.tower:
-            start = [shape.scale / SCALE_UNIT, shape.bias]
+            start = [shape.scale / SCALE_UNIT, shape.bias] + ([shape.trend_scale / SCALE_UNIT] if shape.trend else [])
             self._scalars = nn.Parameter(torch.tensor(start, dtype=torch.float64))
             self._start = self._scalars.detach().clone()
 
@@ -99,7 +104,8 @@ class RankerTask(Task):
         if self._scalars is None or torch.equal(self._scalars.detach(), self._start):
             return self._shape
         value = self._scalars.detach()
-        return self._shape.learned(float(value[0]) * SCALE_UNIT, float(value[1]))
+        trend = float(value[2]) * SCALE_UNIT if self._shape.trend else 0.0
+        return self._shape.learned(float(value[0]) * SCALE_UNIT, float(value[1]), trend)
 
     def scalars(self) -> list[nn.Parameter]:
         return [self._scalars] if self._scalars is not None else []
@@ -155,7 +161,7 @@ class RankerTask(Task):
         offsets = self._offsets(data, "ranker training examples")
         n = len(data)
         if self._shape.history:
-            table = self._history_table = HistoryTable(data, tokenizer, max_length)
+            table = self._history_table = HistoryTable(data, tokenizer, max_length, trend=self._shape.trend)
 
             def history_fn(index: list[int]) -> dict[str, Any]:
                 batch = table.batch(index)
@@ -185,9 +191,11 @@ class RankerTask(Task):
             return model(**batch).loss
         inputs = {k: v for k, v in batch.items() if k not in ("offsets", "labels")}
         if self._shape.history:
-            cos = self._history_table.cosines(model, batch)
+            cos, trend = self._history_table.cosines(model, batch)
             weights = self._scalars.to(device=cos.device, dtype=cos.dtype)
             logit = SCALE_UNIT * weights[0] * cos + weights[1]
+            if trend is not None:
+                logit = logit + SCALE_UNIT * weights[2] * trend
         elif self.tower:
             emb = embed_batch(model, inputs)
             n = batch["labels"].shape[0]
@@ -209,10 +217,11 @@ class RankerTask(Task):
             return pair_probabilities(model, tokenizer, list(user_texts), list(item_texts), max_length=max_length,
                                       batch_size=batch_size, device=device, offsets=offsets)
         shape = shape or self.shape
-        cosines = history_cosines if shape.history else pair_cosines
-        cos = cosines(model, tokenizer, user_texts, item_texts, max_length=max_length, batch_size=batch_size,
-                      device=device)
-        return tower_probabilities(cos, shape, offsets)
+        kw = {"max_length": max_length, "batch_size": batch_size, "device": device}
+        if shape.history:
+            cos, trend = history_cosines(model, tokenizer, user_texts, item_texts, trend=shape.trend, **kw)
+            return tower_probabilities(cos, shape, offsets, trend)
+        return tower_probabilities(pair_cosines(model, tokenizer, user_texts, item_texts, **kw), shape, offsets)
 
     def evaluate(self, scorer: Any, eval_set: Interactions) -> dict[str, float]:
         offsets = self._offsets(eval_set, "ranker eval examples")
@@ -260,16 +269,18 @@ class RankerTask(Task):
 class HistoryTable:
     """A history ranker's training set as item texts: every distinct item text (candidates and
     history entries) pretokenised once, each row's history as indices into them, and the no-grad
-    table of their vectors that the users' profiles are averaged from."""
+    table of their vectors that the users' profiles (and with ``trend`` the trend profiles) are
+    averaged from."""
 
-    def __init__(self, data: Interactions, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, data: Interactions, tokenizer: Any, max_length: int, trend: bool = False) -> None:
         vocab: dict[str, int] = {}
-        self.liked: list[np.ndarray] = []
-        self.disliked: list[np.ndarray] = []
+        self.sides = HISTORY_SIDES if trend else HISTORY_SIDES[:2]
+        self.lists: dict[str, list[np.ndarray]] = {name: [] for name, _ in self.sides}
         for text in data.user_texts:
-            liked, disliked = parse_history(text)
-            self.liked.append(np.array([vocab.setdefault(t, len(vocab)) for t in liked], dtype=np.int64))
-            self.disliked.append(np.array([vocab.setdefault(t, len(vocab)) for t in disliked], dtype=np.int64))
+            parsed = parse_history(text)._asdict()
+            for name, _ in self.sides:
+                self.lists[name].append(np.array([vocab.setdefault(t, len(vocab)) for t in parsed[name]],
+                                                 dtype=np.int64))
         self.items = np.array([vocab.setdefault(t, len(vocab)) for t in data.item_texts], dtype=np.int64)
         self.encoded = Pretokenised(tokenizer, list(vocab), None, max_length)
         self.vectors: torch.Tensor | None = None
@@ -277,12 +288,12 @@ class HistoryTable:
 
     def batch(self, index: list[int]) -> dict[str, Any]:
         """The distinct candidates' tokens (with where each row's candidate is among them) and the
-        rows' history entries as (row in batch, item, weight 1/count) triples, liked and disliked."""
+        rows' history entries as (row in batch, item, weight 1/count) triples, per side."""
         unique, inverse = np.unique(self.items[index], return_inverse=True)
         batch: dict[str, Any] = self.encoded.batch(unique.tolist())
         batch["candidates"] = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
-        for name, lists in (("liked", self.liked), ("disliked", self.disliked)):
-            parts = [lists[i] for i in index]
+        for name, _ in self.sides:
+            parts = [self.lists[name][i] for i in index]
             batch[f"{name}_row"] = torch.as_tensor(np.repeat(np.arange(len(index)), [len(p) for p in parts]),
                                                    dtype=torch.long)
             batch[f"{name}_item"] = torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, np.int64),
@@ -292,8 +303,9 @@ class HistoryTable:
                 dtype=torch.float32)
         return batch
 
-    def cosines(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """cos(profile, candidate) per row: gradients through the candidates' encodings."""
+    def cosines(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """cos(profile, candidate) and (with the trend) cos(trend profile, candidate) per row:
+        gradients through the candidates' encodings."""
         if self.vectors is None or self.since_refresh >= HISTORY_REFRESH_STEPS:
             self.vectors = self._encode_all(model, batch["candidates"].device)
             self.since_refresh = 0
@@ -301,11 +313,13 @@ class HistoryTable:
         tokens = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         candidates = embed_batch(model, tokens)[batch["candidates"]]
         n = batch["candidates"].shape[0]
-        profile = torch.zeros(n, self.vectors.shape[1], device=candidates.device, dtype=self.vectors.dtype)
-        for name, sign in (("liked", 1.0), ("disliked", -1.0)):
+        profiles = torch.zeros(len(self.sides) // 2, n, self.vectors.shape[1], device=candidates.device,
+                               dtype=self.vectors.dtype)
+        for k, (name, sign) in enumerate(self.sides):
             entries = self.vectors[batch[f"{name}_item"]] * (sign * batch[f"{name}_weight"])[:, None]
-            profile.index_add_(0, batch[f"{name}_row"], entries)
-        return (F.normalize(profile, dim=-1).to(candidates.dtype) * candidates).sum(dim=-1)
+            profiles[k // 2].index_add_(0, batch[f"{name}_row"], entries)
+        cos = (F.normalize(profiles, dim=-1).to(candidates.dtype) * candidates).sum(dim=-1)
+        return cos[0], (cos[1] if len(cos) > 1 else None)
 
     @torch.no_grad()
     def _encode_all(self, model: nn.Module, device: torch.device, batch_size: int = 128) -> torch.Tensor:
@@ -378,36 +392,48 @@ def pair_cosines(model: nn.Module, tokenizer: Any, user_texts: Sequence[str], it
 
 @torch.no_grad()
 def history_cosines(model: nn.Module, tokenizer: Any, user_texts: Sequence[str], item_texts: Sequence[str], *,
-                    max_length: int, batch_size: int, device: torch.device) -> np.ndarray:
-    """A history ranker's cosine per pair, float64: cos(unit(mean liked - mean disliked item
-    vector), item vector), every distinct item text encoded once; a user with no history: 0."""
+                    max_length: int, batch_size: int, device: torch.device, trend: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A history ranker's cosines per pair, float64: cos(unit(mean liked - mean disliked item
+    vector), item vector) and, with ``trend``, the same for the trend's liked and disliked (else
+    None); every distinct item text encoded once; an empty profile: 0."""
     if len(user_texts) != len(item_texts):
         raise InvalidInput(f"{len(user_texts)} user texts but {len(item_texts)} item texts")
     if not len(user_texts):
-        return np.zeros(0, dtype=np.float64)
+        return np.zeros(0, dtype=np.float64), (np.zeros(0, dtype=np.float64) if trend else None)
     users, user_idx = np.unique(np.asarray(list(user_texts), dtype=object), return_inverse=True)
-    histories = [parse_history(str(u)) for u in users]
+    names = [name for name, _ in (HISTORY_SIDES if trend else HISTORY_SIDES[:2])]
     vocab: dict[str, int] = {}
-    sides = [([vocab.setdefault(t, len(vocab)) for t in liked], [vocab.setdefault(t, len(vocab)) for t in disliked])
-             for liked, disliked in histories]
+    sides = [[[vocab.setdefault(t, len(vocab)) for t in parsed[name]] for name in names]
+             for parsed in (parse_history(str(u))._asdict() for u in users)]
     items = [vocab.setdefault(str(t), len(vocab)) for t in item_texts]
     vectors = encode_texts(model, tokenizer, list(vocab), max_length=max_length, batch_size=batch_size,
                            device=device).astype(np.float64)
-    profiles = np.zeros((len(users), vectors.shape[1]))
-    for k, (liked, disliked) in enumerate(sides):
-        if liked:
-            profiles[k] += vectors[liked].mean(axis=0)
-        if disliked:
-            profiles[k] -= vectors[disliked].mean(axis=0)
-    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
-    profiles = np.divide(profiles, norms, out=np.zeros_like(profiles), where=norms > 0)
-    return np.einsum("nd,nd->n", profiles[user_idx.reshape(-1)], vectors[np.asarray(items)])
+    cosines = []
+    for pair in range(len(names) // 2):
+        profiles = np.zeros((len(users), vectors.shape[1]))
+        for k, lists in enumerate(sides):
+            liked, disliked = lists[2 * pair], lists[2 * pair + 1]
+            if liked:
+                profiles[k] += vectors[liked].mean(axis=0)
+            if disliked:
+                profiles[k] -= vectors[disliked].mean(axis=0)
+        norms = np.linalg.norm(profiles, axis=1, keepdims=True)
+        profiles = np.divide(profiles, norms, out=np.zeros_like(profiles), where=norms > 0)
+        cosines.append(np.einsum("nd,nd->n", profiles[user_idx.reshape(-1)], vectors[np.asarray(items)]))
+    return cosines[0], (cosines[1] if trend else None)
 
 
-def tower_probabilities(cos: np.ndarray, shape: RankerShape, offsets: np.ndarray | None = None) -> np.ndarray:
-    """sigmoid(offset + scale * cos + bias), float64: the documented way to score a tower folder
-    loaded with plain peft (``offset``: the pairs' prior logits; none for a ranker without the prior)."""
+def tower_probabilities(cos: np.ndarray, shape: RankerShape, offsets: np.ndarray | None = None,
+                        trend_cos: np.ndarray | None = None) -> np.ndarray:
+    """sigmoid(offset + scale * cos + bias [+ trend_scale * trend_cos]), float64: the documented way
+    to score a tower folder loaded with plain peft (``offset``: the pairs' prior logits; none for a
+    ranker without the prior; ``trend_cos``: a history ranker with the trend term)."""
     z = shape.scale * np.asarray(cos, dtype=np.float64) + shape.bias
+    if shape.trend:
+        if trend_cos is None:
+            raise InvalidInput("this history ranker has a trend term: pass the trend cosines")
+        z = z + shape.trend_scale * np.asarray(trend_cos, dtype=np.float64)
     if offsets is not None:
         if len(offsets) != len(z):
             raise InvalidInput(f"{len(offsets)} prior logits for {len(z)} pairs")
