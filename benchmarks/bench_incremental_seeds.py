@@ -186,6 +186,14 @@ def verdicts(agg: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _shown(path: Path) -> str:
+    """The per-seed folder as the results pages name it (relative to benchmarks/ when inside it)."""
+    try:
+        return str(Path(path).resolve().relative_to(RESULTS.parent))
+    except ValueError:
+        return str(path)
+
+
 def render(payload: dict[str, Any]) -> str:
     agg, runs = payload["aggregate"], payload["runs"]
     md = [f"# Incremental benchmark over {len(payload['seeds'])} seeds"
@@ -193,7 +201,9 @@ def render(payload: dict[str, Any]) -> str:
           f"Seeds {payload['seeds']}, each a whole `bench_incremental.py` run (1 torch thread, {payload['parallel']} "
           f"at a time on {payload['machine'].get('cpus')} CPUs; wall {payload['wall_s']:.0f} s). Pairs are "
           "(seed, period): every strategy of a pair scored the same eval rows. Differences: mean [95% t-interval] "
-          "(pairs where the strategy is higher / pairs). Per-seed runs: `results/incremental_seeds/seed<N>/`.\n",
+          f"(pairs where the strategy is higher / pairs). Per-seed runs: `{payload.get('out', 'results')}/seed<N>/`"
+          + (f" (each seed's wall: {', '.join(f'{w:.0f} s' for w in payload['seed_wall_s'].values())})"
+             if payload.get("seed_wall_s") else "") + ".\n",
           "## Ranker: next-period AUC\n"]
     rows = []
     for key, label in RANKER.items():
@@ -246,18 +256,22 @@ def main() -> None:
     extra = [*extra, "--stream", args.stream]
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
-    walls = {} if args.collect else run_seeds(seeds, args.parallel, args.quick, extra, args.out)
+    name = f"bench_incremental{'_drift' if drift else ''}_seeds{tag}{'_quick' if args.quick else ''}"
+    earlier: dict[str, Any] = {}
+    if args.collect and (RESULTS / f"{name}.json").exists():  # keep the walls the runs took, not the collect's
+        earlier = json.loads((RESULTS / f"{name}.json").read_text())
+    walls = earlier.get("seed_wall_s", {}) if args.collect else run_seeds(seeds, args.parallel, args.quick, extra,
+                                                                         args.out)
     runs = load(args.out, seeds, args.quick)
     agg = aggregate(runs)
     targets = verdicts(agg)
-    if drift:  # the bias-model, popularity and kNN targets are the ML-100K stream's; the drift stream has its own
-        targets = [t for t in targets if "bias model" not in t["target"] and "retriever" not in t["target"]]
+    if drift:  # the prior, bias-model, cold-item and retriever targets are the ML-100K stream's; the drift has its own
+        targets = [t for t in targets if "(drift stream)" in t["target"]]
     payload = {"machine": machine(), "quick": args.quick, "stream": args.stream, "seeds": seeds,
-               "parallel": args.parallel,
+               "parallel": args.parallel, "out": _shown(args.out),
                "extra_args": extra, "seed_wall_s": walls, "aggregate": agg, "targets": targets,
                "runs": {str(s): {"config": r["config"], "summary": r["summary"]} for s, r in runs.items()},
-               "wall_s": time.perf_counter() - started}
-    name = f"bench_incremental{'_drift' if drift else ''}_seeds{tag}{'_quick' if args.quick else ''}"
+               "wall_s": earlier.get("wall_s", time.perf_counter() - started)}
     json_path, md_path = write_results(name, payload, render(payload))
     print(Path(md_path).read_text())
     print(f"wrote {json_path} and {md_path}")
