@@ -103,6 +103,14 @@ def test_the_trend_keeps_the_crowds_newest_events_per_side(tmp_path):
     newest = [contents[f"i{1 + k % 3}"] for k in reversed(range(20, TREND_K + 20))]
     text = api.user_history_texts(["u9"], item_template=ITEM)["u9"]
     assert parse_history(text) == History([], [], newest, [contents["i2"]])
+    # training rows at two times: each sees the K newest before ITS time (the read starts at the
+    # K-th newest before the earliest row, so the later row still gets its own window)
+    rows = sorted((r for r in api.interactions() if r["item_id"] in ("i1", "i2")), key=lambda r: r["ts"])
+    early, late = rows[-3], rows[-1]  # a like near the end, and the dislike
+    users, _ = api.history_texts([early, late], ITEM)
+    k_early = int((early["ts"].timestamp() - 1000) // 10)
+    want_early = [contents[f"i{1 + k % 3}"] for k in reversed(range(max(0, k_early - TREND_K), k_early))]
+    assert parse_history(users[0]).trend_liked == want_early and parse_history(users[1]).trend_liked == newest
     # as of the dislike's instant: it is not seen yet; the likes before are
     assert parse_history(api.user_history_texts(["u9"], "1970-01-02T03:46:40Z", item_template=ITEM)["u9"]) == \
         History([], [], newest, [])

@@ -101,10 +101,8 @@ def _histories(api: DataAPI, users: list[str], times: list[Any] | None, as_of: d
             FROM ranked GROUP BY pid
             """
         ).fetchall()
-        probe_times = np.array([t for (t,) in con.execute(f"SELECT t FROM {_PROBES} ORDER BY pid").fetchall()],
-                               dtype=np.int64)
-        events = con.execute("SELECT epoch_us(ts), item_id, label = 1 FROM interactions ORDER BY ts, item_id"
-                             ).fetchall()
+        probe_times = con.execute(f"SELECT t FROM {_PROBES} ORDER BY pid").fetchnumpy()["t"].astype(np.int64)
+        events = con.execute(_TREND_EVENTS).fetchnumpy()
     trends = _trends(events, probe_times)
     out = [([], [], *trend) for trend in trends]
     for pid, liked, disliked in found:
@@ -112,14 +110,32 @@ def _histories(api: DataAPI, users: list[str], times: list[Any] | None, as_of: d
     return out
 
 
-def _trends(events: list[tuple[int, str, bool]], probe_times: np.ndarray) -> list[tuple[list[str], list[str]]]:
-    """Per probe time: the newest TREND_K liked and disliked item ids of all events strictly before
-    it, newest first (the history's order: time, then item id, descending)."""
+# The events a trend can reach: from the TREND_K-th newest of each side before the earliest probe
+# (two top-N scans) up to the latest probe, so one user's request at "now" reads ~2 * TREND_K rows
+# and a week of training rows that week, not the whole interaction table.
+_TREND_EVENTS = f"""
+    WITH first AS (SELECT min(t) AS t FROM {_PROBES}),
+    edge AS (
+        (SELECT epoch_us(ts) AS t FROM interactions WHERE label = 1 AND epoch_us(ts) < (SELECT t FROM first)
+         ORDER BY ts DESC LIMIT {int(TREND_K)})
+        UNION ALL
+        (SELECT epoch_us(ts) AS t FROM interactions WHERE label <> 1 AND epoch_us(ts) < (SELECT t FROM first)
+         ORDER BY ts DESC LIMIT {int(TREND_K)}))
+    SELECT epoch_us(ts) AS t, item_id, label = 1 AS liked FROM interactions
+    WHERE epoch_us(ts) >= coalesce((SELECT min(t) FROM edge), (SELECT t FROM first))
+      AND epoch_us(ts) < (SELECT max(t) FROM {_PROBES})
+    ORDER BY ts, item_id"""
+
+
+def _trends(events: Mapping[str, np.ndarray], probe_times: np.ndarray) -> list[tuple[list[str], list[str]]]:
+    """Per probe time: the newest TREND_K liked and disliked item ids of ``events`` (time-ordered:
+    t, item_id, liked) strictly before it, newest first (the history's order: time, then item id,
+    descending)."""
     sides = []
     for liked in (True, False):
-        kept = [(t, item) for t, item, is_like in events if bool(is_like) == liked]
-        times = np.array([t for t, _ in kept], dtype=np.int64)
-        items = [item for _, item in kept]
+        kept = np.asarray(events["liked"], dtype=bool) == liked
+        times = np.asarray(events["t"], dtype=np.int64)[kept]
+        items = [str(i) for i in np.asarray(events["item_id"], dtype=object)[kept]]
         ends = np.searchsorted(times, probe_times, side="left")  # events at the probe's instant: unseen
         sides.append([items[max(0, end - TREND_K):end][::-1] for end in ends.tolist()])
     return list(zip(*sides, strict=True)) if len(probe_times) else []
