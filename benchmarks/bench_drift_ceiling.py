@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
             periods, genres, truth, persistence = stream_rows(seed, Path(tmp), args.quick, args.events_per_period)
-        for t in range(4, len(periods) - 1):
+        init = 4  # the initial periods 0..3, as bench_incremental's stale adapter
+        first = [r for p in periods[: init - 1] for r in p]
+        w_stale = fit_logistic(genre_features(periods[init - 1], first, periods[init - 2], genres),
+                               np.array([r["label"] for r in periods[init - 1]], dtype=float), l2=1e-6)
+        for t in range(init, len(periods) - 1):
             train, evaluate = periods[t], periods[t + 1]
             labels = np.array([r["label"] for r in evaluate], dtype=float)
             prior = auc(labels, np.array([r["prior_logit"] for r in evaluate]))
@@ -170,13 +174,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             before_t = [r for p in periods[:t] for r in p]
             w = fit_logistic(genre_features(train, before_t, periods[t - 1], genres),
                              np.array([r["label"] for r in train], dtype=float), l2=1e-6)
-            feats = auc(labels, predict_logistic(w, genre_features(evaluate, before_t + train, train, genres)))
+            eval_features = genre_features(evaluate, before_t + train, train, genres)  # as of t, for both weights
+            feats = auc(labels, predict_logistic(w, eval_features))
             mf = auc(labels, genre_mf(periods[: t + 1], evaluate, genres, persistence))
-            init = 4  # the initial periods 0..3, as bench_incremental's stale adapter
-            first = [r for p in periods[: init - 1] for r in p]
-            w0 = fit_logistic(genre_features(periods[init - 1], first, periods[init - 2], genres),
-                              np.array([r["label"] for r in periods[init - 1]], dtype=float), l2=1e-6)
-            feats_stale = auc(labels, predict_logistic(w0, genre_features(evaluate, before_t + train, train, genres)))
+            feats_stale = auc(labels, predict_logistic(w_stale, eval_features))
             mf_stale = auc(labels, genre_mf(periods[:init], evaluate, genres, persistence, ahead=t + 2 - init))
             gap = oracle - prior
             rows_out.append({"seed": seed, "period": t + 1, "rows": len(evaluate), "prior": prior, "oracle": oracle,

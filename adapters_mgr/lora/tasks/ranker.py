@@ -64,6 +64,12 @@ TOWER_SCALAR_LR = 0.02
 HISTORY_SIDES = (("liked", 1.0), ("disliked", -1.0), ("trend_liked", 1.0), ("trend_disliked", -1.0))
 """A history user text's sides (``history_text.History`` fields) and their signs in a profile: the
 user's pair, then the trend's."""
+
+
+def history_sides(trend: bool) -> tuple[tuple[str, float], ...]:
+    """The sides a history ranker reads: the user's pair, and the trend's when it has the term."""
+    return HISTORY_SIDES if trend else HISTORY_SIDES[:2]
+
 HISTORY_REFRESH_STEPS = 50
 """Steps between re-encodings of the history items' vectors while a history ranker trains (the
 exploration that chose the shape used 50; ML-100K's 1,682 items take ~5 s on 2 CPU cores)."""
@@ -274,7 +280,7 @@ class HistoryTable:
 
     def __init__(self, data: Interactions, tokenizer: Any, max_length: int, trend: bool = False) -> None:
         vocab: dict[str, int] = {}
-        self.sides = HISTORY_SIDES if trend else HISTORY_SIDES[:2]
+        self.sides = history_sides(trend)
         self.lists: dict[str, list[np.ndarray]] = {name: [] for name, _ in self.sides}
         for text in data.user_texts:
             parsed = parse_history(text)._asdict()
@@ -402,7 +408,7 @@ def history_cosines(model: nn.Module, tokenizer: Any, user_texts: Sequence[str],
     if not len(user_texts):
         return np.zeros(0, dtype=np.float64), (np.zeros(0, dtype=np.float64) if trend else None)
     users, user_idx = np.unique(np.asarray(list(user_texts), dtype=object), return_inverse=True)
-    names = [name for name, _ in (HISTORY_SIDES if trend else HISTORY_SIDES[:2])]
+    names = [name for name, _ in history_sides(trend)]
     vocab: dict[str, int] = {}
     sides = [[[vocab.setdefault(t, len(vocab)) for t in parsed[name]] for name in names]
              for parsed in (parse_history(str(u))._asdict() for u in users)]
