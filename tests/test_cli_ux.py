@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from adapters_mgr.cli.main import main
+from adapters_mgr.manager import AdapterManager
 from tests.conftest import lora_model, tiny_bert
 from tests.helpers import add_batch, chain
 from tests.test_cli import run
@@ -108,6 +110,24 @@ def test_lineage_tree_shows_data_batches_and_metrics(capsys, root, mgr, base_id)
     code, out, err = run(capsys, root, "lineage", str(first), "--full")  # --full: every batch with its role
     assert code == 0, err
     assert "b1(train)" in out and "b2(eval)" in out and "b2(train)" in out and "b1(replay)" in out
+
+
+@pytest.mark.parametrize("auc, warned", [(0.7912, False), (0.7773, True), (0.7701, True)])
+def test_train_shows_the_prior_alone_and_warns_when_the_ranker_adds_nothing(capsys, root, mgr, base_id,
+                                                                          monkeypatch, auc, warned):
+    figures = {"auc": auc, "prior_auc": 0.7773, "primary_metric": "auc", "n_eval": 100}
+    monkeypatch.setattr(AdapterManager, "train_update", lambda self, batches, **kw: SimpleNamespace(
+        node_id=7, adapter_id=7, train_batches=["b1"], metrics=figures, baseline=None, decision=None,
+        promoted=False, extra=None))
+    code, out, err = run(capsys, root, "train", "b1")
+    assert code == 0, err
+    assert f"auc={auc:.4g} (prior alone 0.7773, {auc - 0.7773:+.4f})" in out
+    assert ("warning: node 7 ranks its eval rows no better than its prior alone" in err) == warned
+    assert "warning" not in out  # stdout stays what scripts parse
+    # the catalog's listings say the same where the figures were recorded
+    node = mgr.register(lora_model(tiny_bert(0), seed=2), name="ranker", metrics=figures)
+    code, out, err = run(capsys, root, "lineage", str(node))
+    assert code == 0 and "(prior alone 0.7773" in out, err
 
 
 # ---------------------------------------------------------------- Click usage errors: one line, exit 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from adapters_mgr.catalog.db import Catalog
 from adapters_mgr.catalog.sql import from_json, to_json
 from adapters_mgr.data.api import DataAPI
 from adapters_mgr.data.prior import NO_PRIOR, PriorRecipe, recipe_of
+from adapters_mgr.lora import metrics
 from adapters_mgr.lora.base_model import HeadSpec
 from adapters_mgr.lora.examples import as_interactions
 from adapters_mgr.lora.peft_scoring import ScoringModel
@@ -113,6 +115,16 @@ def test_fresh_ranker_with_the_prior_scores_exactly_the_prior_and_trains_on_the_
         scorer = ScoringModel.from_peft(model, tok, task, ["default"], [1.0], max_length=32)
         scores = scorer.score_pairs(data.user_texts, data.item_texts, offsets=offsets)
         assert np.array_equal(scores, torch.sigmoid(torch.as_tensor(offsets, dtype=torch.float64)).numpy())
+        # evaluation reports the prior alone beside the ranker: equal for a fresh one, the prior's own otherwise
+        fresh = task.evaluate(scorer, data)
+        assert fresh["prior_auc"] == fresh["auc"] == metrics.auc(data.labels, offsets)
+        assert fresh["prior_gauc"] == fresh["gauc"] and fresh["prior_logloss"] == fresh["logloss"]
+        other = SimpleNamespace(score_pairs=lambda users, items, offsets: 1 - torch.sigmoid(
+            torch.as_tensor(offsets, dtype=torch.float64)).numpy())  # ranks the rows the other way round
+        flipped = task.evaluate(other, data)
+        assert flipped["prior_auc"] == fresh["auc"] and flipped["auc"] == pytest.approx(1 - fresh["auc"])
+        constant = SimpleNamespace(score_pairs=lambda users, items: np.full(len(users), 0.5))
+        assert "prior_auc" not in get_task("ranker").evaluate(constant, data)  # prior 'none': no prior to report
         # the loss sees prior + residual (residual 0 here: exactly the prior's cross-entropy)
         batch = task.collate(data, tok, 32)(list(range(len(rows))))
         want = F.binary_cross_entropy_with_logits(torch.as_tensor(offsets, dtype=torch.float32),

@@ -34,8 +34,11 @@ from adapters_mgr.cli.render import (
     primary_metric_text,
     print_json,
     print_literal_table,
+    prior_lift,
+    prior_lift_text,
     say,
     table_fetch_limit,
+    warn,
 )
 from adapters_mgr.errors import AdaptersMgrError, InvalidInput, NotFound, first_line
 from adapters_mgr.manager import AdapterManager
@@ -509,12 +512,17 @@ def train(
         return
     metric = result.metrics.get("primary_metric")
     line = f"trained node {result.node_id} (adapter {result.adapter_id}) on {', '.join(result.train_batches)}: "
-    line += f"{metric}={fmt(result.metrics.get(metric))}"
+    line += f"{metric}={fmt(result.metrics.get(metric))}" + prior_lift_text(result.metrics)
     if result.baseline:
         line += f" vs {alias} #{result.baseline['node_id']} {fmt(result.baseline.get(metric))}"
     if result.decision:
         line += f"; {'promoted to ' + alias if result.promoted else 'kept ' + alias}"
     say(line)
+    lift = prior_lift(result.metrics)
+    if lift is not None and lift <= 0:
+        warn(f"warning: node {result.node_id} ranks its eval rows no better than its prior alone (AUC "
+             f"{fmt(result.metrics['auc'])} vs {fmt(result.metrics['prior_auc'])}): it learned nothing worth "
+             "serving; try a lower --lr (a long run at a high rate can collapse to the prior) or more rows")
 
 
 @app.command()

@@ -169,6 +169,11 @@ def say(text: str) -> None:
     console.print(text, markup=False)
 
 
+def warn(text: str) -> None:
+    """A one-line warning on stderr: stdout stays what scripts parse."""
+    err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 # Human tables stop here unless asked for more: rendering 100k rows with rich took 2.5 minutes.
 TABLE_ROWS = 50
 
@@ -200,9 +205,24 @@ def primary_metric_text(metrics: dict[str, Any] | None) -> str:
         base = metrics.get("baseline")
         if isinstance(base, dict) and name in base:
             text += f" (was {fmt(base[name])})"
-        return text
+        return text + prior_lift_text(metrics)
     keys = [k for k in ("auc", "ndcg@10", "gauc", "recall@10") if k in metrics] or list(metrics)[:2]
     return ", ".join(f"{k}={fmt(metrics[k])}" for k in keys[:2] if not isinstance(metrics[k], dict | list))
+
+
+def prior_lift(metrics: dict[str, Any] | None) -> float | None:
+    """The residual ranker's AUC minus its prior's alone on the same eval rows (None where not recorded)."""
+    if not metrics or not isinstance(metrics.get("auc"), float) or not isinstance(metrics.get("prior_auc"), float):
+        return None
+    return metrics["auc"] - metrics["prior_auc"]
+
+
+def prior_lift_text(metrics: dict[str, Any] | None) -> str:
+    """' (prior alone 0.7773, +0.0089)' for a residual ranker's AUC, '' for anything else."""
+    lift = prior_lift(metrics)
+    if lift is None or metrics is None or metrics.get("primary_metric", "auc") != "auc":
+        return ""
+    return f" (prior alone {fmt(metrics['prior_auc'])}, {lift:+.4f})"
 
 
 def item_titles(mgr: Any, item_ids: list[str]) -> dict[str, str]:
