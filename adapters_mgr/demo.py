@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from adapters_mgr.cli.render import item_titles, json_default, lineage_tree, print_table
+from adapters_mgr.cli.render import item_titles, json_default, lineage_tree, print_table, prior_lift_text
 from adapters_mgr.data import movielens, synthetic
 from adapters_mgr.data.sampling import subsample_rows
 from adapters_mgr.lora.base_model import HeadSpec
@@ -170,7 +170,8 @@ class Demo:
                                            **self._knobs(rows))
             metric = result.metrics["primary_metric"]
             self.say(f"{task}: adapter {result.node_id} on {len(first)} batch(es), {result.extra['train_rows']} rows; "
-                     f"next-week {metric} {result.metrics[metric]:.4f}; promoted to {alias}")
+                     f"next-week {metric} {result.metrics[metric]:.4f}{prior_lift_text(result.metrics)}; "
+                     f"promoted to {alias}")
 
     # -- 3. weekly updates through the gate -------------------------------------------------------------
     def updates(self, batches: list[dict[str, Any]]) -> None:
@@ -198,18 +199,22 @@ class Demo:
             stale, label = self._evaluate_node(initial_id, eval_ids)
             metric = metrics["primary_metric"]
             new, cur = metrics[metric], (metrics.get("baseline") or {}).get(metric)
+            prior = metrics.get("prior_auc") if metric == "auc" else None  # the as-of prior alone, same rows
             effect = self._following_effect(t, batches, node_id, metrics, promoted)
             if promoted is not None:
                 verdict = "[green]promoted[/]" if promoted else "[red]kept production[/]"
+                alone = "" if prior is None else f" vs prior alone {prior:.4f}"
                 self.say(f"week {t}: node {node_id} {metric} {new:.4f} vs production "
-                         f"{'-' if cur is None else f'{cur:.4f}'} vs stale initial {stale:.4f} on {label} -> {verdict}")
+                         f"{'-' if cur is None else f'{cur:.4f}'} vs stale initial {stale:.4f}{alone} on {label} "
+                         f"-> {verdict}")
                 if effect:
                     self.say(f"  the week after ({effect['label']}): chosen node {effect['chosen']} "
                              f"{effect['chosen_metric']:.4f} vs the other, node {effect['other']}, "
                              f"{effect['other_metric']:.4f} ({effect['gain']:+.4f})")
             self.report.weeks.append({"week": t, "train_batch": batch, "eval_batch": eval_ids[0],
                                       "eval_rows": label, "node_id": node_id, "metric": metric, "new": new,
-                                      "production": cur, "stale_initial": stale, "decision": decision,
+                                      "production": cur, "stale_initial": stale, "prior_alone": prior,
+                                      "decision": decision,
                                       "following": effect, "wall_s": wall, "bytes": adapter.bytes})
 
     def _following_effect(self, t: int, batches: list[dict[str, Any]], node_id: int, metrics: dict[str, Any],
@@ -341,16 +346,17 @@ class Demo:
         lines = ["# adapters-mgr demo report", "", f"Data: {self.report.data_source}.", "",
                  "Each week's figures are on the same rows (named in the table); the gate decides on them, so "
                  "the last column measures the decision on the week after, which it did not see.", "",
-                 "| week | node | next-week metric (new) | production before | stale initial | rows | decision "
-                 "| the week after: chosen vs other |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "| week | node | next-week metric (new) | production before | stale initial | prior alone | rows "
+                 "| decision | the week after: chosen vs other |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for w in self.report.weeks:
             prod = "-" if w["production"] is None else f"{w['production']:.4f}"
             f = w.get("following")
             after = "-" if not f else (f"node {f['chosen']} {f['chosen_metric']:.4f} vs node {f['other']} "
                                        f"{f['other_metric']:.4f} ({f['gain']:+.4f}, {f['label']})")
+            alone = "-" if w.get("prior_alone") is None else f"{w['prior_alone']:.4f}"
             lines.append(f"| {w['week']} | {w['node_id']} | {w['metric']} {w['new']:.4f} | {prod} | "
-                         f"{w['stale_initial']:.4f} | {w['eval_rows']} | {w['decision']} | {after} |")
+                         f"{w['stale_initial']:.4f} | {alone} | {w['eval_rows']} | {w['decision']} | {after} |")
         if self.report.compaction.get("compacted"):
             c = self.report.compaction
             lines += ["", f"Compaction: stack {c['stack']} -> adapter {c['merged']} ({c['method']}), "
@@ -382,6 +388,9 @@ class Demo:
             prod = [(w["week"], w["production"]) for w in self.report.weeks if w["production"] is not None]
             if prod:
                 ax.plot(*zip(*prod, strict=True), marker="^", linestyle="--", label="production before update")
+            alone = [(w["week"], w["prior_alone"]) for w in self.report.weeks if w.get("prior_alone") is not None]
+            if alone:
+                ax.plot(*zip(*alone, strict=True), color="grey", linestyle=":", label="as-of prior alone")
         else:
             ax.text(0.5, 0.5, "no update weeks", ha="center", transform=ax.transAxes)
         ax.set_xlabel("update week (trained on week t, evaluated on week t+1)")

@@ -36,6 +36,9 @@ def test_demo_quick_report_is_consistent_with_the_catalog(tmp_path, capsys):
         gate = node.metrics.get("baseline", {})
         assert week["production"] == gate.get(week["metric"])
         assert 0.0 <= week["stale_initial"] <= 1.0
+        # the prior alone on the same rows, as the node's evaluation recorded it (a residual ranker)
+        assert isinstance(week["prior_alone"], float) and week["prior_alone"] == node.metrics["prior_auc"]
+        assert f"vs prior alone {week['prior_alone']:.4f}" in " ".join(out.split())  # wrapped at 80 columns
     # one figure per node and rows: every figure names its rows; the gate's baseline next week is the
     # demo's "the week after" figure of the node it chose (read back, not evaluated again), and the
     # compaction's stack figure is the gate's figure of that stack on the same rows
